@@ -1,0 +1,423 @@
+"""`know3d data build`: discover -> ingest -> render -> shard, orchestrated on Ray.
+
+Output folder::
+
+    <output>/
+        config.yaml              resolved config of the last run
+        manifest.parquet         one row per asset and stage
+        shard_index.json         every shard with its sample count and sha256
+        train-000000.tar ...     WebDataset shards (val-000000.tar ... for the val split)
+        contact_sheet.png        sample pairs read back from the shards
+        runs/<run>/              config, summary and contact sheet of each run
+        work/<fingerprint>/      rendered views per asset (the resumable state)
+        procedural/              the built-in procedural assets, when used
+
+Every per-asset result is persisted as soon as it exists (atomic renames), so a run killed at
+any point — driver or worker, even ``kill -9`` — resumes where it stopped; shards are a
+deterministic function of the rendered assets and are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.config import BuildConfig, LoadConfig, ShardConfig, dump_config
+from pipeline.contact_sheet import make_contact_sheet
+from pipeline.manifest import ManifestRow, summarize, write_manifest
+from pipeline.shards import (
+    INDEX_FILE,
+    ShardPlan,
+    load_index,
+    plan_shards,
+    remove_stale,
+    reusable_entry,
+    split_of,
+    write_index,
+    write_shard,
+)
+from pipeline.tracking import make_tracker
+from rendering.assets import AssetError, AssetFiltered, asset_sha256, inspect_asset
+from rendering.process import read_asset, render_fingerprint
+from rendering.sources.base import AssetRecord, AssetSource, FetchError
+
+console = Console(stderr=True)
+
+
+class BuildError(RuntimeError):
+    """The build as a whole cannot run (bad source, output locked); not an asset's fault."""
+
+
+# --------------------------------------------------------------------------- stage functions
+
+
+def ingest_one(source: AssetSource, record: AssetRecord, load_cfg: LoadConfig) -> dict[str, Any]:
+    """Fetch, check and hash one asset. Pure per-asset stage (no Ray)."""
+    start = time.perf_counter()
+    out: dict[str, Any] = {"key": record.key}
+    try:
+        path = source.fetch(record)
+        sidecars = inspect_asset(path, load_cfg)
+        out.update(status="ok", path=str(path), sha256=asset_sha256(path, sidecars))
+    except AssetFiltered as exc:
+        out.update(status="filtered", filter=exc.filter, reason=str(exc))
+    except (AssetError, FetchError) as exc:
+        out.update(status="failed", reason=str(exc))
+    except OSError as exc:
+        out.update(status="failed", reason=f"{Path(record.uri).name}: {type(exc).__name__}: {exc}")
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def dedupe(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Keep one asset per content hash (the smallest key); the others are duplicates."""
+    first: dict[str, dict] = {}
+    for r in sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["key"]):
+        first.setdefault(r["sha256"], r)
+    kept = sorted(first.values(), key=lambda r: r["sha256"])
+    dupes = [
+        {**r, "status": "filtered", "filter": "duplicate", "reason": f"same content as {first[r['sha256']]['key']}"}
+        for r in results
+        if r["status"] == "ok" and first[r["sha256"]] is not r
+    ]
+    return kept, dupes
+
+
+# --------------------------------------------------------------------------- Ray adapters
+
+
+def _ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray
+
+
+@contextmanager
+def ray_session(cfg: BuildConfig) -> Iterator[Any]:
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+        if cfg.ray.address is None:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+            if cfg.ray.object_store_memory:
+                kwargs["object_store_memory"] = cfg.ray.object_store_memory
+        ray.init(address=cfg.ray.address, **kwargs)
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ingest_batch(source: AssetSource, records: list[dict], load_cfg: LoadConfig) -> list[dict]:
+    return [ingest_one(source, AssetRecord.from_json(r), load_cfg) for r in records]
+
+
+class RenderActor:
+    """Ray actor: one isolated renderer child per actor, reused across assets."""
+
+    def __init__(self, cfg_json: str, work: str) -> None:
+        from rendering.isolation import IsolatedRenderer
+
+        self.renderer = IsolatedRenderer(BuildConfig.model_validate_json(cfg_json), Path(work))
+
+    def render(self, path: str, sha: str, record: dict) -> dict:
+        return self.renderer.run(Path(path), sha, record)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _write_shard_task(work: str, out: str, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict]) -> dict:
+    return write_shard(Path(work), Path(out), plan, cfg, records)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and os.environ.get("KNOW3D_PROGRESS") != "1",
+    )
+
+
+def _bounded(ray: Any, submit: Any, items: list, limit: int, on_done: Any, progress: Progress, label: str) -> None:
+    """Keep at most ``limit`` Ray tasks in flight; ``on_done(item, result_or_exc)``."""
+    task = progress.add_task(label, total=len(items))
+    pending: dict[Any, Any] = {}
+    queue = list(reversed(items))
+    while queue or pending:
+        while queue and len(pending) < limit:
+            item = queue.pop()
+            pending[submit(item)] = item
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            item = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                result = exc
+            on_done(item, result)
+            progress.advance(task)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@dataclass
+class BuildSummary:
+    output: Path
+    run_id: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 0
+    num_shards: int = 0
+    num_failed: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+@contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build is writing to {out} (lock {out / '.lock'})") from None
+        yield
+
+
+def _failure_file(work: Path, sha: str) -> Path:
+    return work / "_failed" / f"{sha}.json"
+
+
+def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
+    if not cfg.output:
+        raise BuildError("no output folder (use --output DIR)")
+    out = Path(cfg.output).expanduser().resolve()
+    with _output_lock(out):
+        return _run_build(cfg, out, retry_failed)
+
+
+def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool) -> BuildSummary:
+    t_start = time.perf_counter()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_dir = out / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    config_text = dump_config(cfg)
+    (out / "config.yaml").write_text(config_text)
+    (run_dir / "config.yaml").write_text(config_text)
+    work = out / "work" / render_fingerprint(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+
+    tracker = make_tracker(cfg.mlflow, f"data-build-{cfg.source.kind}", {"stage": "data.build", "know3d.run": run_id})
+    tracker.log_params(cfg.model_dump(mode="json"))
+    tracker.log_artifact(run_dir / "config.yaml")
+    status = "FAILED"
+    try:
+        summary = _stages(cfg, out, work, run_id, run_dir, retry_failed, tracker, t_start)
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.close(status)
+
+
+def _stages(
+    cfg: BuildConfig, out: Path, work: Path, run_id: str, run_dir: Path, retry_failed: bool, tracker: Any, t_start: float
+) -> BuildSummary:
+    from rendering.sources import build_source
+
+    rows: list[ManifestRow] = []
+    try:
+        source = build_source(cfg.source, out / "procedural")
+        records, filtered = source.discover()
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise BuildError(f"source '{cfg.source.kind}': {exc}") from None
+    for f in filtered:
+        rows.append(ManifestRow(f.record.key, f.record.source, "discover", "filtered", uri=f.record.uri,
+                                license=f.record.license, filter=f.filter, reason=f.detail, run_id=run_id))
+    for r in records:
+        rows.append(ManifestRow(r.key, r.source, "discover", "ok", uri=r.uri, license=r.license, run_id=run_id))
+    by_key = {r.key: r for r in records}
+    console.print(f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, {len(filtered)} filtered by metadata -> {out}")
+
+    metrics: dict[str, float] = {}
+    with ray_session(cfg) as ray, _progress() as progress:
+        # ---- ingest: fetch + security checks + content hash
+        t0 = time.perf_counter()
+        ingest_remote = ray.remote(num_cpus=0.5)(_ingest_batch)
+        source_ref = ray.put(source)
+        batches = [records[i : i + 16] for i in range(0, len(records), 16)]
+        ingested: list[dict] = []
+
+        def on_ingest(batch: list[AssetRecord], result: Any) -> None:
+            if isinstance(result, Exception):
+                ingested.extend({"key": r.key, "status": "failed", "reason": f"ingest task error: {result}"[:500]} for r in batch)
+            else:
+                ingested.extend(result)
+
+        _bounded(ray, lambda b: ingest_remote.remote(source_ref, [r.to_json() for r in b], cfg.load),
+                 batches, cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
+        kept, dupes = dedupe(ingested)
+        for r in ingested:
+            if r["status"] != "ok":
+                rec = by_key[r["key"]]
+                rows.append(ManifestRow(rec.key, rec.source, "ingest", r["status"], uri=rec.uri, license=rec.license,
+                                        filter=r.get("filter"), reason=r.get("reason"), seconds=r.get("seconds"), run_id=run_id))
+        for r in dupes:
+            rec = by_key[r["key"]]
+            rows.append(ManifestRow(rec.key, rec.source, "ingest", "filtered", sha256=r["sha256"], uri=rec.uri,
+                                    license=rec.license, filter="duplicate", reason=r["reason"], run_id=run_id))
+        for r in kept:
+            rec = by_key[r["key"]]
+            rows.append(ManifestRow(rec.key, rec.source, "ingest", "ok", sha256=r["sha256"], uri=rec.uri,
+                                    license=rec.license, seconds=r.get("seconds"), run_id=run_id))
+        metrics["ingest_s"] = time.perf_counter() - t0
+
+        # ---- render: isolated, time-limited, skipped when already done
+        t0 = time.perf_counter()
+        render_results: dict[str, dict] = {}
+        todo: list[dict] = []
+        for r in kept:
+            if read_asset(work, r["sha256"]) is not None:
+                render_results[r["sha256"]] = {"status": "ok", "skipped": True}
+                continue
+            failure = _failure_file(work, r["sha256"])
+            if failure.is_file() and not retry_failed:
+                render_results[r["sha256"]] = {**json.loads(failure.read_text()), "skipped": True}
+                continue
+            todo.append(r)
+        num_actors = max(1, min(cfg.ray.render_concurrency, len(todo)))
+        actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
+        actors = [actor_cls.remote(cfg.model_dump_json(), str(work)) for _ in range(num_actors)] if todo else []
+        next_actor = iter(range(10**12))
+
+        def submit_render(r: dict) -> Any:
+            actor = actors[next(next_actor) % len(actors)]
+            return actor.render.remote(r["path"], r["sha256"], by_key[r["key"]].to_json())
+
+        def on_render(r: dict, result: Any) -> None:
+            if isinstance(result, Exception):
+                result = {"status": "failed", "reason": f"render worker died: {type(result).__name__}"}
+            if result["status"] != "ok":
+                failure = _failure_file(work, r["sha256"])
+                failure.parent.mkdir(parents=True, exist_ok=True)
+                failure.write_text(json.dumps(result))
+            else:
+                _failure_file(work, r["sha256"]).unlink(missing_ok=True)
+            render_results[r["sha256"]] = result
+
+        _bounded(ray, submit_render, todo, 2 * max(1, len(actors)), on_render, progress, "render")
+        for actor in actors:
+            ray.kill(actor)
+        metrics["render_s"] = time.perf_counter() - t0
+        rendered_now = [res for res in render_results.values() if res["status"] == "ok" and not res.get("skipped")]
+        num_views_now = sum(2 * res.get("num_pairs", 0) for res in rendered_now)
+        if metrics["render_s"] > 0 and rendered_now:
+            metrics["render_views_per_s"] = num_views_now / metrics["render_s"]
+            metrics["render_assets_per_s"] = len(rendered_now) / metrics["render_s"]
+
+        ok_assets: list[dict] = []
+        for r in kept:
+            rec = by_key[r["key"]]
+            res = render_results[r["sha256"]]
+            summary = read_asset(work, r["sha256"]) if res["status"] == "ok" else None
+            if summary is not None:
+                # metadata of this run wins over what was stored when the asset was rendered
+                ok_assets.append({**summary, **rec.to_json()})
+            rows.append(ManifestRow(rec.key, rec.source, "render", res["status"], sha256=r["sha256"], uri=rec.uri,
+                                    license=rec.license, filter=res.get("filter"), reason=res.get("reason"),
+                                    traceback=res.get("traceback"), seconds=res.get("wall_s"), run_id=run_id))
+
+        # ---- shard: deterministic plan, unchanged shards reused, atomic writes
+        t0 = time.perf_counter()
+        plans = plan_shards(work, ok_assets, cfg.shard, cfg.seed)
+        previous = {e["name"]: e for e in load_index(out).get("shards", [])}
+        records_by_sha = {a["sha256"]: by_key[a["key"]].to_json() for a in ok_assets}
+
+        def members_records(plan: ShardPlan) -> dict[str, dict]:
+            return {sha: records_by_sha[sha] for sha, _ in plan.members}
+
+        entries: list[dict] = []
+        to_write: list[ShardPlan] = []
+        for plan in plans:
+            entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan))
+            (entries.append(entry) if entry else to_write.append(plan))
+        shard_remote = ray.remote(num_cpus=0.5)(_write_shard_task)
+        shard_errors: list[str] = []
+
+        def on_shard(plan: ShardPlan, result: Any) -> None:
+            if isinstance(result, Exception):
+                shard_errors.append(f"{plan.name}: {result}")
+            else:
+                entries.append(result)
+
+        def submit_shard(plan: ShardPlan) -> Any:
+            return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan))
+
+        _bounded(ray, submit_shard,
+                 to_write, cfg.ray.shard_concurrency, on_shard, progress, "shard")
+        if shard_errors:
+            raise BuildError("writing shards failed: " + "; ".join(shard_errors[:3]))
+        metrics["shard_s"] = time.perf_counter() - t0
+
+    index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,
+                                       "seed": cfg.seed, "run_id": run_id})
+    removed = remove_stale(out, {e["name"] for e in entries})
+    samples_per_asset: Counter = Counter()
+    for plan in plans:
+        for sha, _ in plan.members:
+            samples_per_asset[sha] += 1
+    for a in ok_assets:
+        rows.append(ManifestRow(a["key"], a["source"], "shard", "ok", sha256=a["sha256"], uri=a.get("uri"),
+                                license=a.get("license"), split=split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction),
+                                num_samples=samples_per_asset[a["sha256"]], run_id=run_id))
+    manifest_path = write_manifest(out, rows)
+
+    counts = summarize([asdict(r) for r in rows])
+    num_failed = sum(c.get("failed", 0) for c in counts["stages"].values())
+    metrics.update(
+        total_s=time.perf_counter() - t_start,
+        num_assets_discovered=len(records) + len(filtered),
+        num_assets_rendered=len(ok_assets),
+        num_failed=num_failed,
+        num_samples=index["num_samples"],
+        num_shards=index["num_shards"],
+        num_shards_rewritten=len(to_write),
+        num_shards_removed=len(removed),
+    )
+    for stage, c in counts["stages"].items():
+        for status, n in c.items():
+            metrics[f"{stage}.{status}"] = n
+
+    sheet = make_contact_sheet(
+        [out / e["name"] for e in index["shards"]], cfg.mlflow.num_contact_pairs, out / "contact_sheet.png"
+    ) if cfg.mlflow.num_contact_pairs else None
+    result = {"run_id": run_id, "counts": counts, "metrics": metrics, "output": str(out)}
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+    tracker.log_metrics(metrics)
+    for artifact in (manifest_path, out / INDEX_FILE, run_dir / "summary.json", sheet):
+        if artifact is not None and artifact.is_file():
+            tracker.log_artifact(artifact)
+    if sheet is not None:
+        (run_dir / "contact_sheet.png").write_bytes(sheet.read_bytes())
+    return BuildSummary(out, run_id, counts, index["num_samples"], index["num_shards"], num_failed, metrics,
+                        getattr(tracker, "run_id", None))

@@ -1,0 +1,139 @@
+"""The `know3d` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Know3D data-and-training pipeline.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect front/back view data sets.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", module="trimesh")
+    for name in ("trimesh", "mlflow", "alembic", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@data_app.command("build")
+def data_build(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config differences.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="local | objaverse | texverse | procedural")] = None,
+    input: Annotated[Optional[list[str]], typer.Option("--input", help="Folder, file or glob (repeatable).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any asset failed.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Render assets that failed before again.")] = False,
+) -> None:
+    """Discover, render and shard 3D assets into front/back pair WebDatasets."""
+    _quiet_libraries()
+    overrides = list(set_ or [])
+    if source:
+        overrides.append(f"source.kind={source}")
+    if output:
+        overrides.append(f"output={json.dumps(str(output))}")
+    if address:
+        overrides.append(f"ray.address={json.dumps(address)}")
+    if strict:
+        overrides.append("strict=true")
+    try:
+        cfg = load_config(config, overrides)
+        if input:
+            cfg.source.local.input = list(input)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2)
+    if input and cfg.source.kind != "local":
+        err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
+
+    from pipeline.build import BuildError, run_build
+
+    try:
+        summary = run_build(cfg, retry_failed=retry_failed)
+    except BuildError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    _print_counts(summary.counts)
+    m = summary.metrics
+    out.print(
+        f"{summary.num_samples} samples in {summary.num_shards} shards "
+        f"({int(m.get('num_shards_rewritten', 0))} written) -> {summary.output}"
+    )
+    if "render_views_per_s" in m:
+        out.print(f"rendered {m['render_views_per_s']:.1f} views/s, {m['render_assets_per_s']:.2f} assets/s")
+    if summary.mlflow_run_id:
+        out.print(f"mlflow run {summary.mlflow_run_id}")
+    if summary.num_failed:
+        out.print(f"[yellow]{summary.num_failed} failed[/] (details: know3d data status --output {summary.output})")
+        if cfg.strict:
+            raise typer.Exit(1)
+
+
+def _print_counts(counts: dict) -> None:
+    table = Table(title="assets per stage")
+    for col in ("stage", "ok", "filtered", "failed"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, c in counts["stages"].items():
+        table.add_row(stage, str(c.get("ok", 0)), str(c.get("filtered", 0)), str(c.get("failed", 0)))
+    out.print(table)
+    if counts["filters"]:
+        out.print("filtered: " + ", ".join(f"{k} {v}" for k, v in counts["filters"].items()))
+    if counts["reasons"]:
+        out.print("failed:")
+        for reason, n in counts["reasons"].items():
+            out.print(f"  {n:>5}  {reason}")
+
+
+@data_app.command("status")
+def data_status(
+    output: Annotated[Path, typer.Option(help="Output folder of a build.")],
+    failures: Annotated[int, typer.Option(help="List up to N failed assets.")] = 20,
+) -> None:
+    """Counts per stage, filter and failure reason of a build, and its shards."""
+    from pipeline.manifest import read_manifest, summarize
+    from pipeline.shards import load_index
+
+    try:
+        rows = read_manifest(output)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    _print_counts(summarize(rows))
+    index = load_index(output)
+    splits = ", ".join(f"{k}: {v['num_samples']} samples / {v['num_shards']} shards" for k, v in index.get("splits", {}).items())
+    out.print(f"shards: {index.get('num_shards', 0)} ({splits or 'none'})")
+    failed = [r for r in rows if r["status"] == "failed"][:failures]
+    if failed:
+        table = Table(title="failed assets")
+        table.add_column("asset")
+        table.add_column("stage")
+        table.add_column("reason")
+        for r in failed:
+            table.add_row(r["key"], r["stage"], r["reason"] or "")
+        out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; exits with the command's status (0 ok, 1 --strict failures, 2 usage)."""
+    app(args=argv, prog_name="know3d")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

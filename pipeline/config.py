@@ -1,0 +1,266 @@
+"""Typed, strict configuration for the data-build stage.
+
+A run is described by the defaults below, an optional YAML file of differences and
+`--set dotted.key=value` overrides, applied in that order. Unknown keys are errors that name
+the valid keys; the resolved config is written next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class LocalSourceConfig(_Strict):
+    input: list[str] = Field(default_factory=list, description="Folders, files or glob patterns.")
+    extensions: list[str] = Field(
+        default_factory=lambda: ["glb", "gltf", "obj", "ply", "stl", "off"],
+        description="File extensions picked up when scanning folders.",
+    )
+    recursive: bool = True
+
+
+class ObjaverseSourceConfig(_Strict):
+    uids: list[str] = Field(default_factory=list)
+    uids_file: str | None = Field(default=None, description="Text file, one uid per line.")
+    download_dir: str = Field(
+        default="~/.objaverse",
+        description="Root of the objaverse cache (the package hard-codes ~/.objaverse).",
+    )
+    metadata_shards: list[str] = Field(
+        default_factory=list,
+        description="Annotation shards ('000-000' ...) scanned when no uids are given; empty = all 160.",
+    )
+    licenses: list[str] = Field(default_factory=list, description="Allowed licenses; empty = any.")
+    categories: list[str] = Field(default_factory=list, description="Keep assets in any of these.")
+    tags: list[str] = Field(default_factory=list, description="Keep assets having any of these tags.")
+    max_face_count: int | None = None
+    limit: int | None = None
+    download_processes: int = 4
+
+
+class TexVerseSourceConfig(_Strict):
+    repo_id: str = "YiboZhang2001/TexVerse"
+    repo_id_1k: str = "YiboZhang2001/TexVerse-1K"
+    revision: str | None = None
+    resolution: Literal["1k", "2k", "4k", "8k"] = "1k"
+    cache_dir: str | None = Field(default=None, description="huggingface_hub cache; None = HF default.")
+    uids: list[str] = Field(default_factory=list)
+    uids_file: str | None = None
+    licenses: list[str] = Field(default_factory=list)
+    max_face_count: int | None = None
+    max_texture: int | None = Field(default=None, description="Drop assets whose max_texture is larger.")
+    require_pbr: bool = False
+    with_captions: bool = True
+    limit: int | None = None
+
+
+class ProceduralSourceConfig(_Strict):
+    num_assets: int = Field(default=24, ge=1, le=10_000)
+    seed: int = 0
+
+
+class SourceConfig(_Strict):
+    kind: Literal["local", "objaverse", "texverse", "procedural"] = "local"
+    local: LocalSourceConfig = Field(default_factory=LocalSourceConfig)
+    objaverse: ObjaverseSourceConfig = Field(default_factory=ObjaverseSourceConfig)
+    texverse: TexVerseSourceConfig = Field(default_factory=TexVerseSourceConfig)
+    procedural: ProceduralSourceConfig = Field(default_factory=ProceduralSourceConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class LoadConfig(_Strict):
+    max_file_bytes: int = Field(default=512 * 2**20, description="Larger files are filtered.")
+    max_faces: int = Field(default=2_000_000, description="Assets with more faces are filtered.")
+    max_texture_size: int = Field(default=2048, description="Textures above this are downsampled.")
+    max_image_pixels: int = Field(
+        default=8192 * 8192, description="Decoding bound per image; larger images fail the asset."
+    )
+    allow_relative_obj_indices: bool = Field(
+        default=False,
+        description="Accept OBJ faces with negative (relative) indices; refused by default.",
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+class PerturbConfig(_Strict):
+    fov_scale_range: tuple[float, float] = (0.85, 1.15)
+    azimuth_jitter_deg: float = 7.5
+    elevation_jitter_deg: float = 5.0
+
+
+class RenderOutputsConfig(_Strict):
+    depth: bool = True
+    normal: bool = True
+    mask: bool = True
+
+
+class RenderConfig(_Strict):
+    profile: Literal["backview", "geometry"] = "backview"
+    resolution: int = Field(default=512, ge=16, le=4096)
+    backend: Literal["egl", "osmesa"] = "egl"
+    background: Literal["white", "transparent"] = "white"
+    fov_range_deg: tuple[float, float] = (30.0, 60.0)
+    elevation_range_deg: tuple[float, float] = (-10.0, 30.0)
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig)
+    outputs: RenderOutputsConfig = Field(default_factory=RenderOutputsConfig)
+    light_intensity: float = Field(default=3.0, gt=0)
+    ambient: float = Field(default=0.3, ge=0, le=1)
+    timeout_s: float = Field(default=300.0, gt=0, description="Per-asset time limit.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RenderConfig":
+        lo, hi = self.fov_range_deg
+        if not 1.0 <= lo <= hi < 179.0:
+            raise ValueError(f"fov_range_deg must satisfy 1 <= lo <= hi < 179, got {self.fov_range_deg}")
+        lo, hi = self.elevation_range_deg
+        if not -90.0 < lo <= hi < 90.0:
+            raise ValueError(f"elevation_range_deg must lie in (-90, 90), got {self.elevation_range_deg}")
+        return self
+
+
+# --------------------------------------------------------------------------- shards / infra
+
+
+class ShardConfig(_Strict):
+    max_samples: int = Field(default=1000, ge=1)
+    max_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    val_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
+    include_depth: bool = True
+    include_normal: bool = True
+    include_mask: bool = True
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
+    num_cpus: int | None = Field(default=None, description="CPUs of the local Ray (None = all).")
+    render_concurrency: int = Field(default=2, ge=1)
+    fetch_concurrency: int = Field(default=4, ge=1)
+    shard_concurrency: int = Field(default=2, ge=1)
+    object_store_memory: int | None = None
+
+
+class MlflowConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        default=None, description="None = sqlite file 'mlflow.db' in the working folder."
+    )
+    experiment: str = "know3d-data"
+    run_name: str | None = None
+    num_contact_pairs: int = Field(default=8, ge=0)
+
+
+class BuildConfig(_Strict):
+    seed: int = 0
+    output: str = Field(default="", description="Output folder (CLI --output).")
+    strict: bool = Field(default=False, description="Exit non-zero when any asset failed.")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    load: LoadConfig = Field(default_factory=LoadConfig)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+# --------------------------------------------------------------------------- loading helpers
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str) -> None:
+    """Raise on unknown keys, naming the valid ones and the closest match."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in model.model_fields:
+            valid = _valid_keys(model)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'.{hint} Valid keys here: {', '.join(valid)}")
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, f"{path}.")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'render.resolution=256' -> (['render', 'resolution'], 256); values parse as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: type[BuildConfig] = BuildConfig,
+) -> BuildConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+    for item in overrides or []:
+        key_path, value = parse_override(item)
+        apply_override(data, key_path, value)
+    _check_keys(data, model, "")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

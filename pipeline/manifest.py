@@ -1,0 +1,106 @@
+"""The build manifest: one row per asset and stage, written as Parquet.
+
+Stages: ``discover`` (metadata filters), ``ingest`` (fetch, security checks, content hash,
+duplicates), ``render`` and ``shard``. Status is ``ok``, ``filtered`` (``filter`` names which)
+or ``failed`` (``reason`` and a short ``traceback``). The manifest is a view rebuilt from the
+per-asset results at the end of every run, so a crash never leaves it half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_FILE = "manifest.parquet"
+STAGES = ("discover", "ingest", "render", "shard")
+
+
+@dataclass(slots=True)
+class ManifestRow:
+    key: str
+    source: str
+    stage: str
+    status: str  # ok | filtered | failed
+    sha256: str | None = None
+    uri: str | None = None
+    license: str | None = None
+    filter: str | None = None
+    reason: str | None = None
+    traceback: str | None = None
+    split: str | None = None
+    num_samples: int | None = None
+    seconds: float | None = None
+    run_id: str | None = None
+
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("status", pa.string()),
+        ("sha256", pa.string()),
+        ("uri", pa.string()),
+        ("license", pa.string()),
+        ("filter", pa.string()),
+        ("reason", pa.string()),
+        ("traceback", pa.string()),
+        ("split", pa.string()),
+        ("num_samples", pa.int64()),
+        ("seconds", pa.float64()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def write_manifest(out_dir: Path, rows: list[ManifestRow]) -> Path:
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    rows = sorted(rows, key=lambda r: (r.key, order.get(r.stage, 99)))
+    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
+    final = out_dir / MANIFEST_FILE
+    tmp = out_dir / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def read_manifest(out_dir: Path) -> list[dict]:
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest in {out_dir} (run `know3d data build` first)")
+    return pq.read_table(path).to_pylist()
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Counts per stage and status, per filter and per failure reason (reasons truncated)."""
+    per_stage: dict[str, Counter] = {}
+    filters: Counter = Counter()
+    reasons: Counter = Counter()
+    for r in rows:
+        per_stage.setdefault(r["stage"], Counter())[r["status"]] += 1
+        if r["status"] == "filtered":
+            filters[(r["stage"], r["filter"] or "?")] += 1
+        elif r["status"] == "failed":
+            reasons[(r["stage"], reason_class(r["reason"] or "?"))] += 1
+    return {
+        "stages": {s: dict(c) for s, c in per_stage.items()},
+        "filters": {f"{stage}/{name}": n for (stage, name), n in sorted(filters.items())},
+        "reasons": {f"{stage}: {name}": n for (stage, name), n in reasons.most_common()},
+    }
+
+
+def reason_class(reason: str) -> str:
+    """Group failure reasons: drop the leading file name, keep the message's head."""
+    text = reason.split(": ", 1)[1] if ": " in reason and "." in reason.split(": ", 1)[0] else reason
+    for sep in (" (", ": "):
+        head = text.split(sep, 1)[0]
+        if len(head) >= 8:
+            text = head
+            break
+    return text[:80]

@@ -1,0 +1,143 @@
+"""One narrow metrics interface, MLflow behind it.
+
+Every stage logs through :class:`Tracker`: params (the resolved config, flattened), metrics,
+artifacts and tags. The default backend is a sqlite file ``mlflow.db`` in the working folder;
+any MLflow tracking URI can be set in the config. Credentials for remote servers come from the
+environment (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN``,
+read by MLflow itself) and are never logged; a URI with ``user:password@`` is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from pipeline.config import MlflowConfig
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def check_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        raise ValueError(
+            "mlflow.tracking_uri must not contain credentials; set MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"
+        )
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store live next to the database, not in the current folder."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+class MlflowTracker:
+    """MLflow run for one stage invocation (rank 0 / the driver only)."""
+
+    def __init__(self, cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None) -> None:
+        import mlflow
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self._mlflow = mlflow
+        uri = check_uri(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
+        experiment = self._client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            experiment_id = self._client.create_experiment(cfg.experiment, artifact_location=artifact_root(uri))
+        all_tags = {"mlflow.runName": cfg.run_name or run_name, **(tags or {})}
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        run = self._client.create_run(experiment_id, tags=all_tags)
+        self.run_id: str | None = run.info.run_id
+        self.tracking_uri = uri
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self._client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, v)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)
+            self.run_id = None
+
+
+def make_tracker(cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+    if not cfg.enabled:
+        return NullTracker()
+    return MlflowTracker(cfg, run_name, tags)

@@ -1,0 +1,148 @@
+"""Render one asset into its work folder: the pure per-asset stage, usable without Ray.
+
+Layout of one finished asset (written to a temporary folder, then renamed, so a folder that
+exists is always complete)::
+
+    <work>/<sha[:2]>/<sha>/
+        asset.json            cameras (OpenCV c2w + K), pairs, normalization, lights, timings
+        rgba/000.png ...      RGBA views (straight alpha; background per config)
+        depth/000.png ...     uint16 z-depth, metres = value * asset.json["depth_scale"]
+        normal/000.png ...    camera-frame (OpenCV) normals encoded as (n + 1) / 2 * 255
+        mask/000.png ...      foreground mask
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import BuildConfig
+from rendering.assets import load_asset
+from rendering.camera import ViewPlan, backview_plan, geometry_plan
+from rendering.render import View, ViewRenderer, light_setup
+
+PNG_LEVEL = 3
+RESULT_FILE = "asset.json"
+
+
+def render_fingerprint(cfg: BuildConfig) -> str:
+    """Hash of every setting that changes rendered pixels; names the work folder."""
+    payload = {
+        "seed": cfg.seed,
+        "load": cfg.load.model_dump(mode="json"),
+        "render": cfg.render.model_dump(mode="json", exclude={"timeout_s", "backend"}),
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def view_plan(sha: str, cfg: BuildConfig) -> ViewPlan:
+    r = cfg.render
+    if r.profile == "backview":
+        return backview_plan(sha, cfg.seed, r.resolution, r.fov_range_deg, r.elevation_range_deg)
+    return geometry_plan(
+        sha, cfg.seed, r.resolution, r.fov_range_deg, r.elevation_range_deg,
+        r.perturb.fov_scale_range, r.perturb.azimuth_jitter_deg, r.perturb.elevation_jitter_deg,
+    )
+
+
+def asset_dir(work: Path, sha: str) -> Path:
+    return work / sha[:2] / sha
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path, compress_level=PNG_LEVEL)
+
+
+def compose_background(rgba: np.ndarray, background: str) -> np.ndarray:
+    if background == "transparent":
+        return rgba
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+    return np.concatenate([rgb.astype(np.uint8), rgba[..., 3:4]], axis=-1)
+
+
+def write_views(views: list[View], out: Path, cfg: BuildConfig, depth_scale: float) -> None:
+    outputs = cfg.render.outputs
+    for sub, enabled in (("rgba", True), ("depth", outputs.depth), ("normal", outputs.normal), ("mask", outputs.mask)):
+        if enabled:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    for i, view in enumerate(views):
+        name = f"{i:03d}.png"
+        _save_png(compose_background(view.rgba, cfg.render.background), out / "rgba" / name)
+        if outputs.depth:
+            depth = np.clip(np.round(view.depth / depth_scale), 0, 65535).astype(np.uint16)
+            _save_png(depth, out / "depth" / name)
+        if outputs.normal:
+            encoded = np.where(view.mask[..., None], (view.normal + 1.0) * 127.5, 0.0)
+            _save_png(np.clip(np.round(encoded), 0, 255).astype(np.uint8), out / "normal" / name)
+        if outputs.mask:
+            _save_png((view.mask * 255).astype(np.uint8), out / "mask" / name)
+
+
+def render_asset(
+    path: Path, sha: str, record: dict, cfg: BuildConfig, work: Path, renderer: ViewRenderer
+) -> dict:
+    """Load, render and write one asset; returns the summary stored in ``asset.json``.
+
+    Raises AssetError / AssetFiltered for the asset's own problems; the caller records them.
+    """
+    final = asset_dir(work, sha)
+    t0 = time.perf_counter()
+    asset = load_asset(path, cfg.load)
+    t1 = time.perf_counter()
+    plan = view_plan(sha, cfg)
+    views = renderer.render(asset, plan.cameras)
+    t2 = time.perf_counter()
+    depth_scale = max(cam.distance + 1.0 for cam in plan.cameras) / 65535.0
+    tmp = final.parent / f".{sha}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        write_views(views, tmp, cfg, depth_scale)
+        t3 = time.perf_counter()
+        summary = {
+            **record,
+            "sha256": sha,
+            "profile": cfg.render.profile,
+            "resolution": cfg.render.resolution,
+            "background": cfg.render.background,
+            "fov_deg": plan.fov_deg,
+            "elevation_deg": plan.elevation_deg,
+            "num_faces": asset.num_faces,
+            "parts": asset.part_names,
+            "normalization": asset.normalization_json(),
+            "lights": light_setup(renderer.light_intensity, renderer.ambient),
+            "depth_scale": depth_scale,
+            "normal_frame": "camera, OpenCV (x right, y down, z forward), encoded (n + 1) / 2 * 255",
+            "cameras": [cam.to_json() for cam in plan.cameras],
+            "pairs": [list(p) for p in plan.pairs],
+            "coverage": [float(v.mask.mean()) for v in views],
+            "timings": {"load_s": t1 - t0, "render_s": t2 - t1, "write_s": t3 - t2},
+            "gl_backend": renderer.backend,
+        }
+        (tmp / RESULT_FILE).write_text(json.dumps(summary))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / RESULT_FILE).is_file():  # a half-written final folder cannot exist
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another worker finished it first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def read_asset(work: Path, sha: str) -> dict | None:
+    file = asset_dir(work, sha) / RESULT_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text())
