@@ -27,9 +27,17 @@ def collect_pairs(shards: list[Path], num_pairs: int) -> list[tuple[Image.Image,
                 mkey = member.name.split(".", 1)[0] if member else None
                 if key is not None and mkey != key and {"front.png", "back.png", "json"} <= sample.keys():
                     meta = json.loads(sample["json"])
-                    item = (Image.open(io.BytesIO(sample["front.png"])), Image.open(io.BytesIO(sample["back.png"])), meta)
-                    (spare if meta["asset_id"] in seen else picked).append(item)
-                    seen.add(meta["asset_id"])
+                    # one pair per asset, rotating the pair index so the sheet shows many azimuths
+                    wanted = meta["asset_id"] not in seen and meta["pair_index"] == len(picked) % 4
+                    if wanted or len(spare) < num_pairs:
+                        item = (
+                            Image.open(io.BytesIO(sample["front.png"])),
+                            Image.open(io.BytesIO(sample["back.png"])),
+                            meta,
+                        )
+                        (picked if wanted else spare).append(item)
+                    if wanted:
+                        seen.add(meta["asset_id"])
                     if len(picked) >= num_pairs:
                         return picked
                 if member is None:

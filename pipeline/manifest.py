@@ -9,6 +9,7 @@ per-asset results at the end of every run, so a crash never leaves it half-writt
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -96,11 +97,9 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def reason_class(reason: str) -> str:
-    """Group failure reasons: drop the leading file name, keep the message's head."""
-    text = reason.split(": ", 1)[1] if ": " in reason and "." in reason.split(": ", 1)[0] else reason
-    for sep in (" (", ": "):
-        head = text.split(sep, 1)[0]
-        if len(head) >= 8:
-            text = head
-            break
-    return text[:80]
+    """Group failure reasons: drop the leading file name and line numbers, numbers become N."""
+    head, sep, rest = reason.partition(": ")
+    text = rest if sep and "." in head and " " not in head else reason
+    text = re.sub(r"^line \d+: ", "", text)
+    text = re.sub(r"-?\d+(\.\d+)?", "N", text)
+    return text[:90]

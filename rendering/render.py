@@ -115,7 +115,11 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     n = np.cross(du, dv).astype(np.float32)
     length = np.sqrt((n * n).sum(-1, keepdims=True))
     n = np.divide(n, length, out=np.zeros_like(n), where=length > 1e-12)
-    n[(n * p[1:-1, 1:-1]).sum(-1) > 0] *= -1.0  # face the camera
+    pc = p[1:-1, 1:-1]
+    # one-pixel-wide features have no neighbour along an axis: they face the camera
+    lonely = (length[..., 0] <= 1e-12) & valid[1:-1, 1:-1]
+    n[lonely] = -pc[lonely] / np.linalg.norm(pc[lonely], axis=-1, keepdims=True)
+    n[(n * pc).sum(-1) > 0] *= -1.0  # face the camera
     n[~valid[1:-1, 1:-1]] = 0.0
     out[r0:r1, c0:c1] = n
     return out

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real test assets (../shared/assets, read-only) and one local Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+warnings.filterwarnings("ignore", module="trimesh")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = next(
+    (p for p in (REPO / "shared" / "assets", REPO.parent / "shared" / "assets") if p.is_dir()), None
+)
+REAL_ASSETS = ["BoxTextured.glb", "Duck.glb", "bunny.ply", "fandisk.obj", "fuze/fuze.obj", "monkey.glb",
+               "pins.glb", "quadknot.obj", "simple_pole.glb", "testplate.glb", "textured_tetrahedron.obj"]
+BAD_ASSETS = ["empty.obj", "empty_nodes.glb", "nancolor.obj", "negative_indices.obj", "not_a_mesh.glb",
+              "notenoughindices.obj", "truncated_duck.glb", "zero_bytes.glb"]
+
+
+@pytest.fixture(scope="session")
+def shared_assets() -> Path:
+    if SHARED_ASSETS is None:
+        pytest.skip("../shared/assets not found (tests read the shared real/bad assets)")
+    return SHARED_ASSETS
+
+
+@pytest.fixture(scope="session")
+def real_dir(shared_assets: Path) -> Path:
+    return shared_assets / "real"
+
+
+@pytest.fixture(scope="session")
+def bad_dir(shared_assets: Path) -> Path:
+    return shared_assets / "bad"
+
+
+@pytest.fixture()
+def assets_copy(tmp_path: Path, real_dir: Path, bad_dir: Path) -> Path:
+    """A writable copy of real/ and bad/ (the shared folder must never be modified)."""
+    root = tmp_path / "assets"
+    shutil.copytree(real_dir, root / "real")
+    shutil.copytree(bad_dir, root / "bad")
+    for f in root.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs ~5 s and 1-2 GB)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

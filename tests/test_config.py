@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import BuildConfig, ConfigError, dump_config, load_config
+
+
+def test_defaults_match_the_paper_profile():
+    cfg = load_config()
+    assert cfg.render.profile == "backview"
+    assert cfg.render.resolution == 512
+    assert cfg.load.max_texture_size == 2048
+    assert cfg.source.kind == "local"
+
+
+def test_yaml_file_then_overrides(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("render:\n  resolution: 128\n  profile: geometry\nshard:\n  max_samples: 10\n")
+    cfg = load_config(f, ["render.resolution=256", "source.local.input=[a, b]", "render.fov_range_deg=[20, 40]"])
+    assert cfg.render.resolution == 256
+    assert cfg.render.profile == "geometry"
+    assert cfg.shard.max_samples == 10
+    assert cfg.source.local.input == ["a", "b"]
+    assert cfg.render.fov_range_deg == (20.0, 40.0)
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["render.resolutoin=256"])
+    msg = str(exc.value)
+    assert "render.resolutoin" in msg and "Did you mean 'render.resolution'" in msg
+    assert "profile" in msg  # lists the valid keys of the section
+
+
+def test_unknown_key_in_yaml(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("shard:\n  max_sample: 3\n")
+    with pytest.raises(ConfigError, match="shard.max_sample"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("render.resolution=abc", "render.resolution"),
+        ("render.profile=sideview", "render.profile"),
+        ("render.fov_range_deg=[90, 10]", "fov_range_deg"),
+        ("shard.val_fraction=1.5", "shard.val_fraction"),
+        ("noequals", "key.path=value"),
+        ("render.resolution.x=3", "render.resolution"),
+    ],
+)
+def test_bad_values_are_clear_errors(override: str, fragment: str):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("render: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = load_config(None, ["render.resolution=64", "seed=7"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_config(cfg))
+    again = load_config(f)
+    assert again == cfg
+    assert yaml.safe_load(f.read_text())["seed"] == 7
+    assert isinstance(again, BuildConfig)

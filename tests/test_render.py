@@ -1,0 +1,146 @@
+"""Rendering: image contents agree with the camera math; files on disk are what json says."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import BuildConfig, LoadConfig
+from rendering.assets import file_sha256, load_asset
+from rendering.camera import backview_plan, make_camera, project
+from rendering.isolation import IsolatedRenderer
+from rendering.process import asset_dir, compose_background, read_asset, render_asset
+from rendering.render import ViewRenderer, normals_from_depth
+
+RES = 96
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    r = ViewRenderer(RES, os.environ.get("PYOPENGL_PLATFORM", "egl"))
+    yield r
+    r.close()
+
+
+def _cfg(**render) -> BuildConfig:
+    return BuildConfig.model_validate({"render": {"resolution": RES, **render}})
+
+
+def test_silhouette_matches_projected_vertices(real_dir: Path, renderer: ViewRenderer):
+    """The renderer and the recorded OpenCV cameras agree to within a pixel."""
+    asset = load_asset(real_dir / "Duck.glb", LoadConfig())
+    mesh = next(iter(asset.scene.geometry.values()))
+    transform, _ = asset.scene.graph[asset.part_names[0]]
+    world = np.c_[mesh.vertices, np.ones(len(mesh.vertices))] @ (asset.normalization @ transform).T
+    plan = backview_plan("f" * 64, 0, RES, (30, 60), (-10, 30))
+    views = renderer.render(asset, plan.cameras[:4])
+    for cam, view in zip(plan.cameras, views):
+        uv = project(world[:, :3], cam)
+        ys, xs = np.nonzero(view.mask)
+        assert abs(xs.min() - uv[:, 0].min()) <= 1.5 and abs(xs.max() + 1 - uv[:, 0].max()) <= 1.5
+        assert abs(ys.min() - uv[:, 1].min()) <= 1.5 and abs(ys.max() + 1 - uv[:, 1].max()) <= 1.5
+        # z-depth of the visible surface lies within the unit cube's bounding sphere
+        d = view.depth[view.mask]
+        assert d.min() >= cam.distance - 0.87 and d.max() <= cam.distance + 0.87
+
+
+def test_view_channels_are_consistent(real_dir: Path, renderer: ViewRenderer):
+    asset = load_asset(real_dir / "BoxTextured.glb", LoadConfig())
+    cam = make_camera(30, 20, 40, RES)
+    view = renderer.render(asset, [cam])[0]
+    assert view.rgba.shape == (RES, RES, 4) and view.rgba.dtype == np.uint8
+    assert np.array_equal(view.rgba[..., 3] == 255, view.mask)
+    assert 0.05 < view.mask.mean() < 0.9
+    n = view.normal[view.mask]
+    assert np.allclose(np.linalg.norm(n, axis=1), 1, atol=1e-4)
+    assert (view.normal[~view.mask] == 0).all()
+    # a box seen from (30 deg, 20 deg) shows three faces: three dominant normal directions
+    rounded = {tuple(v) for v in np.round(n[np.abs(n).max(1) > 0.3] * 2) / 2}
+    assert len(rounded) >= 3
+
+
+def test_normals_from_depth_of_a_plane():
+    K = np.array([[50.0, 0, 32], [0, 50.0, 32], [0, 0, 1]])
+    v, u = np.mgrid[0:64, 0:64].astype(np.float64)
+    # plane z = 2 + 0.5 x (camera frame): normal ~ (-0.5, 0, 1) normalized, towards the camera
+    x_over_z = (u + 0.5 - 32) / 50
+    z = 2.0 / (1 - 0.5 * x_over_z)
+    n = normals_from_depth(z.astype(np.float32), K)
+    expected = np.array([0.5, 0, -1]) / np.linalg.norm([0.5, 0, -1])
+    assert np.allclose(n[5:-5, 5:-5].reshape(-1, 3), expected, atol=1e-3)
+
+
+def test_white_background_composite():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    out = compose_background(rgba, "white")
+    assert tuple(out[0, 0]) == (10, 20, 30, 255) and tuple(out[1, 1, :3]) == (255, 255, 255)
+    assert compose_background(rgba, "transparent") is rgba
+
+
+def test_render_asset_writes_complete_folder(real_dir: Path, tmp_path: Path, renderer: ViewRenderer):
+    cfg = _cfg()
+    path = real_dir / "fuze" / "fuze.obj"
+    sha = file_sha256(path)
+    summary = render_asset(path, sha, {"key": "local:fuze"}, cfg, tmp_path, renderer)
+    folder = asset_dir(tmp_path, sha)
+    assert read_asset(tmp_path, sha) == json.loads((folder / "asset.json").read_text()) == summary
+    for sub in ("rgba", "depth", "normal", "mask"):
+        assert sorted(p.name for p in (folder / sub).iterdir()) == [f"{i:03d}.png" for i in range(12)]
+    depth = np.asarray(Image.open(folder / "depth" / "000.png"))
+    mask = np.asarray(Image.open(folder / "mask" / "000.png")) > 0
+    assert depth.dtype == np.uint16 and np.array_equal(depth > 0, mask)
+    metres = depth[mask] * summary["depth_scale"]
+    cam = summary["cameras"][0]
+    assert metres.min() >= cam["distance"] - 0.87 and metres.max() <= cam["distance"] + 0.87
+    rgba = Image.open(folder / "rgba" / "000.png")
+    assert rgba.mode == "RGBA" and rgba.size == (RES, RES)
+    assert summary["pairs"] == [[i, i + 6] for i in range(6)] and summary["key"] == "local:fuze"
+    assert not list(tmp_path.rglob(".*tmp*"))  # no temporary folder left behind
+
+
+def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: Path):
+    cfg = _cfg(timeout_s=60)
+    duck = real_dir / "Duck.glb"
+    sha = file_sha256(duck)
+    with IsolatedRenderer(cfg, tmp_path) as iso:
+        # a time limit far below the render time kills the child and fails only this asset
+        result = iso.run(duck, sha, {}, timeout_s=0.05)
+        assert result["status"] == "failed" and result["reason"].startswith("timeout")
+        assert read_asset(tmp_path, sha) is None
+
+        # a segfault in the child (as a broken C extension would cause) fails only this asset
+        def crash_soon() -> None:
+            for _ in range(200):
+                if iso.pid is not None:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.3)
+            os.kill(iso.pid, signal.SIGSEGV)
+
+        killer = threading.Thread(target=crash_soon)
+        killer.start()
+        result = iso.run(duck, sha, {})
+        killer.join()
+        assert result == {"status": "failed", "reason": "render process crashed (SIGSEGV)"}
+
+        # the next asset gets a fresh child and succeeds
+        result = iso.run(duck, sha, {"key": "duck"})
+        assert result["status"] == "ok" and result["num_pairs"] == 6
+        assert read_asset(tmp_path, sha)["key"] == "duck"
+        assert iso.num_restarts == 2
+
+
+def test_isolated_renderer_reports_bad_assets(bad_dir: Path, tmp_path: Path):
+    with IsolatedRenderer(_cfg(), tmp_path) as iso:
+        bad = iso.run(bad_dir / "empty_nodes.glb", "0" * 64, {})
+        assert bad == {"status": "failed", "reason": "empty_nodes.glb: no geometry (empty scene)", "wall_s": bad["wall_s"]}
+        filtered = iso.run(bad_dir.parent / "real" / "Duck.glb", "1" * 64, {}, timeout_s=60)
+        assert filtered["status"] == "ok"
+        assert iso.num_restarts == 0  # asset errors do not cost a new child

@@ -1,0 +1,131 @@
+"""Shards: deterministic plans and bytes, split by asset, readable by webdataset."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import BuildConfig, ShardConfig
+from pipeline.shards import (
+    iter_shard_keys,
+    plan_shards,
+    reusable_entry,
+    sample_key,
+    shard_sha256,
+    split_of,
+    write_index,
+    write_shard,
+)
+from rendering.assets import file_sha256
+from rendering.process import read_asset, render_asset
+from rendering.render import ViewRenderer
+
+NAMES = ["Duck.glb", "BoxTextured.glb", "monkey.glb", "testplate.glb"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, real_dir: Path) -> tuple[Path, list[dict]]:
+    work = tmp_path_factory.mktemp("work")
+    cfg = BuildConfig.model_validate({"render": {"resolution": 48}})
+    renderer = ViewRenderer(48, "egl")
+    summaries = []
+    for name in NAMES:
+        path = real_dir / name
+        rec = {"key": f"local:{name}", "source": "local", "license": "CC-BY-4.0", "meta": {"name": name}}
+        summaries.append(render_asset(path, file_sha256(path), rec, cfg, work, renderer))
+    renderer.close()
+    return work, summaries
+
+
+def test_split_is_by_asset_and_deterministic():
+    shas = [f"{i:064x}" for i in range(2000)]
+    splits = [split_of(s, 0, 0.1) for s in shas]
+    assert splits == [split_of(s, 0, 0.1) for s in shas]
+    assert 0.07 < splits.count("val") / len(shas) < 0.13
+    assert all(split_of(s, 0, 0.0) == "train" for s in shas[:50])
+    assert all(split_of(s, 0, 1.0) == "val" for s in shas[:50])
+
+
+def test_plan_respects_limits_and_keeps_pairs_of_an_asset_in_one_split(work):
+    work_dir, summaries = work
+    cfg = ShardConfig(max_samples=5, val_fraction=0.5)
+    plans = plan_shards(work_dir, summaries, cfg, seed=3)
+    assert sum(len(p.members) for p in plans) == 6 * len(NAMES)
+    assert all(len(p.members) <= 5 for p in plans)
+    split_by_asset: dict[str, set] = {}
+    for p in plans:
+        for sha, _ in p.members:
+            split_by_asset.setdefault(sha, set()).add(p.split)
+    assert all(len(s) == 1 for s in split_by_asset.values())
+    assert [p.name for p in plans] == [p.name for p in plan_shards(work_dir, list(reversed(summaries)), cfg, 3)]
+    # byte limit: every shard but single-sample ones stays under it
+    small = plan_shards(work_dir, summaries, ShardConfig(max_bytes=1 << 16, max_samples=1000), seed=3)
+    assert len(small) > len(plan_shards(work_dir, summaries, ShardConfig(max_samples=1000), seed=3))
+    assert all(p.est_bytes <= 1 << 16 or len(p.members) == 1 for p in small)
+
+
+def test_shards_are_byte_identical_and_read_back(work, tmp_path: Path):
+    work_dir, summaries = work
+    cfg = ShardConfig(max_samples=10, val_fraction=0.0)
+    plans = plan_shards(work_dir, summaries, cfg, seed=0)
+    a = [write_shard(work_dir, tmp_path / "a", p, cfg) for p in plans]
+    b = [write_shard(work_dir, tmp_path / "b", p, cfg) for p in plans]
+    assert [e["sha256"] for e in a] == [e["sha256"] for e in b]
+    assert all(shard_sha256(tmp_path / "a" / e["name"]) == e["sha256"] for e in a)
+
+    urls = [str(tmp_path / "a" / e["name"]) for e in a]
+    # default decoders: json is parsed, PNGs stay bytes (PIL's "pil" decoder would drop alpha)
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == 6 * len(NAMES)
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == len(keys)
+    by_sha = {s["sha256"]: s for s in summaries}
+    for s in samples:
+        meta = s["json"]
+        summary = by_sha[meta["asset_id"]]
+        assert s["__key__"] == sample_key(meta["asset_id"], "backview", meta["pair_index"])
+        assert {"asset_id", "source", "license", "pair_index", "profile", "front_camera", "back_camera"} <= meta.keys()
+        assert meta["license"] == "CC-BY-4.0" and meta["source"] == "local" and meta["components"] == []
+        f, b = summary["pairs"][meta["pair_index"]]
+        assert meta["front_camera"] == summary["cameras"][f] and meta["back_camera"] == summary["cameras"][b]
+        assert (meta["back_camera"]["azimuth_deg"] - meta["front_camera"]["azimuth_deg"]) % 360 == 180
+        front, back = Image.open(io.BytesIO(s["front.png"])), Image.open(io.BytesIO(s["back.png"]))
+        assert front.size == (48, 48) and back.mode == "RGBA"
+        assert {"front.depth.png", "back.depth.png", "front.normal.png", "back.mask.png"} <= s.keys()
+        assert Image.open(io.BytesIO(s["front.depth.png"])).mode.startswith("I;16")
+        on_disk = Image.open(work_dir / summary["sha256"][:2] / summary["sha256"] / "rgba" / f"{b:03d}.png")
+        assert np.array_equal(np.asarray(back), np.asarray(on_disk))
+
+
+def test_optional_channels_can_be_left_out(work, tmp_path: Path):
+    work_dir, summaries = work
+    cfg = ShardConfig(include_depth=False, include_normal=False, include_mask=False)
+    plan = plan_shards(work_dir, summaries[:1], cfg, seed=0)[0]
+    entry = write_shard(work_dir, tmp_path, plan, cfg)
+    import tarfile
+
+    with tarfile.open(tmp_path / entry["name"]) as tar:
+        suffixes = {m.name.split(".", 1)[1] for m in tar}
+    assert suffixes == {"front.png", "back.png", "json"}
+    assert iter_shard_keys(tmp_path / entry["name"]) == [sample_key(summaries[0]["sha256"], "backview", i) for i in range(6)]
+
+
+def test_reuse_only_when_content_is_unchanged(work, tmp_path: Path):
+    work_dir, summaries = work
+    cfg = ShardConfig()
+    plan = plan_shards(work_dir, summaries, cfg, seed=0)[0]
+    records = {summaries[0]["sha256"]: {"license": "a"}}
+    entry = write_shard(work_dir, tmp_path, plan, cfg, records)
+    index = write_index(tmp_path, [entry], {})
+    previous = {e["name"]: e for e in index["shards"]}
+    assert reusable_entry(tmp_path, plan, previous, cfg, records) == entry
+    assert reusable_entry(tmp_path, plan, previous, cfg, {summaries[0]["sha256"]: {"license": "b"}}) is None
+    assert reusable_entry(tmp_path, plan, previous, ShardConfig(include_depth=False), records) is None
+    (tmp_path / entry["name"]).write_bytes(b"truncated")
+    assert reusable_entry(tmp_path, plan, previous, cfg, records) is None
+    assert json.loads((tmp_path / "shard_index.json").read_text())["num_samples"] == len(plan.members)
+    assert read_asset(work_dir, summaries[0]["sha256"])["license"] == "CC-BY-4.0"
