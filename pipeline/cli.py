@@ -19,8 +19,8 @@ from pipeline.config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Know3D data-and-training pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect front/back view data sets.")
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
