@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -205,6 +206,14 @@ def _output_lock(out: Path) -> Iterator[None]:
         yield
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of an interrupted run (we hold the output lock, so none is live)."""
+    for tmp in out.glob("work/*/*/.*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _failure_file(work: Path, sha: str) -> Path:
     return work / "_failed" / f"{sha}.json"
 
@@ -227,6 +236,7 @@ def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool) -> BuildSummary:
     (run_dir / "config.yaml").write_text(config_text)
     work = out / "work" / render_fingerprint(cfg)
     work.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
 
     tracker = make_tracker(cfg.mlflow, f"data-build-{cfg.source.kind}", {"stage": "data.build", "know3d.run": run_id})
     tracker.log_params(cfg.model_dump(mode="json"))
