@@ -160,18 +160,24 @@ def _progress() -> Progress:
     )
 
 
-def _bounded(ray: Any, submit: Any, items: list, limit: int, on_done: Any, progress: Progress, label: str) -> None:
-    """Keep at most ``limit`` Ray tasks in flight; ``on_done(item, result_or_exc)``."""
+def _bounded(ray: Any, submit: Any, items: list, slots: list, on_done: Any, progress: Progress, label: str) -> None:
+    """Run ``submit(item, slot)`` with one call in flight per slot; ``on_done(item, result_or_exc)``.
+
+    A finished call frees *its* slot, so with actors as slots each actor always has work
+    queued behind the current one and a slow asset never holds back the others' queue.
+    """
     task = progress.add_task(label, total=len(items))
-    pending: dict[Any, Any] = {}
+    pending: dict[Any, tuple[Any, Any]] = {}
     queue = list(reversed(items))
+    free = list(slots)
     while queue or pending:
-        while queue and len(pending) < limit:
-            item = queue.pop()
-            pending[submit(item)] = item
+        while queue and free:
+            item, slot = queue.pop(), free.pop()
+            pending[submit(item, slot)] = (item, slot)
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            item = pending.pop(ref)
+            item, slot = pending.pop(ref)
+            free.append(slot)
             try:
                 result = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - reported per item
@@ -284,8 +290,8 @@ def _stages(
             else:
                 ingested.extend(result)
 
-        _bounded(ray, lambda b: ingest_remote.remote(source_ref, [r.to_json() for r in b], cfg.load),
-                 batches, cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
+        _bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], cfg.load),
+                 batches, [None] * cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
         kept, dupes = dedupe(ingested)
         for r in ingested:
             if r["status"] != "ok":
@@ -318,10 +324,7 @@ def _stages(
         num_actors = max(1, min(cfg.ray.render_concurrency, len(todo)))
         actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
         actors = [actor_cls.remote(cfg.model_dump_json(), str(work)) for _ in range(num_actors)] if todo else []
-        next_actor = iter(range(10**12))
-
-        def submit_render(r: dict) -> Any:
-            actor = actors[next(next_actor) % len(actors)]
+        def submit_render(r: dict, actor: Any) -> Any:
             return actor.render.remote(r["path"], r["sha256"], by_key[r["key"]].to_json())
 
         def on_render(r: dict, result: Any) -> None:
@@ -335,7 +338,8 @@ def _stages(
                 _failure_file(work, r["sha256"]).unlink(missing_ok=True)
             render_results[r["sha256"]] = result
 
-        _bounded(ray, submit_render, todo, 2 * max(1, len(actors)), on_render, progress, "render")
+        # two calls per actor: the next asset is already queued when the current one finishes
+        _bounded(ray, submit_render, todo, actors * 2, on_render, progress, "render")
         for actor in actors:
             ray.kill(actor)
         metrics["render_s"] = time.perf_counter() - t0
@@ -380,11 +384,11 @@ def _stages(
             else:
                 entries.append(result)
 
-        def submit_shard(plan: ShardPlan) -> Any:
+        def submit_shard(plan: ShardPlan, _: Any) -> Any:
             return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan))
 
         _bounded(ray, submit_shard,
-                 to_write, cfg.ray.shard_concurrency, on_shard, progress, "shard")
+                 to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
         if shard_errors:
             raise BuildError("writing shards failed: " + "; ".join(shard_errors[:3]))
         metrics["shard_s"] = time.perf_counter() - t0

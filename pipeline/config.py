@@ -126,6 +126,9 @@ class RenderConfig(_Strict):
     light_intensity: float = Field(default=3.0, gt=0)
     ambient: float = Field(default=0.3, ge=0, le=1)
     timeout_s: float = Field(default=300.0, gt=0, description="Per-asset time limit.")
+    gl_threads: int = Field(
+        default=1, ge=0, description="llvmpipe threads per renderer (CPU GL; 0 = Mesa default); scale with workers."
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> "RenderConfig":

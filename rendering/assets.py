@@ -274,14 +274,22 @@ class LoadedAsset:
         }
 
 
-def _downsample_textures(geometry: "object", max_size: int) -> None:
+def _prepare_textures(geometry: "object", max_size: int, owner: str) -> None:
+    """Decode every texture now (so decoding errors fail the asset at load time, and load
+    time includes decoding) and downsample those above ``max_size``."""
     visual = getattr(geometry, "visual", None)
     material = getattr(visual, "material", None)
     if material is None:
         return
     for key in (*_IMAGE_TEXTURE_KEYS, "image"):
         image = getattr(material, key, None)
-        if isinstance(image, Image.Image) and max(image.size) > max_size:
+        if not isinstance(image, Image.Image):
+            continue
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - a broken texture is the asset's fault
+            raise AssetError(f"{owner}: texture '{key}' cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if max(image.size) > max_size:
             image = image.copy()
             image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
             setattr(material, key, image)
@@ -374,9 +382,14 @@ def load_asset(path: Path, cfg: LoadConfig) -> LoadedAsset:
     for name in list(scene.geometry):
         if name not in meshes or len(meshes[name].faces) == 0:
             scene.delete_geometry(name)
-    for mesh in scene.geometry.values():
-        _downsample_textures(mesh, cfg.max_texture_size)
-        _fix_untextured(mesh)
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    try:
+        for mesh in scene.geometry.values():
+            _prepare_textures(mesh, cfg.max_texture_size, path.name)
+            _fix_untextured(mesh)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
     bounds = scene.bounds
     if bounds is None or not np.isfinite(bounds).all():

@@ -10,6 +10,7 @@ fresh child.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import time
 import traceback
@@ -33,6 +34,8 @@ def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     cfg = BuildConfig.model_validate_json(cfg_json)
+    if cfg.render.gl_threads:
+        os.environ["LP_NUM_THREADS"] = str(cfg.render.gl_threads)  # read by Mesa at context creation
     renderer = ViewRenderer(cfg.render.resolution, cfg.render.backend, cfg.render.light_intensity, cfg.render.ambient)
     while True:
         try:

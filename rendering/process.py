@@ -38,7 +38,7 @@ def render_fingerprint(cfg: BuildConfig) -> str:
     payload = {
         "seed": cfg.seed,
         "load": cfg.load.model_dump(mode="json"),
-        "render": cfg.render.model_dump(mode="json", exclude={"timeout_s", "backend"}),
+        "render": cfg.render.model_dump(mode="json", exclude={"timeout_s", "backend", "gl_threads"}),
         "version": 1,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -8,6 +8,7 @@ imported, so :func:`configure_gl` runs before the lazy pyrender import.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +82,11 @@ def light_setup(intensity: float, ambient: float) -> dict:
 def normals_from_depth(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     """Camera-frame (OpenCV) unit normals [H, W, 3] from z-depth [H, W]; zero where depth is 0.
 
-    Central differences inside the surface, one-sided next to the silhouette so edges never mix
-    with the background. Work is limited to the mask's bounding box (objects cover ~20 % of a
-    frame), which keeps this well below the cost of the GL render itself.
+    With P(u, v) = z * r, r = ((u + 0.5 - cx) / fx, (v + 0.5 - cy) / fy, 1), the cross product
+    dP/du x dP/dv is proportional to (-fx z_u, -fy z_v, fx rx z_u + fy ry z_v + z), so only the
+    two scalar depth gradients are needed. Gradients are central inside the surface and
+    one-sided next to the silhouette, so edges never mix with the background. Work is limited
+    to the mask's bounding box.
     """
     h, w = depth.shape
     out = np.zeros((h, w, 3), np.float32)
@@ -95,32 +98,34 @@ def normals_from_depth(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, w)
     z = np.pad(depth[r0:r1, c0:c1].astype(np.float32), 1)
     valid = z > 0
-    v, u = np.mgrid[r0 - 1 : r1 + 1, c0 - 1 : c1 + 1].astype(np.float32)
-    x = (u + 0.5 - np.float32(K[0, 2])) * (z / np.float32(K[0, 0]))
-    y = (v + 0.5 - np.float32(K[1, 2])) * (z / np.float32(K[1, 1]))
-    p = np.stack([x, y, z], axis=-1)
+    core = (slice(1, -1), slice(1, -1))
 
-    def diff(axis: int) -> np.ndarray:
-        core = (slice(1, -1), slice(1, -1))
+    def gradient(axis: int) -> np.ndarray:
         if axis == 1:
             nxt, prv = (slice(1, -1), slice(2, None)), (slice(1, -1), slice(None, -2))
         else:
             nxt, prv = (slice(2, None), slice(1, -1)), (slice(None, -2), slice(1, -1))
         ok_n, ok_p = valid[nxt] & valid[core], valid[prv] & valid[core]
-        d = np.where((ok_n & ok_p)[..., None], (p[nxt] - p[prv]) * 0.5, 0.0)
-        d = np.where((ok_n & ~ok_p)[..., None], p[nxt] - p[core], d)
-        return np.where((ok_p & ~ok_n)[..., None], p[core] - p[prv], d)
+        zc = z[core]
+        forward = np.where(ok_n, z[nxt] - zc, 0.0)
+        backward = np.where(ok_p, zc - z[prv], 0.0)
+        both = ok_n & ok_p
+        return np.where(both, (forward + backward) * 0.5, forward + backward).astype(np.float32)
 
-    du, dv = diff(1), diff(0)
-    n = np.cross(du, dv).astype(np.float32)
-    length = np.sqrt((n * n).sum(-1, keepdims=True))
-    n = np.divide(n, length, out=np.zeros_like(n), where=length > 1e-12)
-    pc = p[1:-1, 1:-1]
-    # one-pixel-wide features have no neighbour along an axis: they face the camera
-    lonely = (length[..., 0] <= 1e-12) & valid[1:-1, 1:-1]
-    n[lonely] = -pc[lonely] / np.linalg.norm(pc[lonely], axis=-1, keepdims=True)
-    n[(n * pc).sum(-1) > 0] *= -1.0  # face the camera
-    n[~valid[1:-1, 1:-1]] = 0.0
+    fx, fy = np.float32(K[0, 0]), np.float32(K[1, 1])
+    zu, zv = gradient(1), gradient(0)
+    v, u = np.ogrid[r0:r1, c0:c1]
+    rx = ((u + 0.5 - K[0, 2]) / K[0, 0]).astype(np.float32)
+    ry = ((v + 0.5 - K[1, 2]) / K[1, 1]).astype(np.float32)
+    zc = z[core]
+    n = np.empty(zc.shape + (3,), np.float32)
+    n[..., 0] = -fx * zu
+    n[..., 1] = -fy * zv
+    n[..., 2] = fx * rx * zu + fy * ry * zv + zc
+    n /= np.maximum(np.sqrt((n * n).sum(-1, keepdims=True)), np.float32(1e-12))
+    facing_away = n[..., 0] * rx + n[..., 1] * ry + n[..., 2] > 0  # r . n > 0
+    sign = np.where(facing_away, np.float32(-1.0), np.float32(1.0)) * valid[core]
+    n *= sign[..., None]
     out[r0:r1, c0:c1] = n
     return out
 
@@ -138,6 +143,7 @@ class ViewRenderer:
         self.light_intensity = light_intensity
         self.ambient = ambient
         self._renderer = pyrender.OffscreenRenderer(resolution, resolution)
+        self.last_gl_seconds = 0.0  # GL draw + readback time of the last render() call
 
     def close(self) -> None:
         if self._renderer is not None:
@@ -168,6 +174,7 @@ class ViewRenderer:
             for _, w, (y, p) in _RIG
         ]
         views = []
+        gl_seconds = 0.0
         for cam in cameras:
             if cam.width != self.resolution or cam.height != self.resolution:
                 raise ValueError("camera resolution differs from the renderer's")
@@ -179,7 +186,9 @@ class ViewRenderer:
             scene.set_pose(cam_node, pose)
             for node, rig in light_nodes:
                 scene.set_pose(node, pose @ rig)
+            start = time.perf_counter()
             color, depth = self._renderer.render(scene, flags=pyrender.RenderFlags.RGBA)
+            gl_seconds += time.perf_counter() - start
             # pyrender's cx/cy follow OpenGL (origin bottom-left) but its output is top-down;
             # with a centred principal point this is the same image.
             mask = depth > 0
@@ -187,4 +196,5 @@ class ViewRenderer:
             alpha = (mask * 255).astype(np.uint8)  # OSMesa ignores RGBA: alpha from depth
             rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
             views.append(View(rgba, depth.astype(np.float32), normals_from_depth(depth, cam.K), mask))
+        self.last_gl_seconds = gl_seconds
         return views

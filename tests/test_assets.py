@@ -195,3 +195,14 @@ def test_untextured_uvs_get_a_visible_default_material(real_dir: Path):
     visual = next(iter(asset.scene.geometry.values())).visual
     assert visual.kind == "vertex"
     assert visual.vertex_colors[0, :3].min() >= 150  # light grey, not near-black
+
+
+def test_truncated_texture_fails_at_load(real_dir: Path, tmp_path: Path):
+    folder = tmp_path / "fuze"
+    shutil.copytree(real_dir / "fuze", folder)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+    data = (folder / "fuze_uv.jpg").read_bytes()
+    (folder / "fuze_uv.jpg").write_bytes(data[: len(data) // 3])  # header intact, pixels cut
+    with pytest.raises(AssetError, match="fuze.obj: texture .* cannot be decoded"):
+        load_asset(folder / "fuze.obj", LoadConfig())

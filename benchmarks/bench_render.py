@@ -1,0 +1,88 @@
+"""Per-asset load time (parse + texture decode) vs render time, and views/s, on one core.
+
+Usage:
+    python benchmarks/bench_render.py ASSET_DIR [--resolution 512] [--backend egl|osmesa] [--repeats 3]
+
+Runs in one process pinned to one CPU core, with Mesa's llvmpipe limited to one thread, and
+renders the 12-view `backview` profile of every asset (RGBA + depth; normals from depth).
+Columns: load = trimesh parse + texture decode + checks; gl = the 12 GL renders and readbacks;
+post = normals/mask; write = PNG encoding of rgba/depth/normal/mask. Times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("assets", type=Path)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--backend", choices=["egl", "osmesa"], default="egl")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cores", type=int, default=1)
+    args = parser.parse_args()
+
+    os.environ["LP_NUM_THREADS"] = str(args.cores)  # llvmpipe rasterizer threads
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
+    warnings.filterwarnings("ignore")
+
+    from pipeline.config import BuildConfig, LoadConfig
+    from rendering.assets import MESH_EXTENSIONS, file_sha256, load_asset
+    from rendering.process import view_plan, write_views
+    from rendering.render import ViewRenderer
+
+    cfg = BuildConfig.model_validate({"render": {"resolution": args.resolution, "backend": args.backend}})
+    files = sorted(p for p in args.assets.rglob("*") if p.suffix.lower().lstrip(".") in MESH_EXTENSIONS)
+    renderer = ViewRenderer(args.resolution, args.backend)
+    print(f"# {len(files)} assets, {args.resolution}^2, backend={args.backend}, cores={args.cores}, "
+          f"repeats={args.repeats} (medians)")
+    header = f"{'asset':<26}{'faces':>8}{'load_s':>9}{'gl_s':>8}{'post_s':>8}{'write_s':>9}{'gl views/s':>12}{'all views/s':>13}"
+    print(header)
+    totals = {"load": 0.0, "gl": 0.0, "post": 0.0, "write": 0.0, "views": 0, "under_100k": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in files:
+            sha = file_sha256(path)
+            plan = view_plan(sha, cfg)
+            samples: dict[str, list[float]] = {"load": [], "gl": [], "post": [], "write": []}
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                asset = load_asset(path, LoadConfig())
+                t1 = time.perf_counter()
+                views = renderer.render(asset, plan.cameras)
+                gl_s = renderer.last_gl_seconds
+                t2 = time.perf_counter()
+                out = Path(tmp) / f"{sha}-{len(samples['load'])}"
+                write_views(views, out, cfg, depth_scale=1e-4)
+                t3 = time.perf_counter()
+                samples["load"].append(t1 - t0)
+                samples["gl"].append(gl_s)
+                samples["post"].append(t2 - t1 - gl_s)
+                samples["write"].append(t3 - t2)
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            n = len(plan.cameras)
+            all_s = med["gl"] + med["post"] + med["write"]
+            print(f"{path.relative_to(args.assets).as_posix():<26}{asset.num_faces:>8}{med['load']:>9.3f}"
+                  f"{med['gl']:>8.3f}{med['post']:>8.3f}{med['write']:>9.3f}{n / med['gl']:>12.1f}{n / all_s:>13.1f}")
+            for k in ("load", "gl", "post", "write"):
+                totals[k] += med[k]
+            totals["views"] += n
+            if asset.num_faces < 100_000:
+                totals["under_100k"].append(n / all_s)
+    renderer.close()
+    n = totals["views"]
+    print(f"{'TOTAL':<26}{'':>8}{totals['load']:>9.3f}{totals['gl']:>8.3f}{totals['post']:>8.3f}"
+          f"{totals['write']:>9.3f}{n / totals['gl']:>12.1f}{n / (totals['gl'] + totals['post'] + totals['write']):>13.1f}")
+    print(f"render (gl+post) / load time: {(totals['gl'] + totals['post']) / totals['load']:.1f}x; "
+          f"slowest asset <100k faces: {min(totals['under_100k']):.1f} views/s (incl. PNG writing)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
