@@ -71,3 +71,30 @@ def read_uid_list(uids: list[str], uids_file: str | None) -> list[str]:
             if line:
                 out.append(line)
     return list(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------------------- metadata filters
+# Hub metadata is loosely typed; these helpers are shared by the hub sources so their filters
+# read and behave the same (case-insensitive licences, unknown counts kept).
+
+
+def as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def license_rejection(license_: str | None, allowed: list[str]) -> tuple[str, str] | None:
+    if allowed and (license_ or "").casefold() not in {x.casefold() for x in allowed}:
+        return "license", f"license {license_ or 'unknown'!r} not in {allowed}"
+    return None
+
+
+def max_rejection(name: str, value: Any, limit: int | None, what: str) -> tuple[str, str] | None:
+    """Drop when a known count exceeds ``limit``; unknown counts are kept (the loader checks
+    the real mesh)."""
+    number = as_int(value)
+    if limit is not None and number is not None and number > limit:
+        return name, f"{what} {number} > {limit}"
+    return None

@@ -19,7 +19,15 @@ from typing import Any, TypeVar
 import objaverse
 
 from pipeline.config import ObjaverseSourceConfig
-from rendering.sources.base import AssetRecord, FetchError, FilteredRecord, read_uid_list
+from rendering.sources.base import (
+    AssetRecord,
+    FetchError,
+    FilteredRecord,
+    as_int,
+    license_rejection,
+    max_rejection,
+    read_uid_list,
+)
 
 _T = TypeVar("_T")
 _SHARDS_PER_CALL = 8
@@ -83,13 +91,6 @@ def _names(items: Any) -> list[str]:
     return out
 
 
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _matches_any(have: list[str], wanted: list[str]) -> bool:
     folded = {w.casefold() for w in wanted}
     return any(h.casefold() in folded for h in have)
@@ -105,7 +106,7 @@ class ObjaverseSource:
         meta = {
             "uid": uid,
             "name": str(ann.get("name") or ""),
-            "face_count": _as_int(ann.get("faceCount")),
+            "face_count": as_int(ann.get("faceCount")),
             # Slugs are kept out of meta: names are enough to read and keep meta small.
             "categories": [c["name"] for c in ann.get("categories") or [] if isinstance(c, dict) and "name" in c],
             "tags": [t["name"] for t in ann.get("tags") or [] if isinstance(t, dict) and "name" in t],
@@ -116,15 +117,11 @@ class ObjaverseSource:
     def _rejection(self, ann: dict[str, Any]) -> tuple[str, str] | None:
         """(filter, detail) of the first filter that drops the asset, in the documented order."""
         cfg = self.cfg
-        if cfg.licenses:
-            license_ = str(ann.get("license") or "")
-            if license_.casefold() not in {x.casefold() for x in cfg.licenses}:
-                return "license", f"license {license_ or 'unknown'!r} not in {cfg.licenses}"
-        if cfg.max_face_count is not None:
-            faces = _as_int(ann.get("faceCount"))
-            # Unknown counts are kept: the loader enforces its own face limit on the real mesh.
-            if faces is not None and faces > cfg.max_face_count:
-                return "max_face_count", f"{faces} faces > {cfg.max_face_count}"
+        rejection = license_rejection(str(ann.get("license") or "") or None, cfg.licenses) or max_rejection(
+            "max_face_count", ann.get("faceCount"), cfg.max_face_count, "faces"
+        )
+        if rejection:
+            return rejection
         if cfg.categories:
             have = _names(ann.get("categories"))
             if not _matches_any(have, cfg.categories):

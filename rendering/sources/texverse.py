@@ -18,18 +18,19 @@ from typing import Any
 from huggingface_hub import hf_hub_download
 
 from pipeline.config import TexVerseSourceConfig
-from rendering.sources.base import AssetRecord, FetchError, FilteredRecord, read_uid_list
+from rendering.sources.base import (
+    AssetRecord,
+    FetchError,
+    FilteredRecord,
+    as_int,
+    license_rejection,
+    max_rejection,
+    read_uid_list,
+)
 
 log = logging.getLogger(__name__)
 
 _URI_SEP = "::"
-
-
-def _as_int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _short(exc: BaseException) -> str:
@@ -128,18 +129,13 @@ class TexVerseSource:
     def _rejection(self, entry: dict[str, Any]) -> tuple[str, str] | None:
         """(filter, detail) of the first filter that drops the asset, in the documented order."""
         cfg = self.cfg
-        if cfg.licenses:
-            license_ = _license_of(entry) or ""
-            if license_.casefold() not in {x.casefold() for x in cfg.licenses}:
-                return "license", f"license {license_ or 'unknown'!r} not in {cfg.licenses}"
-        if cfg.max_face_count is not None:
-            faces = _as_int(entry.get("faceCount"))
-            if faces is not None and faces > cfg.max_face_count:
-                return "max_face_count", f"{faces} faces > {cfg.max_face_count}"
-        if cfg.max_texture is not None:
-            size = _as_int(entry.get("max_texture"))
-            if size is not None and size > cfg.max_texture:
-                return "max_texture", f"max_texture {size} > {cfg.max_texture}"
+        rejection = (
+            license_rejection(_license_of(entry), cfg.licenses)
+            or max_rejection("max_face_count", entry.get("faceCount"), cfg.max_face_count, "faces")
+            or max_rejection("max_texture", entry.get("max_texture"), cfg.max_texture, "max_texture")
+        )
+        if rejection:
+            return rejection
         if cfg.require_pbr and not _is_pbr(entry):
             return "pbr", "no PBR material (empty pbrType)"
         if _glb_path(entry, cfg.resolution) is None:
@@ -171,8 +167,8 @@ class TexVerseSource:
             meta: dict[str, Any] = {
                 "uid": uid,
                 "name": str(entry.get("name") or ""),
-                "face_count": _as_int(entry.get("faceCount")),
-                "max_texture": _as_int(entry.get("max_texture")),
+                "face_count": as_int(entry.get("faceCount")),
+                "max_texture": as_int(entry.get("max_texture")),
             }
             if uid in captions:
                 meta["caption"] = captions[uid]
