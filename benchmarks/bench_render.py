@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["egl", "osmesa"], default="egl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--synthetic", action="store_true",
+                        help="also time two TexVerse-like assets: 80k faces with a 2048^2 / 4096^2 JPEG texture")
     args = parser.parse_args()
 
     os.environ["LP_NUM_THREADS"] = str(args.cores)  # llvmpipe rasterizer threads
@@ -41,6 +43,9 @@ def main() -> None:
 
     cfg = BuildConfig.model_validate({"render": {"resolution": args.resolution, "backend": args.backend}})
     files = sorted(p for p in args.assets.rglob("*") if p.suffix.lower().lstrip(".") in MESH_EXTENSIONS)
+    synthetic_dir = tempfile.TemporaryDirectory()
+    if args.synthetic:
+        files += make_synthetic(Path(synthetic_dir.name))
     renderer = ViewRenderer(args.resolution, args.backend)
     print(f"# {len(files)} assets, {args.resolution}^2, backend={args.backend}, cores={args.cores}, "
           f"repeats={args.repeats} (medians)")
@@ -69,7 +74,8 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in samples.items()}
             n = len(plan.cameras)
             all_s = med["gl"] + med["post"] + med["write"]
-            print(f"{path.relative_to(args.assets).as_posix():<26}{asset.num_faces:>8}{med['load']:>9.3f}"
+            label = path.relative_to(args.assets).as_posix() if path.is_relative_to(args.assets) else path.name
+            print(f"{label:<26}{asset.num_faces:>8}{med['load']:>9.3f}"
                   f"{med['gl']:>8.3f}{med['post']:>8.3f}{med['write']:>9.3f}{n / med['gl']:>12.1f}{n / all_s:>13.1f}")
             for k in ("load", "gl", "post", "write"):
                 totals[k] += med[k]
@@ -82,6 +88,30 @@ def main() -> None:
           f"{totals['write']:>9.3f}{n / totals['gl']:>12.1f}{n / (totals['gl'] + totals['post'] + totals['write']):>13.1f}")
     print(f"render (gl+post) / load time: {(totals['gl'] + totals['post']) / totals['load']:.1f}x; "
           f"slowest asset <100k faces: {min(totals['under_100k']):.1f} views/s (incl. PNG writing)")
+
+
+def make_synthetic(folder: Path) -> list[Path]:
+    """Textured spheres shaped like typical TexVerse assets (the real ones cannot be fetched here)."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for size in (2048, 4096):
+        mesh = trimesh.creation.icosphere(subdivisions=6)  # 81,920 faces
+        uv = np.c_[np.arctan2(mesh.vertices[:, 0], mesh.vertices[:, 2]) / (2 * np.pi) + 0.5,
+                   mesh.vertices[:, 1] * 0.5 + 0.5]
+        noise = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+        texture = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
+        mesh.visual = trimesh.visual.TextureVisuals(
+            uv=uv, material=trimesh.visual.material.PBRMaterial(baseColorTexture=texture))
+        path = folder / f"synthetic_{size}.glb"
+        # embed the texture as JPEG, as most downloaded assets do
+        scene = trimesh.Scene(mesh)
+        path.write_bytes(scene.export(file_type="glb", extension_webp=False))
+        out.append(path)
+    return out
 
 
 if __name__ == "__main__":
