@@ -256,158 +256,181 @@ def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool) -> BuildSummary:
         tracker.close(status)
 
 
-def _stages(
-    cfg: BuildConfig, out: Path, work: Path, run_id: str, run_dir: Path, retry_failed: bool, tracker: Any, t_start: float
-) -> BuildSummary:
+@dataclass
+class _Run:
+    """State shared by the stages of one build."""
+
+    cfg: BuildConfig
+    out: Path
+    work: Path
+    run_id: str
+    by_key: dict[str, AssetRecord]
+    rows: list[ManifestRow] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def row(self, key: str, stage: str, status: str, **fields: Any) -> None:
+        rec = self.by_key[key]
+        self.rows.append(ManifestRow(rec.key, rec.source, stage, status, uri=rec.uri, license=rec.license,
+                                     run_id=self.run_id, **fields))
+
+
+def _discover(cfg: BuildConfig, out: Path) -> tuple[AssetSource, list[AssetRecord], list]:
     from rendering.sources import build_source
 
-    rows: list[ManifestRow] = []
     try:
         source = build_source(cfg.source, out / "procedural")
         records, filtered = source.discover()
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         raise BuildError(f"source '{cfg.source.kind}': {exc}") from None
-    for f in filtered:
-        rows.append(ManifestRow(f.record.key, f.record.source, "discover", "filtered", uri=f.record.uri,
-                                license=f.record.license, filter=f.filter, reason=f.detail, run_id=run_id))
-    for r in records:
-        rows.append(ManifestRow(r.key, r.source, "discover", "ok", uri=r.uri, license=r.license, run_id=run_id))
-    by_key = {r.key: r for r in records}
-    console.print(f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, {len(filtered)} filtered by metadata -> {out}")
+    return source, records, filtered
 
-    metrics: dict[str, float] = {}
-    with ray_session(cfg) as ray, _progress() as progress:
-        # ---- ingest: fetch + security checks + content hash
-        t0 = time.perf_counter()
-        ingest_remote = ray.remote(num_cpus=0.5)(_ingest_batch)
-        source_ref = ray.put(source)
-        batches = [records[i : i + 16] for i in range(0, len(records), 16)]
-        ingested: list[dict] = []
 
-        def on_ingest(batch: list[AssetRecord], result: Any) -> None:
-            if isinstance(result, Exception):
-                ingested.extend({"key": r.key, "status": "failed", "reason": f"ingest task error: {result}"[:500]} for r in batch)
-            else:
-                ingested.extend(result)
+def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, records: list[AssetRecord]) -> list[dict]:
+    """Fetch + security checks + content hash on Ray tasks; returns the unique assets."""
+    t0 = time.perf_counter()
+    ingest_remote = ray.remote(num_cpus=0.5)(_ingest_batch)
+    source_ref = ray.put(source)
+    batches = [records[i : i + 16] for i in range(0, len(records), 16)]
+    ingested: list[dict] = []
 
-        _bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], cfg.load),
-                 batches, [None] * cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
-        kept, dupes = dedupe(ingested)
-        for r in ingested:
-            if r["status"] != "ok":
-                rec = by_key[r["key"]]
-                rows.append(ManifestRow(rec.key, rec.source, "ingest", r["status"], uri=rec.uri, license=rec.license,
-                                        filter=r.get("filter"), reason=r.get("reason"), seconds=r.get("seconds"), run_id=run_id))
-        for r in dupes:
-            rec = by_key[r["key"]]
-            rows.append(ManifestRow(rec.key, rec.source, "ingest", "filtered", sha256=r["sha256"], uri=rec.uri,
-                                    license=rec.license, filter="duplicate", reason=r["reason"], run_id=run_id))
-        for r in kept:
-            rec = by_key[r["key"]]
-            rows.append(ManifestRow(rec.key, rec.source, "ingest", "ok", sha256=r["sha256"], uri=rec.uri,
-                                    license=rec.license, seconds=r.get("seconds"), run_id=run_id))
-        metrics["ingest_s"] = time.perf_counter() - t0
+    def on_ingest(batch: list[AssetRecord], result: Any) -> None:
+        if isinstance(result, Exception):
+            reason = f"ingest task error: {result}"[:500]
+            ingested.extend({"key": r.key, "status": "failed", "reason": reason} for r in batch)
+        else:
+            ingested.extend(result)
 
-        # ---- render: isolated, time-limited, skipped when already done
-        t0 = time.perf_counter()
-        render_results: dict[str, dict] = {}
-        todo: list[dict] = []
-        for r in kept:
-            if read_asset(work, r["sha256"]) is not None:
-                render_results[r["sha256"]] = {"status": "ok", "skipped": True}
-                continue
-            failure = _failure_file(work, r["sha256"])
-            if failure.is_file() and not retry_failed:
-                render_results[r["sha256"]] = {**json.loads(failure.read_text()), "skipped": True}
-                continue
+    _bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], run.cfg.load),
+             batches, [None] * run.cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
+    kept, dupes = dedupe(ingested)
+    for r in ingested:
+        if r["status"] != "ok":
+            run.row(r["key"], "ingest", r["status"], filter=r.get("filter"), reason=r.get("reason"),
+                    seconds=r.get("seconds"))
+    for r in dupes:
+        run.row(r["key"], "ingest", "filtered", sha256=r["sha256"], filter="duplicate", reason=r["reason"])
+    for r in kept:
+        run.row(r["key"], "ingest", "ok", sha256=r["sha256"], seconds=r.get("seconds"))
+    run.metrics["ingest_s"] = time.perf_counter() - t0
+    return kept
+
+
+def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], retry_failed: bool) -> list[dict]:
+    """Isolated, time-limited renders on Ray actors; finished (or remembered failed) assets are
+    skipped. Returns the asset.json summaries of every rendered asset, with this run's record."""
+    t0 = time.perf_counter()
+    cfg, work = run.cfg, run.work
+    results: dict[str, dict] = {}
+    todo: list[dict] = []
+    for r in kept:
+        failure = _failure_file(work, r["sha256"])
+        if read_asset(work, r["sha256"]) is not None:
+            results[r["sha256"]] = {"status": "ok", "skipped": True}
+        elif failure.is_file() and not retry_failed:
+            results[r["sha256"]] = {**json.loads(failure.read_text()), "skipped": True}
+        else:
             todo.append(r)
-        num_actors = max(1, min(cfg.ray.render_concurrency, len(todo)))
-        actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
-        actors = [actor_cls.remote(cfg.model_dump_json(), str(work)) for _ in range(num_actors)] if todo else []
-        def submit_render(r: dict, actor: Any) -> Any:
-            return actor.render.remote(r["path"], r["sha256"], by_key[r["key"]].to_json())
+    actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
+    num_actors = min(cfg.ray.render_concurrency, len(todo))
+    actors = [actor_cls.remote(cfg.model_dump_json(), str(work)) for _ in range(num_actors)]
 
-        def on_render(r: dict, result: Any) -> None:
-            if isinstance(result, Exception):
-                result = {"status": "failed", "reason": f"render worker died: {type(result).__name__}"}
-            if result["status"] != "ok":
-                failure = _failure_file(work, r["sha256"])
-                failure.parent.mkdir(parents=True, exist_ok=True)
-                failure.write_text(json.dumps(result))
-            else:
-                _failure_file(work, r["sha256"]).unlink(missing_ok=True)
-            render_results[r["sha256"]] = result
+    def submit(r: dict, actor: Any) -> Any:
+        return actor.render.remote(r["path"], r["sha256"], run.by_key[r["key"]].to_json())
 
-        # two calls per actor: the next asset is already queued when the current one finishes
-        _bounded(ray, submit_render, todo, actors * 2, on_render, progress, "render")
-        for actor in actors:
-            ray.kill(actor)
-        metrics["render_s"] = time.perf_counter() - t0
-        rendered_now = [res for res in render_results.values() if res["status"] == "ok" and not res.get("skipped")]
-        num_views_now = sum(2 * res.get("num_pairs", 0) for res in rendered_now)
-        if metrics["render_s"] > 0 and rendered_now:
-            metrics["render_views_per_s"] = num_views_now / metrics["render_s"]
-            metrics["render_assets_per_s"] = len(rendered_now) / metrics["render_s"]
+    def on_render(r: dict, result: Any) -> None:
+        failure = _failure_file(work, r["sha256"])
+        if isinstance(result, Exception):
+            # the worker, not the asset, failed (after Ray's retries): not remembered
+            result = {"status": "failed", "reason": f"render worker died: {type(result).__name__}"}
+        elif result["status"] != "ok":
+            failure.parent.mkdir(parents=True, exist_ok=True)
+            failure.write_text(json.dumps(result))
+        else:
+            failure.unlink(missing_ok=True)
+        results[r["sha256"]] = result
 
-        ok_assets: list[dict] = []
-        for r in kept:
-            rec = by_key[r["key"]]
-            res = render_results[r["sha256"]]
-            summary = read_asset(work, r["sha256"]) if res["status"] == "ok" else None
-            if summary is not None:
-                # metadata of this run wins over what was stored when the asset was rendered
-                ok_assets.append({**summary, **rec.to_json()})
-            rows.append(ManifestRow(rec.key, rec.source, "render", res["status"], sha256=r["sha256"], uri=rec.uri,
-                                    license=rec.license, filter=res.get("filter"), reason=res.get("reason"),
-                                    traceback=res.get("traceback"), seconds=res.get("wall_s"), run_id=run_id))
+    # two calls per actor: the next asset is already queued when the current one finishes
+    _bounded(ray, submit, todo, actors * 2, on_render, progress, "render")
+    for actor in actors:
+        ray.kill(actor)
+    seconds = run.metrics["render_s"] = time.perf_counter() - t0
+    fresh = [res for res in results.values() if res["status"] == "ok" and not res.get("skipped")]
+    if fresh:
+        run.metrics["render_views_per_s"] = sum(2 * res["num_pairs"] for res in fresh) / seconds
+        run.metrics["render_assets_per_s"] = len(fresh) / seconds
 
-        # ---- shard: deterministic plan, unchanged shards reused, atomic writes
-        t0 = time.perf_counter()
-        plans = plan_shards(work, ok_assets, cfg.shard, cfg.seed)
-        previous = {e["name"]: e for e in load_index(out).get("shards", [])}
-        records_by_sha = {a["sha256"]: by_key[a["key"]].to_json() for a in ok_assets}
+    ok_assets: list[dict] = []
+    for r in kept:
+        res = results[r["sha256"]]
+        summary = read_asset(work, r["sha256"]) if res["status"] == "ok" else None
+        if summary is not None:
+            # metadata of this run wins over what was stored when the asset was rendered
+            ok_assets.append({**summary, **run.by_key[r["key"]].to_json()})
+        run.row(r["key"], "render", res["status"], sha256=r["sha256"], filter=res.get("filter"),
+                reason=res.get("reason"), traceback=res.get("traceback"), seconds=res.get("wall_s"))
+    return ok_assets
 
-        def members_records(plan: ShardPlan) -> dict[str, dict]:
-            return {sha: records_by_sha[sha] for sha, _ in plan.members}
 
-        entries: list[dict] = []
-        to_write: list[ShardPlan] = []
-        for plan in plans:
-            entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan))
-            (entries.append(entry) if entry else to_write.append(plan))
-        shard_remote = ray.remote(num_cpus=0.5)(_write_shard_task)
-        shard_errors: list[str] = []
+def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict]) -> dict:
+    """Deterministic plan; unchanged shards reused; new ones written atomically on Ray tasks;
+    then the index is replaced and shards it no longer lists are removed."""
+    t0 = time.perf_counter()
+    cfg, out, work = run.cfg, run.out, run.work
+    plans = plan_shards(work, ok_assets, cfg.shard, cfg.seed)
+    previous = {e["name"]: e for e in load_index(out).get("shards", [])}
+    records_by_sha = {a["sha256"]: run.by_key[a["key"]].to_json() for a in ok_assets}
 
-        def on_shard(plan: ShardPlan, result: Any) -> None:
-            if isinstance(result, Exception):
-                shard_errors.append(f"{plan.name}: {result}")
-            else:
-                entries.append(result)
+    def members_records(plan: ShardPlan) -> dict[str, dict]:
+        return {sha: records_by_sha[sha] for sha, _ in plan.members}
 
-        def submit_shard(plan: ShardPlan, _: Any) -> Any:
-            return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan))
-
-        _bounded(ray, submit_shard,
-                 to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
-        if shard_errors:
-            raise BuildError("writing shards failed: " + "; ".join(shard_errors[:3]))
-        metrics["shard_s"] = time.perf_counter() - t0
-
-    index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,
-                                       "seed": cfg.seed, "run_id": run_id})
-    removed = remove_stale(out, {e["name"] for e in entries})
-    samples_per_asset: Counter = Counter()
+    entries: list[dict] = []
+    to_write: list[ShardPlan] = []
     for plan in plans:
-        for sha, _ in plan.members:
-            samples_per_asset[sha] += 1
-    for a in ok_assets:
-        rows.append(ManifestRow(a["key"], a["source"], "shard", "ok", sha256=a["sha256"], uri=a.get("uri"),
-                                license=a.get("license"), split=split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction),
-                                num_samples=samples_per_asset[a["sha256"]], run_id=run_id))
-    manifest_path = write_manifest(out, rows)
+        entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan))
+        (entries.append(entry) if entry else to_write.append(plan))
+    shard_remote = ray.remote(num_cpus=0.5)(_write_shard_task)
+    errors: list[str] = []
 
-    counts = summarize([asdict(r) for r in rows])
+    def on_shard(plan: ShardPlan, result: Any) -> None:
+        (errors.append(f"{plan.name}: {result}") if isinstance(result, Exception) else entries.append(result))
+
+    _bounded(ray, lambda plan, _: shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan)),
+             to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
+    if errors:
+        raise BuildError("writing shards failed: " + "; ".join(errors[:3]))
+    index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,
+                                       "seed": cfg.seed, "run_id": run.run_id})
+    removed = remove_stale(out, {e["name"] for e in entries})
+    samples_per_asset = Counter(sha for plan in plans for sha, _ in plan.members)
+    for a in ok_assets:
+        run.row(a["key"], "shard", "ok", sha256=a["sha256"], num_samples=samples_per_asset[a["sha256"]],
+                split=split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction))
+    run.metrics.update(shard_s=time.perf_counter() - t0, num_shards_rewritten=len(to_write),
+                       num_shards_removed=len(removed))
+    return index
+
+
+def _stages(
+    cfg: BuildConfig, out: Path, work: Path, run_id: str, run_dir: Path, retry_failed: bool, tracker: Any, t_start: float
+) -> BuildSummary:
+    source, records, filtered = _discover(cfg, out)
+    run = _Run(cfg, out, work, run_id, {r.key: r for r in [*records, *(f.record for f in filtered)]})
+    for f in filtered:
+        run.row(f.record.key, "discover", "filtered", filter=f.filter, reason=f.detail)
+    for r in records:
+        run.row(r.key, "discover", "ok")
+    console.print(f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, "
+                  f"{len(filtered)} filtered by metadata -> {out}")
+
+    with ray_session(cfg) as ray, _progress() as progress:
+        kept = _ingest_stage(run, ray, progress, source, records)
+        ok_assets = _render_stage(run, ray, progress, kept, retry_failed)
+        index = _shard_stage(run, ray, progress, ok_assets)
+    manifest_path = write_manifest(out, run.rows)
+
+    counts = summarize([asdict(r) for r in run.rows])
     num_failed = sum(c.get("failed", 0) for c in counts["stages"].values())
+    metrics = run.metrics
     metrics.update(
         total_s=time.perf_counter() - t_start,
         num_assets_discovered=len(records) + len(filtered),
@@ -415,23 +438,23 @@ def _stages(
         num_failed=num_failed,
         num_samples=index["num_samples"],
         num_shards=index["num_shards"],
-        num_shards_rewritten=len(to_write),
-        num_shards_removed=len(removed),
     )
     for stage, c in counts["stages"].items():
         for status, n in c.items():
             metrics[f"{stage}.{status}"] = n
 
-    sheet = make_contact_sheet(
-        [out / e["name"] for e in index["shards"]], cfg.mlflow.num_contact_pairs, out / "contact_sheet.png"
-    ) if cfg.mlflow.num_contact_pairs else None
-    result = {"run_id": run_id, "counts": counts, "metrics": metrics, "output": str(out)}
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+    sheet = None
+    if cfg.mlflow.num_contact_pairs:
+        shards = [out / e["name"] for e in index["shards"]]
+        sheet = make_contact_sheet(shards, cfg.mlflow.num_contact_pairs, out / "contact_sheet.png")
+    (run_dir / "summary.json").write_text(
+        json.dumps({"run_id": run_id, "counts": counts, "metrics": metrics, "output": str(out)}, indent=1)
+    )
+    if sheet is not None:
+        (run_dir / "contact_sheet.png").write_bytes(sheet.read_bytes())
     tracker.log_metrics(metrics)
     for artifact in (manifest_path, out / INDEX_FILE, run_dir / "summary.json", sheet):
         if artifact is not None and artifact.is_file():
             tracker.log_artifact(artifact)
-    if sheet is not None:
-        (run_dir / "contact_sheet.png").write_bytes(sheet.read_bytes())
     return BuildSummary(out, run_id, counts, index["num_samples"], index["num_shards"], num_failed, metrics,
                         getattr(tracker, "run_id", None))

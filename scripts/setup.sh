@@ -28,7 +28,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/know3d ]
 fi
 echo "[setup] creating .venv and installing the project (first time: ~3 min)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+log=.venv/setup.log
+: > "$log"
+pip() {
+  .venv/bin/python -m pip --disable-pip-version-check -q "$@" >>"$log" 2>&1 \
+    || { echo "[setup] pip install $* failed; last lines of $log:" >&2; tail -30 "$log" >&2; exit 1; }
+}
 pip install -U pip
 pip install -e ".[torch,dev]"
 # pyrender pins PyOpenGL 3.1.0, which cannot drive OSMesa; 3.1.10 works for EGL and OSMesa.
