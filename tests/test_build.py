@@ -155,3 +155,18 @@ def test_cli_strict_and_status(tmp_path: Path, real_dir: Path, bad_dir: Path):
     assert "shards: 1 (" in status.stdout and ": 6 samples / 1 shards" in status.stdout
     bad = subprocess.run([*cmd[:-2], "--set", "render.resolutio=3"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Did you mean 'render.resolution'" in bad.stderr
+
+
+def test_geometry_profile_has_clean_and_perturbed_pairs(tmp_path: Path, real_dir: Path, ray_local):
+    cfg = _cfg([real_dir / "Duck.glb"], tmp_path / "out", "render.profile=geometry", "render.resolution=32",
+               "mlflow.enabled=false", "shard.val_fraction=0")
+    summary = run_build(cfg)
+    assert summary.num_samples == 8
+    samples = list(wds.WebDataset([str(p) for p in (tmp_path / "out").glob("*.tar")], shardshuffle=False).decode())
+    metas = sorted((s["json"] for s in samples), key=lambda m: m["pair_index"])
+    assert [m["pair_index"] for m in metas] == list(range(8))
+    assert [m["perturbed"] for m in metas] == [False] * 4 + [True] * 4
+    assert all(m["profile"] == "geometry" for m in metas)
+    for m in metas[:4]:
+        assert m["back_camera"]["azimuth_deg"] - m["front_camera"]["azimuth_deg"] == 180
+        assert m["front_camera"]["azimuth_deg"] == 45 * m["pair_index"]

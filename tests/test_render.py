@@ -144,3 +144,19 @@ def test_isolated_renderer_reports_bad_assets(bad_dir: Path, tmp_path: Path):
         filtered = iso.run(bad_dir.parent / "real" / "Duck.glb", "1" * 64, {}, timeout_s=60)
         assert filtered["status"] == "ok"
         assert iso.num_restarts == 0  # asset errors do not cost a new child
+
+
+def test_osmesa_and_egl_render_the_same_silhouette(real_dir: Path, tmp_path: Path):
+    """Both CPU GL back ends work (each in its own child process) and agree."""
+    duck = real_dir / "Duck.glb"
+    sha = file_sha256(duck)
+    masks = {}
+    for backend in ("egl", "osmesa"):
+        with IsolatedRenderer(_cfg(backend=backend), tmp_path / backend) as iso:
+            result = iso.run(duck, sha, {})
+        assert result["status"] == "ok", result
+        summary = read_asset(tmp_path / backend, sha)
+        assert summary["gl_backend"] == backend
+        masks[backend] = np.asarray(Image.open(asset_dir(tmp_path / backend, sha) / "mask" / "003.png")) > 0
+    disagree = (masks["egl"] != masks["osmesa"]).mean()
+    assert masks["egl"].mean() > 0.05 and disagree < 0.01
