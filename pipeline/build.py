@@ -39,6 +39,7 @@ from pipeline.contact_sheet import make_contact_sheet
 from pipeline.manifest import ManifestRow, summarize, write_manifest
 from pipeline.shards import (
     INDEX_FILE,
+    annotation_id,
     ShardPlan,
     load_index,
     plan_shards,
@@ -143,8 +144,10 @@ class RenderActor:
         return os.getpid()
 
 
-def _write_shard_task(work: str, out: str, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict]) -> dict:
-    return write_shard(Path(work), Path(out), plan, cfg, records)
+def _write_shard_task(
+    work: str, out: str, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict], annotations: dict[str, dict]
+) -> dict:
+    return write_shard(Path(work), Path(out), plan, cfg, records, annotations)
 
 
 def _progress() -> Progress:
@@ -371,7 +374,16 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     return ok_assets
 
 
-def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict]) -> dict:
+def _annotate_stage(run: _Run, ok_assets: list[dict]) -> dict[str, dict]:
+    """Annotation records keyed ``sha:pair`` (cached by content; see annotation.stage)."""
+    from annotation.stage import annotate_assets
+
+    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate)
+    run.metrics.update(metrics)
+    return {annotation_id(sha, pair): record for (sha, pair), record in records.items()}
+
+
+def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict], annotations: dict[str, dict]) -> dict:
     """Deterministic plan; unchanged shards reused; new ones written atomically on Ray tasks;
     then the index is replaced and shards it no longer lists are removed."""
     t0 = time.perf_counter()
@@ -383,10 +395,14 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict])
     def members_records(plan: ShardPlan) -> dict[str, dict]:
         return {sha: records_by_sha[sha] for sha, _ in plan.members}
 
+    def members_annotations(plan: ShardPlan) -> dict[str, dict]:
+        ids = (annotation_id(sha, pair) for sha, pair in plan.members)
+        return {i: annotations[i] for i in ids if i in annotations}
+
     entries: list[dict] = []
     to_write: list[ShardPlan] = []
     for plan in plans:
-        entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan))
+        entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan), members_annotations(plan))
         (entries.append(entry) if entry else to_write.append(plan))
     shard_remote = ray.remote(num_cpus=0.5)(_write_shard_task)
     errors: list[str] = []
@@ -394,8 +410,11 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict])
     def on_shard(plan: ShardPlan, result: Any) -> None:
         (errors.append(f"{plan.name}: {result}") if isinstance(result, Exception) else entries.append(result))
 
-    _bounded(ray, lambda plan, _: shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan)),
-             to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
+    def submit(plan: ShardPlan, _: Any) -> Any:
+        return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan),
+                                   members_annotations(plan))
+
+    _bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
     if errors:
         raise BuildError("writing shards failed: " + "; ".join(errors[:3]))
     index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,
@@ -425,7 +444,8 @@ def _stages(
     with ray_session(cfg) as ray, _progress() as progress:
         kept = _ingest_stage(run, ray, progress, source, records)
         ok_assets = _render_stage(run, ray, progress, kept, retry_failed)
-        index = _shard_stage(run, ray, progress, ok_assets)
+        annotations = _annotate_stage(run, ok_assets)
+        index = _shard_stage(run, ray, progress, ok_assets, annotations)
     manifest_path = write_manifest(out, run.rows)
 
     counts = summarize([asdict(r) for r in run.rows])

@@ -130,6 +130,28 @@ def data_status(
         out.print(table)
 
 
+@data_app.command("review")
+def data_review(
+    output: Annotated[Path, typer.Option(help="Output folder of a build.")],
+    num: Annotated[int, typer.Option(help="Number of pairs to show (a seeded random sample).")] = 48,
+    html_path: Annotated[Optional[Path], typer.Option("--html", help="Where to write the gallery.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only shards of this split (train, val).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+) -> None:
+    """Write a static HTML gallery (front, back, descriptions, status) for N pairs."""
+    from annotation.review import write_gallery
+    from pipeline.shards import load_index
+
+    index = load_index(output)
+    shards = [output / e["name"] for e in index.get("shards", []) if split is None or e["split"] == split]
+    if not shards:
+        err.print(f"[red]error:[/] no shards in {output}" + (f" for split '{split}'" if split else ""))
+        raise typer.Exit(2)
+    target = html_path or output / "review.html"
+    count = write_gallery(shards, target, num, seed)
+    out.print(f"{count} pairs -> {target}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; exits with the command's status (0 ok, 1 --strict failures, 2 usage)."""
     app(args=argv, prog_name="know3d")

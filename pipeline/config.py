@@ -126,6 +126,9 @@ class RenderConfig(_Strict):
     light_intensity: float = Field(default=3.0, gt=0)
     ambient: float = Field(default=0.3, ge=0, le=1)
     timeout_s: float = Field(default=300.0, gt=0, description="Per-asset time limit.")
+    part_visibility: bool = Field(
+        default=True, description="Count visible pixels per named part in every view (parts annotator)."
+    )
     gl_threads: int = Field(
         default=1, ge=0, description="llvmpipe threads per renderer (CPU GL; 0 = Mesa default); scale with workers."
     )
@@ -172,6 +175,41 @@ class MlflowConfig(_Strict):
     num_contact_pairs: int = Field(default=8, ge=0)
 
 
+DEFAULT_PROMPT = (
+    "The first image shows an object from the front, the second shows the same object from the back. "
+    "List the salient components of the object that are visible in the back view, especially those "
+    "hidden or less visible from the front. Answer with a JSON list of at most {max_items} short noun "
+    "phrases of at most {max_words} words each, e.g. [\"two padded shoulder straps\", \"a zipper pocket\"]. "
+    "Describe the object's parts only, never the picture or the camera.{hint}"
+)
+
+
+class OpenAIBackendConfig(_Strict):
+    base_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI-compatible server.")
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable with the key.")
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, description="HTTP attempts per request (429/5xx/timeouts).")
+    backoff_s: float = Field(default=1.0, ge=0)
+    max_tokens: int = Field(default=256, ge=8)
+    temperature: float = Field(default=0.2, ge=0)
+
+
+class AnnotateConfig(_Strict):
+    backend: Literal["none", "parts", "openai"] = "parts"
+    prompt_version: str = "v1"
+    prompt: str = DEFAULT_PROMPT
+    max_items: int = Field(default=6, ge=1, description="K: at most this many descriptions per pair.")
+    max_words: int = Field(default=6, ge=1, description="N: at most this many words per description.")
+    max_retries: int = Field(default=2, ge=0, description="Re-asks with the validation error.")
+    parts_hint: bool = Field(default=False, description="Give the VLM the part list of the parts backend.")
+    parts_min_fraction: float = Field(default=0.002, ge=0, le=1, description="Min. share of the image a part covers.")
+    parts_back_ratio: float = Field(default=1.5, ge=1, description="A part must show this much more from the back.")
+    parts_max_share: float = Field(default=0.5, gt=0, le=1, description="Larger parts are the main body, not components.")
+    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
+
+
 class BuildConfig(_Strict):
     seed: int = 0
     output: str = Field(default="", description="Output folder (CLI --output).")
@@ -179,6 +217,7 @@ class BuildConfig(_Strict):
     source: SourceConfig = Field(default_factory=SourceConfig)
     load: LoadConfig = Field(default_factory=LoadConfig)
     render: RenderConfig = Field(default_factory=RenderConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

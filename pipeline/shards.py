@@ -56,13 +56,20 @@ class ShardPlan:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def content_digest(plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict] | None) -> str:
+def annotation_id(sha: str, pair_index: int) -> str:
+    return f"{sha}:{pair_index}"
+
+
+def content_digest(
+    plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict] | None, annotations: dict[str, dict] | None = None
+) -> str:
     """Everything a shard's bytes depend on besides the rendered files (which are content-keyed)."""
     payload = {
         "members": plan.members_digest,
         "split": plan.split,
         "shard": cfg.model_dump(mode="json", include={"include_depth", "include_normal", "include_mask"}),
         "records": {sha: (records or {}).get(sha) for sha in sorted({sha for sha, _ in plan.members})},
+        "annotations": [(annotations or {}).get(annotation_id(*k)) for k in plan.members],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -102,7 +109,7 @@ def plan_shards(work: Path, assets: list[dict], cfg: ShardConfig, seed: int) -> 
     return plans
 
 
-def sample_json(summary: dict, pair_index: int, split: str) -> dict:
+def sample_json(summary: dict, pair_index: int, split: str, annotation: dict | None = None) -> dict:
     front, back = summary["pairs"][pair_index]
     cams = summary["cameras"]
     return {
@@ -130,17 +137,24 @@ def sample_json(summary: dict, pair_index: int, split: str) -> dict:
         "depth_scale": summary["depth_scale"],
         "normal_frame": summary["normal_frame"],
         "parts": summary.get("parts", []),
-        "components": [],
+        "components": list((annotation or {}).get("components", [])),
+        "annotation": {k: v for k, v in (annotation or {}).items() if k != "components"} or None,
     }
 
 
 def write_shard(
-    work: Path, out_dir: Path, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict] | None = None
+    work: Path,
+    out_dir: Path,
+    plan: ShardPlan,
+    cfg: ShardConfig,
+    records: dict[str, dict] | None = None,
+    annotations: dict[str, dict] | None = None,
 ) -> dict:
     """Write one shard atomically; returns its index entry.
 
     ``records`` (sha256 -> source record) carries this run's metadata (license, caption), which
-    wins over what was stored when the asset was rendered.
+    wins over what was stored when the asset was rendered; ``annotations`` (``sha:pair`` ->
+    annotation record) fills each sample's ``components``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / plan.name
@@ -161,7 +175,10 @@ def write_shard(
                     "__key__": sample_key(sha, summary["profile"], pair_index),
                     "front.png": (folder / "rgba" / f"{front:03d}.png").read_bytes(),
                     "back.png": (folder / "rgba" / f"{back:03d}.png").read_bytes(),
-                    "json": json.dumps(sample_json(summary, pair_index, plan.split), sort_keys=True).encode(),
+                    "json": json.dumps(
+                        sample_json(summary, pair_index, plan.split, (annotations or {}).get(annotation_id(sha, pair_index))),
+                        sort_keys=True,
+                    ).encode(),
                 }
                 for sub, flag in _EXTRAS:
                     if getattr(cfg, flag) and (folder / sub).is_dir():
@@ -181,7 +198,7 @@ def write_shard(
         "bytes": final.stat().st_size,
         "sha256": digest,
         "members_digest": plan.members_digest,
-        "content_digest": content_digest(plan, cfg, records),
+        "content_digest": content_digest(plan, cfg, records, annotations),
     }
 
 
@@ -196,12 +213,18 @@ def load_index(out_dir: Path) -> dict:
 
 
 def reusable_entry(
-    out_dir: Path, plan: ShardPlan, previous: dict[str, dict], cfg: ShardConfig, records: dict[str, dict] | None
+    out_dir: Path,
+    plan: ShardPlan,
+    previous: dict[str, dict],
+    cfg: ShardConfig,
+    records: dict[str, dict] | None,
+    annotations: dict[str, dict] | None = None,
 ) -> dict | None:
     """The previous index entry if the shard on disk already holds exactly this plan."""
     entry = previous.get(plan.name)
     file = out_dir / plan.name
-    if entry and entry.get("content_digest") == content_digest(plan, cfg, records) and file.is_file():
+    digest = content_digest(plan, cfg, records, annotations)
+    if entry and entry.get("content_digest") == digest and file.is_file():
         if file.stat().st_size == entry.get("bytes"):
             return entry
     return None

@@ -100,7 +100,7 @@ def render_asset(
     asset = load_asset(path, cfg.load)
     t1 = time.perf_counter()
     plan = view_plan(sha, cfg)
-    views = renderer.render(asset, plan.cameras)
+    views = renderer.render(asset, plan.cameras, part_visibility=cfg.render.part_visibility)
     t2 = time.perf_counter()
     depth_scale = max(cam.distance + 1.0 for cam in plan.cameras) / 65535.0
     tmp = final.parent / f".{sha}.tmp-{uuid.uuid4().hex[:8]}"
@@ -125,6 +125,7 @@ def render_asset(
             "cameras": [cam.to_json() for cam in plan.cameras],
             "pairs": [list(p) for p in plan.pairs],
             "coverage": [float(v.mask.mean()) for v in views],
+            "part_pixels": [v.part_pixels for v in views] if cfg.render.part_visibility else None,
             "timings": {"load_s": t1 - t0, "render_s": t2 - t1, "write_s": t3 - t2},
             "gl_backend": renderer.backend,
         }

@@ -42,6 +42,7 @@ class View:
     depth: np.ndarray
     normal: np.ndarray
     mask: np.ndarray
+    part_pixels: dict[str, int] | None = None  # visible pixels per part (scene node), if asked
 
 
 # Camera-relative three-light rig (directions in the OpenGL camera frame, light shines along -z
@@ -165,7 +166,21 @@ class ViewRenderer:
             scene.add(meshes[geometry_name], pose=asset.normalization @ transform, name=node_name)
         return scene
 
-    def render(self, asset: LoadedAsset, cameras: list[Camera]) -> list[View]:
+    def _part_pixels(self, scene: "object") -> dict[str, int]:
+        """Visible pixels per mesh node from a flat-colour segmentation pass (ids in RGB)."""
+        pyrender = self._pyrender
+        nodes = [n for n in scene.mesh_nodes]
+        seg_map = {n: ((i + 1) & 255, ((i + 1) >> 8) & 255, ((i + 1) >> 16) & 255) for i, n in enumerate(nodes)}
+        color, _ = self._renderer.render(scene, flags=pyrender.RenderFlags.SEG, seg_node_map=seg_map)
+        ids = color[..., 0].astype(np.int64) | (color[..., 1].astype(np.int64) << 8) | (color[..., 2].astype(np.int64) << 16)
+        counts = np.bincount(ids.ravel(), minlength=len(nodes) + 1)
+        out: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            if counts[i + 1]:
+                out[node.name] = out.get(node.name, 0) + int(counts[i + 1])
+        return out
+
+    def render(self, asset: LoadedAsset, cameras: list[Camera], part_visibility: bool = False) -> list[View]:
         pyrender = self._pyrender
         scene = self.build_scene(asset)
         cam_node = scene.add(pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0))
@@ -195,6 +210,7 @@ class ViewRenderer:
             rgb = color[..., :3]
             alpha = (mask * 255).astype(np.uint8)  # OSMesa ignores RGBA: alpha from depth
             rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
-            views.append(View(rgba, depth.astype(np.float32), normals_from_depth(depth, cam.K), mask))
+            parts = self._part_pixels(scene) if part_visibility else None
+            views.append(View(rgba, depth.astype(np.float32), normals_from_depth(depth, cam.K), mask, parts))
         self.last_gl_seconds = gl_seconds
         return views

@@ -170,3 +170,23 @@ def test_geometry_profile_has_clean_and_perturbed_pairs(tmp_path: Path, real_dir
     for m in metas[:4]:
         assert m["back_camera"]["azimuth_deg"] - m["front_camera"]["azimuth_deg"] == 180
         assert m["front_camera"]["azimuth_deg"] == 45 * m["pair_index"]
+
+
+def test_annotations_land_in_shards_and_second_run_is_free(built):
+    first, second = built["first"], built["second"]
+    pairs = 6 * len(REAL_ASSETS)
+    assert first.metrics["annotate.pairs"] == pairs and first.metrics["annotate.cached"] == 0
+    assert second.metrics["annotate.cached"] == pairs  # same settings: nothing annotated again
+    urls = sorted(str(p) for p in built["out"].glob("*.tar"))
+    for s in wds.WebDataset(urls, shardshuffle=False).decode():
+        ann = s["json"]["annotation"]
+        assert ann["backend"] == "parts" and ann["status"] in ("ok", "no_parts")
+        assert isinstance(s["json"]["components"], list)
+
+
+def test_review_cli_writes_a_gallery(built, tmp_path: Path):
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "review", "--output", str(built["out"]),
+                          "--num", "5", "--html", str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "5 pairs" in res.stdout
+    assert (tmp_path / "r.html").read_text().count('<div class="card">') == 5

@@ -1,0 +1,155 @@
+"""Annotation through any OpenAI-compatible chat-completions server (vLLM, SGLang, hosted).
+
+One asyncio loop, an ``aiohttp`` session and a semaphore bound the requests in flight
+(``concurrency``). Each HTTP request has a timeout and is retried with exponential backoff on
+429, 5xx, timeouts and connection errors (honouring ``Retry-After``). On top of that, an answer
+that fails validation is sent back to the model with the validation error, ``max_retries``
+times; after that the pair keeps an empty list, status ``annotation_failed`` and the raw answer.
+The API key is read from the environment variable named in the config and sent only in the
+``Authorization`` header; it is never logged or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from annotation.schema import AnnotationError, parse_components, validate_components
+from pipeline.config import AnnotateConfig
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class RequestFailed(RuntimeError):
+    """The server did not give a usable answer after every HTTP attempt."""
+
+
+@dataclass(slots=True)
+class PairRequest:
+    key: str  # cache key of the pair
+    front_png: bytes
+    back_png: bytes
+    hint: list[str] = field(default_factory=list)
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def build_prompt(cfg: AnnotateConfig, hint: list[str]) -> str:
+    hint_text = f" The object's named parts visible from the back include: {', '.join(hint)}." if hint else ""
+    return cfg.prompt.format(max_items=cfg.max_items, max_words=cfg.max_words, hint=hint_text)
+
+
+class OpenAIAnnotator:
+    def __init__(self, cfg: AnnotateConfig) -> None:
+        self.cfg = cfg
+        self.api = cfg.openai
+        key = os.environ.get(self.api.api_key_env)
+        self._headers = {"Content-Type": "application/json"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self.url = self.api.base_url.rstrip("/") + "/chat/completions"
+        self.max_in_flight = 0
+        self._in_flight = 0
+
+    async def _post(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, messages: list[dict]) -> tuple[str, int]:
+        payload = {
+            "model": self.api.model,
+            "messages": messages,
+            "max_tokens": self.api.max_tokens,
+            "temperature": self.api.temperature,
+        }
+        last = "no attempt"
+        for attempt in range(self.api.max_attempts):
+            retry_after: float | None = None
+            async with sem:
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+                try:
+                    async with session.post(self.url, json=payload, headers=self._headers) as resp:
+                        if resp.status == 200:
+                            body = await resp.json(content_type=None)
+                            text = body["choices"][0]["message"]["content"] or ""
+                            tokens = int((body.get("usage") or {}).get("completion_tokens") or 0)
+                            return text, tokens
+                        last = f"HTTP {resp.status}"
+                        if resp.status not in _RETRY_STATUS:
+                            raise RequestFailed(f"{last}: {(await resp.text())[:200]}")
+                        header = resp.headers.get("Retry-After")
+                        retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
+                except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                    last = f"{type(exc).__name__}"
+                except (KeyError, IndexError, TypeError, ValueError) as exc:
+                    last = f"malformed response ({type(exc).__name__})"
+                finally:
+                    self._in_flight -= 1
+            if attempt + 1 < self.api.max_attempts:
+                delay = retry_after if retry_after is not None else self.api.backoff_s * 2**attempt
+                await asyncio.sleep(min(delay, 60.0) * (1.0 + 0.1 * random.random()))
+        raise RequestFailed(f"{last} after {self.api.max_attempts} attempts")
+
+    async def _annotate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, req: PairRequest) -> dict[str, Any]:
+        start = time.perf_counter()
+        messages: list[dict] = [{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": build_prompt(self.cfg, req.hint)},
+                {"type": "image_url", "image_url": {"url": _data_url(req.front_png)}},
+                {"type": "image_url", "image_url": {"url": _data_url(req.back_png)}},
+            ],
+        }]
+        tokens, raw, error = 0, "", ""
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                raw, used = await self._post(session, sem, messages)
+            except RequestFailed as exc:
+                error = str(exc)
+                break
+            tokens += used
+            try:
+                parsed = parse_components(raw)
+                components = validate_components(parsed.components, self.cfg.max_items, self.cfg.max_words)
+            except AnnotationError as exc:
+                error = str(exc)
+                messages += [
+                    {"role": "assistant", "content": raw},
+                    {"role": "user", "content": f"That answer is invalid: {exc}. Answer again with only the JSON list."},
+                ]
+                continue
+            return {
+                "components": components,
+                "status": "repaired" if parsed.repaired or attempt else "ok",
+                "attempts": attempt + 1,
+                "latency_s": time.perf_counter() - start,
+                "completion_tokens": tokens,
+                **({"raw": raw[:2000]} if parsed.repaired else {}),
+            }
+        return {
+            "components": [],
+            "status": "annotation_failed",
+            "error": error[:500],
+            "raw": raw[:2000],
+            "latency_s": time.perf_counter() - start,
+            "completion_tokens": tokens,
+        }
+
+    async def _run(self, requests: list[PairRequest]) -> list[dict[str, Any]]:
+        sem = asyncio.Semaphore(self.api.concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.api.timeout_s)
+        connector = aiohttp.TCPConnector(limit=self.api.concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            return list(await asyncio.gather(*(self._annotate_one(session, sem, r) for r in requests)))
+
+    def annotate(self, requests: list[PairRequest]) -> list[dict[str, Any]]:
+        """One result per request, in order; never raises for a request's sake."""
+        if not requests:
+            return []
+        return asyncio.run(self._run(requests))

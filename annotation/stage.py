@@ -1,0 +1,134 @@
+"""The annotation stage: one record per front/back pair, cached by content.
+
+Runs between rendering and sharding. A pair's cache key is the sha256 of (front PNG sha256,
+back PNG sha256, backend, model, prompt version): re-running with the same settings reads every
+record from the cache; a new prompt version or model re-annotates only what it must. Records
+land in ``<output>/annotations/<key[:2]>/<key>.json`` (written atomically) and are copied into
+each sample's ``json`` by the shard writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from annotation.parts import describe_pair
+from pipeline.config import AnnotateConfig
+from rendering.process import asset_dir
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_name(cfg: AnnotateConfig) -> str:
+    return cfg.openai.model if cfg.backend == "openai" else cfg.backend
+
+
+def cache_key(front_sha: str, back_sha: str, cfg: AnnotateConfig) -> str:
+    text = f"{front_sha}:{back_sha}:{cfg.backend}:{model_name(cfg)}:{cfg.prompt_version}"
+    if cfg.backend == "parts":  # the parts backend's own settings change its answers
+        text += f":{cfg.parts_min_fraction}:{cfg.parts_back_ratio}:{cfg.parts_max_share}:{cfg.max_items}"
+    return _sha(text.encode())
+
+
+class AnnotationCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError:  # a torn write from an older crash: annotate again
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+
+def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, bytes]:
+    folder = asset_dir(work, summary["sha256"]) / "rgba"
+    front, back = summary["pairs"][pair_index]
+    return (folder / f"{front:03d}.png").read_bytes(), (folder / f"{back:03d}.png").read_bytes()
+
+
+def annotate_assets(
+    assets: list[dict], work: Path, cache_root: Path, cfg: AnnotateConfig
+) -> tuple[dict[tuple[str, int], dict], dict[str, float]]:
+    """Records for every (sha256, pair_index) of ``assets`` and the stage's metrics."""
+    if cfg.backend == "none":
+        return {}, {}
+    start = time.perf_counter()
+    cache = AnnotationCache(cache_root)
+    records: dict[tuple[str, int], dict] = {}
+    pending: list[tuple[tuple[str, int], str, Any]] = []
+    num_cached = 0
+    for summary in assets:
+        for pair_index in range(len(summary["pairs"])):
+            front_png, back_png = _pair_images(work, summary, pair_index)
+            key = cache_key(_sha(front_png), _sha(back_png), cfg)
+            cached = cache.get(key)
+            if cached is not None:
+                records[(summary["sha256"], pair_index)] = cached
+                num_cached += 1
+            elif cfg.backend == "parts":
+                components = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
+                                           cfg.max_items, cfg.parts_max_share)
+                record = {"components": components, "status": "ok" if components else "no_parts"}
+                pending.append(((summary["sha256"], pair_index), key, record))
+            else:
+                hint: list[str] = []
+                if cfg.parts_hint:
+                    hint = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
+                                         cfg.max_items, cfg.parts_max_share)
+                pending.append(((summary["sha256"], pair_index), key, (front_png, back_png, hint)))
+
+    if cfg.backend == "openai" and pending:
+        from annotation.openai_backend import OpenAIAnnotator, PairRequest
+
+        annotator = OpenAIAnnotator(cfg)
+        results = annotator.annotate([PairRequest(key, *payload) for _, key, payload in pending])
+        pending = [(ident, key, result) for (ident, key, _), result in zip(pending, results)]
+
+    for ident, key, record in pending:
+        record = {**record, "backend": cfg.backend, "model": model_name(cfg), "prompt_version": cfg.prompt_version}
+        cache.put(key, record)
+        records[ident] = record
+
+    statuses = [r["status"] for r in records.values()]
+    fresh = [r for _, _, r in pending]
+    latencies = [r["latency_s"] for r in fresh if "latency_s" in r]
+    seconds = time.perf_counter() - start
+    metrics: dict[str, float] = {
+        "annotate_s": seconds,
+        "annotate.pairs": len(records),
+        "annotate.cached": num_cached,
+        "annotate.ok": statuses.count("ok"),
+        "annotate.repaired": statuses.count("repaired"),
+        "annotate.failed": statuses.count("annotation_failed"),
+        "annotate.no_parts": statuses.count("no_parts"),
+    }
+    if latencies:
+        metrics["annotate.latency_p50_s"] = float(np.percentile(latencies, 50))
+        metrics["annotate.latency_p95_s"] = float(np.percentile(latencies, 95))
+        tokens = sum(r.get("completion_tokens", 0) for r in fresh)
+        metrics["annotate.tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+    return records, metrics
+

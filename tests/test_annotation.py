@@ -1,0 +1,297 @@
+"""Annotation: output contract, parts backend, OpenAI-compatible client against a local server."""
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from annotation.openai_backend import OpenAIAnnotator, PairRequest
+from annotation.parts import back_parts, part_phrases
+from annotation.schema import AnnotationError, parse_components, validate_components
+from annotation.stage import AnnotationCache, annotate_assets, cache_key
+from pipeline.config import AnnotateConfig
+
+
+# --------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize(
+    "raw, expected, repaired",
+    [
+        ('["a handle", "two straps"]', ["a handle", "two straps"], False),
+        ('```json\n["a handle"]\n```', ["a handle"], True),
+        ("Sure! Here you go: ['a zipper pocket', 'a curved handle'] Hope it helps.", ["a zipper pocket", "a curved handle"], True),
+        ('["a handle", "a lid",]', ["a handle", "a lid"], True),
+        ('{"components": ["a spout"]}', ["a spout"], False),
+    ],
+)
+def test_almost_json_is_repaired(raw: str, expected: list[str], repaired: bool):
+    parsed = parse_components(raw)
+    assert parsed.components == expected and parsed.repaired == repaired
+
+
+@pytest.mark.parametrize("raw", ["no list here", "[1, 2]", "", "[unclosed"])
+def test_garbage_is_rejected(raw: str):
+    with pytest.raises(AnnotationError):
+        parse_components(raw)
+
+
+def test_validation_rules():
+    assert validate_components(["A handle.", "a handle", "  two   straps "], 4, 5) == ["A handle", "two straps"]
+    with pytest.raises(AnnotationError, match="at most 3 words"):
+        validate_components(["a very long padded shoulder strap"], 4, 3)
+    with pytest.raises(AnnotationError, match="talks about the picture"):
+        validate_components(["the back view of a mug"], 4, 8)
+    with pytest.raises(AnnotationError, match="at most 2"):
+        validate_components(["a", "b", "c"], 2, 3)
+    with pytest.raises(AnnotationError, match="empty"):
+        validate_components(["", " . "], 2, 3)
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def test_part_phrases_group_twins_and_skip_meaningless_names():
+    names = ["shoulder_strap_left", "shoulder_strap_right", "wheel_front_left", "wheel_front_right",
+             "battery_cover", "lens", "vents", "1", "Cylinder.003", "mesh_0", "eye_left"]
+    assert part_phrases(names) == ["two shoulder straps", "two front wheels", "a battery cover", "a lens",
+                                   "vents", "an eye"]
+
+
+def test_back_parts_thresholds():
+    front = {"body": 1000, "logo": 200}
+    back = {"body": 900, "handle": 300, "speck": 3, "logo": 5}
+    assert back_parts(front, back, 10_000, 0.002, 1.5) == ["handle"]
+    assert back_parts(front, back, 10_000, 0.0, 1.0) == ["handle", "speck"]
+    assert back_parts(front, {}, 10_000, 0.002, 1.5) == []
+
+
+@pytest.fixture(scope="module")
+def procedural_rendered(tmp_path_factory) -> tuple[Path, list[dict]]:
+    from pipeline.config import BuildConfig, ProceduralSourceConfig
+    from rendering.assets import file_sha256
+    from rendering.process import render_asset
+    from rendering.render import ViewRenderer
+    from rendering.sources.procedural import ProceduralSource
+
+    tmp = tmp_path_factory.mktemp("parts")
+    records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=3), tmp / "assets").discover()
+    cfg = BuildConfig.model_validate({"render": {"resolution": 96}})
+    renderer = ViewRenderer(96, "egl")
+    summaries = [render_asset(Path(r.uri), file_sha256(Path(r.uri)), r.to_json(), cfg, tmp / "work", renderer)
+                 for r in records]
+    renderer.close()
+    return tmp, summaries
+
+
+def test_parts_backend_finds_the_mug_handle_from_the_back(procedural_rendered):
+    tmp, summaries = procedural_rendered
+    cfg = AnnotateConfig(backend="parts")
+    records, metrics = annotate_assets(summaries, tmp / "work", tmp / "cache", cfg)
+    by_name = {s["meta"]["name"]: s for s in summaries}
+    mug = by_name["mug_000"]
+    # pair 0: front at azimuth 0 (the logo side), back at 180 (the handle side)
+    assert records[(mug["sha256"], 0)]["components"] == ["a handle"]
+    assert "a handle" not in records[(mug["sha256"], 3)]["components"]  # 90 vs 270: handle seen from the side
+    backpack = by_name["backpack_000"]
+    assert records[(backpack["sha256"], 0)]["components"][0] == "two shoulder straps"
+    assert metrics["annotate.pairs"] == 18 and metrics["annotate.cached"] == 0
+    # a second run costs nothing: every record comes from the cache
+    again, metrics2 = annotate_assets(summaries, tmp / "work", tmp / "cache", cfg)
+    assert again == records and metrics2["annotate.cached"] == 18
+
+
+def test_parts_backend_on_real_assets(real_dir: Path, tmp_path: Path):
+    from pipeline.config import BuildConfig
+    from rendering.assets import file_sha256
+    from rendering.process import render_asset
+    from rendering.render import ViewRenderer
+
+    cfg = BuildConfig.model_validate({"render": {"resolution": 64}})
+    renderer = ViewRenderer(64, "egl")
+    summaries = [render_asset(real_dir / n, file_sha256(real_dir / n), {}, cfg, tmp_path, renderer)
+                 for n in ("Duck.glb", "pins.glb", "simple_pole.glb")]
+    renderer.close()
+    records, metrics = annotate_assets(summaries, tmp_path, tmp_path / "cache", AnnotateConfig(backend="parts"))
+    assert len(records) == 18
+    assert all(r["status"] in ("ok", "no_parts") for r in records.values())
+    # meaningless node names ("2", "dowel#1:10:6:8:7") never become descriptions
+    assert all(not any(ch.isdigit() for c in r["components"] for ch in c) for r in records.values())
+
+
+# --------------------------------------------------------------------------- openai
+
+
+class ScriptedServer:
+    """An OpenAI-compatible server on 127.0.0.1 answering from a script per request."""
+
+    def __init__(self, script):
+        self.script = script  # callable(request_index, body) -> (status, text_or_json, delay_s)
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        index = self.calls
+        self.calls += 1
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            status, content, delay = self.script(index, body)
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            self.in_flight -= 1
+        if status != 200:
+            return web.Response(status=status, text="error")
+        return web.json_response({"choices": [{"message": {"content": content}}], "usage": {"completion_tokens": 7}})
+
+    def __enter__(self) -> "ScriptedServer":
+        started = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            app = web.Application(client_max_size=64 * 2**20)
+            app.router.add_post("/v1/chat/completions", self.handle)
+            self.runner = web.AppRunner(app)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.port = site._server.sockets[0].getsockname()[1]
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def _cfg(url: str, **api) -> AnnotateConfig:
+    return AnnotateConfig(backend="openai", max_retries=1,
+                          openai={"base_url": url, "backoff_s": 0.01, "timeout_s": 2.0, **api})
+
+
+def _requests(n: int) -> list[PairRequest]:
+    return [PairRequest(f"k{i}", b"\x89PNG front", b"\x89PNG back") for i in range(n)]
+
+
+def _pair_of(body: dict) -> str:
+    """The test puts each pair's name in its part hint, which the prompt carries."""
+    text = body["messages"][0]["content"][0]["text"]
+    return text.rsplit("include: ", 1)[1].rstrip(".")
+
+
+def test_openai_backend_outcomes(monkeypatch):
+    monkeypatch.setenv("KNOW3D_TEST_KEY", "sk-secret-123")
+    seen: dict[str, int] = {}
+
+    def script(i, body):
+        pair = _pair_of(body)
+        seen[pair] = seen.get(pair, 0) + 1
+        answers = {
+            "valid": (200, '["a curved handle", "a lid"]', 0),
+            "fenced": (200, '```json\n["a zipper pocket"]\n```', 0),
+            "garbage": (200, "I cannot see anything.", 0),
+            "bad_then_ok": (200, '["a strap"]' if len(body["messages"]) > 1 else "nope", 0),
+            "http500": (500, "", 0),
+            "http429_once": (429, "", 0) if seen[pair] == 1 else (200, '["a spout"]', 0),
+            "slow": (200, '["a knob"]', 5.0),
+        }
+        return answers[pair]
+
+    names = ["valid", "fenced", "garbage", "bad_then_ok", "http500", "http429_once", "slow"]
+    with ScriptedServer(script) as server:
+        annotator = OpenAIAnnotator(_cfg(server.url, api_key_env="KNOW3D_TEST_KEY", max_attempts=3))
+        results = annotator.annotate([PairRequest(n, b"f", b"b", [n]) for n in names])
+    out = dict(zip(names, results))
+    assert len(results) == len(names)  # every pair ends with exactly one record
+    assert out["valid"]["status"] == "ok" and out["valid"]["components"] == ["a curved handle", "a lid"]
+    assert out["fenced"]["status"] == "repaired" and out["fenced"]["components"] == ["a zipper pocket"]
+    assert out["garbage"]["status"] == "annotation_failed" and out["garbage"]["components"] == []
+    assert out["garbage"]["raw"] == "I cannot see anything." and "JSON list" in out["garbage"]["error"]
+    assert out["bad_then_ok"]["status"] == "repaired" and out["bad_then_ok"]["attempts"] == 2
+    assert out["http500"]["status"] == "annotation_failed" and "HTTP 500 after 3 attempts" in out["http500"]["error"]
+    assert out["http429_once"]["status"] == "ok" and seen["http429_once"] == 2
+    assert out["slow"]["status"] == "annotation_failed" and "Timeout" in out["slow"]["error"]
+    # garbage is asked max_retries + 1 times with the validation error; HTTP 500 max_attempts times
+    assert seen["garbage"] == 2 and seen["http500"] == 3 and seen["slow"] == 3
+    retry = [b for b in server.bodies if _pair_of(b) == "garbage"][1]
+    assert "That answer is invalid" in retry["messages"][-1]["content"]
+    # the key travels only in the Authorization header and never reaches the results
+    assert all(h.get("Authorization") == "Bearer sk-secret-123" for h in server.headers)
+    assert "sk-secret" not in json.dumps(results)
+    # both images travel as data URLs
+    images = server.bodies[0]["messages"][0]["content"][1:]
+    assert [i["image_url"]["url"][:22] for i in images] == ["data:image/png;base64,"] * 2
+
+
+def test_openai_concurrency_is_bounded():
+    with ScriptedServer(lambda i, body: (200, '["a lid"]', 0.05)) as server:
+        annotator = OpenAIAnnotator(_cfg(server.url, concurrency=4))
+        start = time.perf_counter()
+        results = annotator.annotate(_requests(24))
+        elapsed = time.perf_counter() - start
+    assert [r["status"] for r in results] == ["ok"] * 24
+    assert server.max_in_flight == 4 and annotator.max_in_flight == 4
+    assert elapsed >= 6 * 0.05  # 24 requests, 4 at a time, 50 ms each
+
+
+def test_cache_key_and_cache(tmp_path: Path):
+    a = AnnotateConfig(backend="openai")
+    assert cache_key("f", "b", a) == cache_key("f", "b", a)
+    assert cache_key("f", "b", a) != cache_key("f", "b", a.model_copy(update={"prompt_version": "v2"}))
+    assert cache_key("f", "b", a) != cache_key("b", "f", a)
+    cache = AnnotationCache(tmp_path)
+    assert cache.get("ab" * 32) is None
+    cache.put("ab" * 32, {"components": ["x"]})
+    assert cache.get("ab" * 32) == {"components": ["x"]}
+    (tmp_path / "ab" / f"{'cd' * 32}.json").write_text("{torn")
+    assert cache.get("cd" * 32) is None
+
+
+def test_main_body_is_not_a_component():
+    back = {"body": 9000, "handle": 800}
+    assert back_parts({}, back, 100_000, 0.002, 1.5) == ["handle"]
+    assert back_parts({}, back, 100_000, 0.002, 1.5, max_share=1.0) == ["body", "handle"]
+
+
+def test_review_gallery_escapes_untrusted_text(tmp_path: Path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from annotation.review import write_gallery
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(buf, format="PNG")
+    meta = {"asset_id": "a" * 64, "name": "mug", "pair_index": 0, "front_camera": {"azimuth_deg": 0},
+            "back_camera": {"azimuth_deg": 180}, "components": ["<script>alert(1)</script>"],
+            "annotation": {"status": "annotation_failed", "backend": "openai", "raw": "<b>raw</b>"}}
+    with wds.TarWriter(str(tmp_path / "s.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"k{i}", "front.png": buf.getvalue(), "back.png": buf.getvalue(), "json": meta})
+    assert write_gallery([tmp_path / "s.tar"], tmp_path / "g.html", num_samples=2) == 2
+    page = (tmp_path / "g.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;raw&lt;/b&gt;" in page and "annotation_failed: 2" in page
+    assert page.count('<div class="card">') == 2 and page.count("data:image/png;base64,") == 4
