@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,7 +29,18 @@ def _sha(data: bytes) -> str:
 
 
 def model_name(cfg: AnnotateConfig) -> str:
-    return cfg.openai.model if cfg.backend == "openai" else cfg.backend
+    return {"openai": cfg.openai.model, "transformers": cfg.transformers.model}.get(cfg.backend, cfg.backend)
+
+
+def local_runner(cfg: AnnotateConfig) -> Callable[[list], list[dict]]:
+    """The VLM backend in this process (the build distributes it over Ray actors instead)."""
+    if cfg.backend == "openai":
+        from annotation.openai_backend import OpenAIAnnotator
+
+        return OpenAIAnnotator(cfg).annotate
+    from annotation.transformers_backend import TransformersAnnotator
+
+    return TransformersAnnotator(cfg).annotate
 
 
 def cache_key(front_sha: str, back_sha: str, cfg: AnnotateConfig) -> str:
@@ -70,9 +81,17 @@ def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, byt
 
 
 def annotate_assets(
-    assets: list[dict], work: Path, cache_root: Path, cfg: AnnotateConfig
+    assets: list[dict],
+    work: Path,
+    cache_root: Path,
+    cfg: AnnotateConfig,
+    runner: Callable[[list], list[dict]] | None = None,
 ) -> tuple[dict[tuple[str, int], dict], dict[str, float]]:
-    """Records for every (sha256, pair_index) of ``assets`` and the stage's metrics."""
+    """Records for every (sha256, pair_index) of ``assets`` and the stage's metrics.
+
+    ``runner`` answers a list of :class:`PairRequest` for the VLM backends (one result each, in
+    order); by default the backend runs in this process, and only for pairs not in the cache.
+    """
     if cfg.backend == "none":
         return {}, {}
     start = time.perf_counter()
@@ -100,11 +119,11 @@ def annotate_assets(
                                          cfg.max_items, cfg.parts_max_share)
                 pending.append(((summary["sha256"], pair_index), key, (front_png, back_png, hint)))
 
-    if cfg.backend == "openai" and pending:
-        from annotation.openai_backend import OpenAIAnnotator, PairRequest
+    if cfg.backend in ("openai", "transformers") and pending:
+        from annotation.openai_backend import PairRequest
 
-        annotator = OpenAIAnnotator(cfg)
-        results = annotator.annotate([PairRequest(key, *payload) for _, key, payload in pending])
+        run = runner or local_runner(cfg)
+        results = run([PairRequest(key, *payload) for _, key, payload in pending])
         pending = [(ident, key, result) for (ident, key, _), result in zip(pending, results)]
 
     for ident, key, record in pending:

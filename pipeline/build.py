@@ -374,11 +374,52 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     return ok_assets
 
 
-def _annotate_stage(run: _Run, ok_assets: list[dict]) -> dict[str, dict]:
+class VLMActor:
+    """Ray actor holding one VLM replica (transformers backend)."""
+
+    def __init__(self, cfg_json: str) -> None:
+        from annotation.transformers_backend import TransformersAnnotator
+
+        self.annotator = TransformersAnnotator(BuildConfig.model_validate_json(cfg_json).annotate)
+
+    def annotate(self, requests: list) -> list[dict]:
+        return self.annotator.annotate(requests)
+
+
+def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
+    """Spread VLM requests over Ray actors, with GPUs when the cluster has them."""
+    tcfg = run.cfg.annotate.transformers
+    gpus = tcfg.num_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+    def runner(requests: list) -> list[dict]:
+        actor_cls = ray.remote(num_gpus=gpus, num_cpus=1, max_restarts=1, max_task_retries=1)(VLMActor)
+        actors = [actor_cls.remote(run.cfg.model_dump_json()) for _ in range(min(tcfg.num_actors, len(requests)))]
+        chunk = tcfg.batch_size * 4
+        chunks = [list(range(i, min(i + chunk, len(requests)))) for i in range(0, len(requests), chunk)]
+        results: list[dict | None] = [None] * len(requests)
+
+        def on_done(ids: list[int], result: Any) -> None:
+            if isinstance(result, Exception):
+                result = [{"components": [], "status": "annotation_failed",
+                           "error": f"annotation worker failed: {type(result).__name__}"}] * len(ids)
+            for i, r in zip(ids, result):
+                results[i] = r
+
+        _bounded(ray, lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]), chunks, actors * 2,
+                 on_done, progress, "annotate")
+        for actor in actors:
+            ray.kill(actor)
+        return [r for r in results if r is not None]
+
+    return runner
+
+
+def _annotate_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict]) -> dict[str, dict]:
     """Annotation records keyed ``sha:pair`` (cached by content; see annotation.stage)."""
     from annotation.stage import annotate_assets
 
-    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate)
+    runner = _vlm_runner(run, ray, progress) if run.cfg.annotate.backend == "transformers" else None
+    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner)
     run.metrics.update(metrics)
     return {annotation_id(sha, pair): record for (sha, pair), record in records.items()}
 
@@ -444,7 +485,7 @@ def _stages(
     with ray_session(cfg) as ray, _progress() as progress:
         kept = _ingest_stage(run, ray, progress, source, records)
         ok_assets = _render_stage(run, ray, progress, kept, retry_failed)
-        annotations = _annotate_stage(run, ok_assets)
+        annotations = _annotate_stage(run, ray, progress, ok_assets)
         index = _shard_stage(run, ray, progress, ok_assets, annotations)
     manifest_path = write_manifest(out, run.rows)
 

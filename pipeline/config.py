@@ -196,8 +196,22 @@ class OpenAIBackendConfig(_Strict):
     temperature: float = Field(default=0.2, ge=0)
 
 
+class TransformersBackendConfig(_Strict):
+    model: str = Field(default="Qwen/Qwen2.5-VL-7B-Instruct", description="Hub id or local folder.")
+    revision: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=128, ge=8)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto = bfloat16 on GPUs, float32 on CPU."
+    )
+    num_actors: int = Field(default=1, ge=1, description="Ray actors (model replicas).")
+    num_gpus_per_actor: float = Field(default=1.0, ge=0, description="Used only when the cluster has GPUs.")
+    min_pixels: int = Field(default=256 * 28 * 28, ge=4 * 28 * 28)
+    max_pixels: int = Field(default=512 * 28 * 28, ge=4 * 28 * 28)
+
+
 class AnnotateConfig(_Strict):
-    backend: Literal["none", "parts", "openai"] = "parts"
+    backend: Literal["none", "parts", "transformers", "openai"] = "parts"
     prompt_version: str = "v1"
     prompt: str = DEFAULT_PROMPT
     max_items: int = Field(default=6, ge=1, description="K: at most this many descriptions per pair.")
@@ -208,6 +222,7 @@ class AnnotateConfig(_Strict):
     parts_back_ratio: float = Field(default=1.5, ge=1, description="A part must show this much more from the back.")
     parts_max_share: float = Field(default=0.5, gt=0, le=1, description="Larger parts are the main body, not components.")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
+    transformers: TransformersBackendConfig = Field(default_factory=TransformersBackendConfig)
 
 
 class BuildConfig(_Strict):

@@ -72,20 +72,30 @@ def test_back_parts_thresholds():
 
 @pytest.fixture(scope="module")
 def procedural_rendered(tmp_path_factory) -> tuple[Path, list[dict]]:
-    from pipeline.config import BuildConfig, ProceduralSourceConfig
-    from rendering.assets import file_sha256
-    from rendering.process import render_asset
-    from rendering.render import ViewRenderer
+    from pipeline.config import ProceduralSourceConfig
     from rendering.sources.procedural import ProceduralSource
 
     tmp = tmp_path_factory.mktemp("parts")
     records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=3), tmp / "assets").discover()
-    cfg = BuildConfig.model_validate({"render": {"resolution": 96}})
-    renderer = ViewRenderer(96, "egl")
-    summaries = [render_asset(Path(r.uri), file_sha256(Path(r.uri)), r.to_json(), cfg, tmp / "work", renderer)
-                 for r in records]
-    renderer.close()
-    return tmp, summaries
+    return tmp, _render([Path(r.uri) for r in records], tmp / "work", 96, [r.to_json() for r in records])
+
+
+def _render(paths: list[Path], work: Path, resolution: int, records: list[dict] | None = None) -> list[dict]:
+    """Render in a child process: Mesa's llvmpipe and triton's LLVM (imported by transformers)
+    cannot share a process, so this test process never opens a GL context."""
+    from pipeline.config import BuildConfig
+    from rendering.assets import file_sha256
+    from rendering.isolation import IsolatedRenderer
+    from rendering.process import read_asset
+
+    cfg = BuildConfig.model_validate({"render": {"resolution": resolution}})
+    summaries = []
+    with IsolatedRenderer(cfg, work) as iso:
+        for path, record in zip(paths, records or [{}] * len(paths)):
+            sha = file_sha256(path)
+            assert iso.run(path, sha, record)["status"] == "ok"
+            summaries.append(read_asset(work, sha))
+    return summaries
 
 
 def test_parts_backend_finds_the_mug_handle_from_the_back(procedural_rendered):
@@ -106,16 +116,7 @@ def test_parts_backend_finds_the_mug_handle_from_the_back(procedural_rendered):
 
 
 def test_parts_backend_on_real_assets(real_dir: Path, tmp_path: Path):
-    from pipeline.config import BuildConfig
-    from rendering.assets import file_sha256
-    from rendering.process import render_asset
-    from rendering.render import ViewRenderer
-
-    cfg = BuildConfig.model_validate({"render": {"resolution": 64}})
-    renderer = ViewRenderer(64, "egl")
-    summaries = [render_asset(real_dir / n, file_sha256(real_dir / n), {}, cfg, tmp_path, renderer)
-                 for n in ("Duck.glb", "pins.glb", "simple_pole.glb")]
-    renderer.close()
+    summaries = _render([real_dir / n for n in ("Duck.glb", "pins.glb", "simple_pole.glb")], tmp_path, 64)
     records, metrics = annotate_assets(summaries, tmp_path, tmp_path / "cache", AnnotateConfig(backend="parts"))
     assert len(records) == 18
     assert all(r["status"] in ("ok", "no_parts") for r in records.values())
@@ -295,3 +296,60 @@ def test_review_gallery_escapes_untrusted_text(tmp_path: Path):
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;raw&lt;/b&gt;" in page and "annotation_failed: 2" in page
     assert page.count('<div class="card">') == 2 and page.count("data:image/png;base64,") == 4
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    from tests.tiny_qwen_vl import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen-vl"))
+
+
+def test_transformers_backend_gibberish_goes_through_retries_to_failure(tiny_vl: Path, procedural_rendered):
+    from annotation.transformers_backend import TransformersAnnotator
+
+    tmp, summaries = procedural_rendered
+    cfg = AnnotateConfig(backend="transformers", max_retries=1,
+                         transformers={"model": str(tiny_vl), "batch_size": 4, "max_new_tokens": 12,
+                                       "min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28})
+    annotator = TransformersAnnotator(cfg)  # loads through from_pretrained (safetensors), like the real model
+    calls = []
+    generate = annotator._generate
+    annotator._generate = lambda conv, imgs: calls.append(len(conv)) or generate(conv, imgs)
+    records, metrics = annotate_assets(summaries[:1], tmp / "work", tmp / "vlm-cache", cfg, annotator.annotate)
+    assert len(records) == 6
+    assert metrics["annotate.failed"] + metrics["annotate.ok"] + metrics["annotate.repaired"] == 6
+    failed = [r for r in records.values() if r["status"] == "annotation_failed"]
+    assert len(failed) == metrics["annotate.failed"] >= 5  # random weights: (almost surely) no valid JSON
+    for r in failed:
+        assert r["components"] == [] and r["attempts"] == 2 and r["raw"] and r["error"]
+        assert r["backend"] == "transformers" and r["model"] == str(tiny_vl)
+    assert calls == [4, 2, 4, 2][: len(calls)] and sum(calls) == 6 + len(failed)  # batches of 4, retry of failures
+    assert metrics["annotate.tokens_per_s"] > 0
+    # cached: the second run asks the model nothing
+    again, metrics2 = annotate_assets(summaries[:1], tmp / "work", tmp / "vlm-cache", cfg, annotator.annotate)
+    assert metrics2["annotate.cached"] == 6 and len(calls) == 4 and again == records
+
+
+@pytest.mark.gpu
+def test_real_qwen25_vl_describes_the_back_of_a_backpack(procedural_rendered):
+    """With real weights (KNOW3D_QWEN25_VL = local folder) on a GPU: the straps are named."""
+    import os
+
+    import torch
+
+    path = os.environ.get("KNOW3D_QWEN25_VL")
+    if not path or not torch.cuda.is_available():
+        pytest.skip("needs a GPU and KNOW3D_QWEN25_VL pointing at Qwen2.5-VL weights")
+    from annotation.transformers_backend import TransformersAnnotator
+
+    tmp, summaries = procedural_rendered
+    backpack = next(s for s in summaries if s["meta"]["name"] == "backpack_000")
+    cfg = AnnotateConfig(backend="transformers", transformers={"model": path})
+    records, _ = annotate_assets([backpack], tmp / "work", tmp / "real-vlm-cache", cfg, TransformersAnnotator(cfg).annotate)
+    assert records[(backpack["sha256"], 0)]["status"] in ("ok", "repaired")
+    assert any("strap" in c for c in records[(backpack["sha256"], 0)]["components"])
