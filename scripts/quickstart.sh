@@ -6,4 +6,6 @@ bash scripts/setup.sh
 out=${1:-runs/quickstart}
 .venv/bin/know3d data build configs/quickstart.yaml --source procedural --output "$out"
 .venv/bin/know3d data status --output "$out"
-echo "contact sheet: $out/contact_sheet.png   mlflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db"
+.venv/bin/know3d data review --output "$out" --num 48
+echo "contact sheet: $out/contact_sheet.png   annotations: $out/review.html"
+echo "mlflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1"

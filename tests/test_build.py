@@ -190,3 +190,24 @@ def test_review_cli_writes_a_gallery(built, tmp_path: Path):
     assert res.returncode == 0, res.stderr
     assert "5 pairs" in res.stdout
     assert (tmp_path / "r.html").read_text().count('<div class="card">') == 5
+
+
+def test_transformers_backend_runs_on_ray_actors(tmp_path: Path, real_dir: Path, ray_local):
+    pytest.importorskip("transformers")
+    from tests.tiny_qwen_vl import build_tiny_qwen_vl
+
+    model = build_tiny_qwen_vl(tmp_path / "tiny-vl")
+    cfg = _cfg([real_dir / "Duck.glb"], tmp_path / "out", "render.resolution=32", "mlflow.enabled=false",
+               "annotate.backend=transformers", f"annotate.transformers.model={model}",
+               "annotate.transformers.max_new_tokens=8", "annotate.max_retries=0",
+               "annotate.transformers.batch_size=2", "annotate.transformers.num_actors=2")
+    summary = run_build(cfg)
+    assert summary.num_samples == 6
+    assert summary.metrics["annotate.pairs"] == 6
+    assert summary.metrics["annotate.failed"] + summary.metrics["annotate.ok"] + summary.metrics["annotate.repaired"] == 6
+    samples = list(wds.WebDataset([str(p) for p in (tmp_path / "out").glob("*.tar")], shardshuffle=False).decode())
+    for s in samples:
+        ann = s["json"]["annotation"]
+        assert ann["backend"] == "transformers" and ann["model"] == str(model)
+        if ann["status"] == "annotation_failed":
+            assert s["json"]["components"] == [] and ann["raw"] is not None
