@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from annotation.schema import AnnotationError, parse_components, validate_components
+from annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
 from pipeline.config import AnnotateConfig
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -106,40 +106,22 @@ class OpenAIAnnotator:
                 {"type": "image_url", "image_url": {"url": _data_url(req.back_png)}},
             ],
         }]
-        tokens, raw, error = 0, "", ""
+        tokens, raw, error, attempts = 0, "", "", 0
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 raw, used = await self._post(session, sem, messages)
             except RequestFailed as exc:
                 error = str(exc)
                 break
-            tokens += used
+            attempts, tokens = attempt + 1, tokens + used
             try:
-                parsed = parse_components(raw)
-                components = validate_components(parsed.components, self.cfg.max_items, self.cfg.max_words)
+                parsed = check_answer(raw, self.cfg.max_items, self.cfg.max_words)
             except AnnotationError as exc:
                 error = str(exc)
-                messages += [
-                    {"role": "assistant", "content": raw},
-                    {"role": "user", "content": f"That answer is invalid: {exc}. Answer again with only the JSON list."},
-                ]
+                messages += ask_again(raw, exc)
                 continue
-            return {
-                "components": components,
-                "status": "repaired" if parsed.repaired or attempt else "ok",
-                "attempts": attempt + 1,
-                "latency_s": time.perf_counter() - start,
-                "completion_tokens": tokens,
-                **({"raw": raw[:2000]} if parsed.repaired else {}),
-            }
-        return {
-            "components": [],
-            "status": "annotation_failed",
-            "error": error[:500],
-            "raw": raw[:2000],
-            "latency_s": time.perf_counter() - start,
-            "completion_tokens": tokens,
-        }
+            return {**success_record(parsed, attempt, raw, tokens), "latency_s": time.perf_counter() - start}
+        return {**failure_record(error, raw, attempts, tokens), "latency_s": time.perf_counter() - start}
 
     async def _run(self, requests: list[PairRequest]) -> list[dict[str, Any]]:
         sem = asyncio.Semaphore(self.api.concurrency)

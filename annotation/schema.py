@@ -93,3 +93,43 @@ def validate_components(items: list[str], max_items: int, max_words: int) -> lis
     if len(out) > max_items:
         raise AnnotationError(f"{len(out)} items; give at most {max_items}")
     return out
+
+
+# --------------------------------------------------------------------------- the ask-again loop
+# Shared by the VLM backends: the same checks, the same follow-up message, the same records.
+
+
+def check_answer(raw: str, max_items: int, max_words: int) -> Parsed:
+    """Parse and validate one answer; raises AnnotationError with the text to send back."""
+    parsed = parse_components(raw)
+    return Parsed(validate_components(parsed.components, max_items, max_words), parsed.repaired)
+
+
+def ask_again(raw: str, error: AnnotationError) -> list[dict]:
+    """Chat turns appended to a conversation whose answer failed validation."""
+    return [
+        {"role": "assistant", "content": raw},
+        {"role": "user", "content": f"That answer is invalid: {error}. Answer again with only the JSON list."},
+    ]
+
+
+def success_record(parsed: Parsed, attempt: int, raw: str, tokens: int) -> dict:
+    return {
+        "components": parsed.components,
+        "status": "repaired" if parsed.repaired or attempt else "ok",
+        "attempts": attempt + 1,
+        "completion_tokens": tokens,
+        **({"raw": raw[:2000]} if parsed.repaired else {}),
+    }
+
+
+def failure_record(error: str, raw: str, attempts: int, tokens: int) -> dict:
+    """The pair keeps an empty list (unconditional training still uses it) and the raw answer."""
+    return {
+        "components": [],
+        "status": "annotation_failed",
+        "error": error[:500],
+        "raw": raw[:2000],
+        "attempts": attempts,
+        "completion_tokens": tokens,
+    }

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from annotation.openai_backend import PairRequest, build_prompt
-from annotation.schema import AnnotationError, parse_components, validate_components
+from annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
 from pipeline.config import AnnotateConfig
 
 
@@ -90,23 +90,13 @@ class TransformersAnnotator:
                     raws[i] = raw
                     tokens[i] += used // len(batch)
                     try:
-                        parsed = parse_components(raw)
-                        components = validate_components(parsed.components, self.cfg.max_items, self.cfg.max_words)
+                        parsed = check_answer(raw, self.cfg.max_items, self.cfg.max_words)
                     except AnnotationError as exc:
                         errors[i] = str(exc)
-                        conversations[i] = conversations[i] + [
-                            {"role": "assistant", "content": raw},
-                            {"role": "user", "content": f"That answer is invalid: {exc}. Answer again with only the JSON list."},
-                        ]
+                        conversations[i] = conversations[i] + ask_again(raw, exc)
                         retry.append(i)
                         continue
-                    results[i] = {
-                        "components": components,
-                        "status": "repaired" if parsed.repaired or attempt else "ok",
-                        "attempts": attempt + 1,
-                        "completion_tokens": tokens[i],
-                        **({"raw": raw[:2000]} if parsed.repaired else {}),
-                    }
+                    results[i] = success_record(parsed, attempt, raw, tokens[i])
             active = retry
             if not active:
                 break
@@ -114,8 +104,7 @@ class TransformersAnnotator:
         out: list[dict[str, Any]] = []
         for i, result in enumerate(results):
             if result is None:
-                result = {"components": [], "status": "annotation_failed", "error": errors[i][:500],
-                          "raw": raws[i][:2000], "attempts": self.cfg.max_retries + 1, "completion_tokens": tokens[i]}
+                result = failure_record(errors[i], raws[i], self.cfg.max_retries + 1, tokens[i])
             result["latency_s"] = elapsed / max(1, len(requests))  # batched: amortized per pair
             out.append(result)
         return out
