@@ -67,29 +67,32 @@ def back_parts(
     num_pixels: int,
     min_fraction: float,
     back_ratio: float,
-    max_share: float = 0.5,
+    exclude: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Names of the parts that characterise the back view, largest first.
-
-    A part covering more than ``max_share`` of the object's back-view pixels is the object's
-    main body, not one of its components, and is left out.
-    """
+    """Names of the parts that characterise the back view, largest first (``exclude``: the
+    object's main body, which is not one of its components)."""
     if not back:
         return []
     front = front or {}
-    total = sum(back.values())
     chosen = [
         (pixels, name)
         for name, pixels in back.items()
-        if pixels >= min_fraction * num_pixels
-        and pixels >= back_ratio * front.get(name, 0)
-        and pixels <= max_share * total
+        if pixels >= min_fraction * num_pixels and pixels >= back_ratio * front.get(name, 0) and name not in exclude
     ]
     return [name for _, name in sorted(chosen, key=lambda t: (-t[0], t[1]))]
 
 
+def main_body(part_pixels: list[dict[str, int] | None]) -> str | None:
+    """The part seen most over all views of the asset: its body, not a component."""
+    totals: dict[str, int] = {}
+    for view in part_pixels:
+        for name, pixels in (view or {}).items():
+            totals[name] = totals.get(name, 0) + pixels
+    return max(totals, key=lambda n: (totals[n], n)) if len(totals) > 1 else None
+
+
 def describe_pair(
-    summary: dict, pair_index: int, min_fraction: float, back_ratio: float, max_items: int, max_share: float = 0.5
+    summary: dict, pair_index: int, min_fraction: float, back_ratio: float, max_items: int, skip_body: bool = True
 ) -> list[str]:
     """Descriptions for one pair of a rendered asset (its ``asset.json`` summary)."""
     pixels = summary.get("part_pixels")
@@ -97,5 +100,7 @@ def describe_pair(
         return []
     front, back = summary["pairs"][pair_index]
     num_pixels = summary["resolution"] ** 2
-    names = back_parts(pixels[front], pixels[back], num_pixels, min_fraction, back_ratio, max_share)
+    body = main_body(pixels) if skip_body else None
+    names = back_parts(pixels[front], pixels[back], num_pixels, min_fraction, back_ratio,
+                       frozenset([body]) if body else frozenset())
     return part_phrases(names)[:max_items]

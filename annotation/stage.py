@@ -46,7 +46,7 @@ def local_runner(cfg: AnnotateConfig) -> Callable[[list], list[dict]]:
 def cache_key(front_sha: str, back_sha: str, cfg: AnnotateConfig) -> str:
     text = f"{front_sha}:{back_sha}:{cfg.backend}:{model_name(cfg)}:{cfg.prompt_version}"
     if cfg.backend == "parts":  # the parts backend's own settings change its answers
-        text += f":{cfg.parts_min_fraction}:{cfg.parts_back_ratio}:{cfg.parts_max_share}:{cfg.max_items}"
+        text += f":{cfg.parts_min_fraction}:{cfg.parts_back_ratio}:{cfg.parts_skip_body}:{cfg.max_items}"
     return _sha(text.encode())
 
 
@@ -109,14 +109,14 @@ def annotate_assets(
                 num_cached += 1
             elif cfg.backend == "parts":
                 components = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
-                                           cfg.max_items, cfg.parts_max_share)
+                                           cfg.max_items, cfg.parts_skip_body)
                 record = {"components": components, "status": "ok" if components else "no_parts"}
                 pending.append(((summary["sha256"], pair_index), key, record))
             else:
                 hint: list[str] = []
                 if cfg.parts_hint:
                     hint = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
-                                         cfg.max_items, cfg.parts_max_share)
+                                         cfg.max_items, cfg.parts_skip_body)
                 pending.append(((summary["sha256"], pair_index), key, (front_png, back_png, hint)))
 
     if cfg.backend in ("openai", "transformers") and pending:

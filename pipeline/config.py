@@ -220,7 +220,7 @@ class AnnotateConfig(_Strict):
     parts_hint: bool = Field(default=False, description="Give the VLM the part list of the parts backend.")
     parts_min_fraction: float = Field(default=0.002, ge=0, le=1, description="Min. share of the image a part covers.")
     parts_back_ratio: float = Field(default=1.5, ge=1, description="A part must show this much more from the back.")
-    parts_max_share: float = Field(default=0.5, gt=0, le=1, description="Larger parts are the main body, not components.")
+    parts_skip_body: bool = Field(default=True, description="Leave out the part seen most over all views (the body).")
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     transformers: TransformersBackendConfig = Field(default_factory=TransformersBackendConfig)
 

@@ -270,9 +270,15 @@ def test_cache_key_and_cache(tmp_path: Path):
 
 
 def test_main_body_is_not_a_component():
+    from annotation.parts import main_body
+
     back = {"body": 9000, "handle": 800}
-    assert back_parts({}, back, 100_000, 0.002, 1.5) == ["handle"]
-    assert back_parts({}, back, 100_000, 0.002, 1.5, max_share=1.0) == ["body", "handle"]
+    assert back_parts({}, back, 100_000, 0.002, 1.5, frozenset({"body"})) == ["handle"]
+    assert back_parts({}, back, 100_000, 0.002, 1.5) == ["body", "handle"]
+    # the body is the part seen most over all views, even where another part dominates one view
+    views = [{"body": 500, "screen": 4000}, {"body": 3000, "panel": 2000}, {"body": 3000, "panel": 100}]
+    assert main_body(views) == "body"
+    assert main_body([{"only": 5}]) is None
 
 
 def test_review_gallery_escapes_untrusted_text(tmp_path: Path):
