@@ -140,9 +140,6 @@ class RenderActor:
     def render(self, path: str, sha: str, record: dict) -> dict:
         return self.renderer.run(Path(path), sha, record)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _write_shard_task(
     work: str, out: str, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict], annotations: dict[str, dict]

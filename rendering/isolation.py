@@ -89,7 +89,8 @@ class IsolatedRenderer:
         child.close()
         self._proc, self._conn = proc, parent
 
-    def _kill(self) -> None:
+    def _kill(self, restart: bool = True) -> None:
+        """Stop the child; ``restart`` counts it as a restart (the next job starts a new one)."""
         if self._proc is not None:
             if self._proc.is_alive():
                 self._proc.kill()
@@ -97,7 +98,7 @@ class IsolatedRenderer:
         if self._conn is not None:
             self._conn.close()
         self._proc, self._conn = None, None
-        self.num_restarts += 1
+        self.num_restarts += int(restart)
 
     @property
     def pid(self) -> int | None:
@@ -144,8 +145,7 @@ class IsolatedRenderer:
             except (BrokenPipeError, OSError):
                 pass
         if self._proc is not None:
-            self._kill()
-            self.num_restarts -= 1
+            self._kill(restart=False)
 
     def __enter__(self) -> "IsolatedRenderer":
         return self

@@ -7,7 +7,6 @@ failure path, never the quality of descriptions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
