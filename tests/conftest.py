@@ -13,6 +13,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 warnings.filterwarnings("ignore", module="trimesh")
 
+# Mesa's llvmpipe and triton (pulled in by torch._dynamo, which transformers imports) each load
+# an LLVM: importing triton after a GL context exists in the process segfaults, the other order
+# is fine. The product never mixes them in one process (renders run in child processes, VLMs in
+# their own actors); tests do, so triton comes first, whatever the test order.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = next(
     (p for p in (REPO / "shared" / "assets", REPO.parent / "shared" / "assets") if p.is_dir()), None
