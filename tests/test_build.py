@@ -211,3 +211,18 @@ def test_transformers_backend_runs_on_ray_actors(tmp_path: Path, real_dir: Path,
         assert ann["backend"] == "transformers" and ann["model"] == str(model)
         if ann["status"] == "annotation_failed":
             assert s["json"]["components"] == [] and ann["raw"] is not None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "local", "--input", "/nonexistent/assets"], "input '/nonexistent/assets' matches no file or folder"),
+        (["--source", "local"], "needs at least one input"),
+        (["--source", "sideways"], "source.kind"),
+    ],
+)
+def test_cli_build_errors_are_short_and_clear(tmp_path: Path, args: list[str], message: str):
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "build", *args, "--output", str(tmp_path / "o"),
+                          "--set", "mlflow.enabled=false"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) <= 3
