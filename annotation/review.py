@@ -11,10 +11,11 @@ import html
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 from PIL import Image
+
+from pipeline.shards import iter_samples, iter_shard_keys
 
 _STATUS_COLOUR = {"ok": "#2e7d32", "repaired": "#f9a825", "annotation_failed": "#c62828", "no_parts": "#757575"}
 
@@ -29,24 +30,10 @@ def _thumb(png: bytes, size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def read_samples(shards: list[Path]) -> list[dict]:
-    """All samples' front/back PNG bytes and json, in shard order."""
-    samples: dict[str, dict] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, field = member.name.split(".", 1)
-                if field in ("front.png", "back.png", "json"):
-                    samples.setdefault(key, {"__key__": key})[field] = tar.extractfile(member).read()
-    return [s for s in samples.values() if {"front.png", "back.png", "json"} <= s.keys()]
-
-
 def write_gallery(shards: list[Path], out: Path, num_samples: int, seed: int = 0, thumb: int = 256) -> int:
-    samples = read_samples(shards)
-    if len(samples) > num_samples:
-        samples = random.Random(seed).sample(samples, num_samples)
+    keys = [k for shard in shards for k in iter_shard_keys(shard)]  # headers only
+    chosen = set(random.Random(seed).sample(keys, min(num_samples, len(keys))))
+    samples = list(iter_samples(shards, keys=chosen))  # only the chosen payloads are read
     cards = []
     counts: dict[str, int] = {}
     for s in samples:

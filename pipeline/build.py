@@ -321,10 +321,13 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     t0 = time.perf_counter()
     cfg, work = run.cfg, run.work
     results: dict[str, dict] = {}
+    summaries: dict[str, dict] = {}  # asset.json of rendered assets, read once
     todo: list[dict] = []
     for r in kept:
         failure = _failure_file(work, r["sha256"])
-        if read_asset(work, r["sha256"]) is not None:
+        done = read_asset(work, r["sha256"])
+        if done is not None:
+            summaries[r["sha256"]] = done
             results[r["sha256"]] = {"status": "ok", "skipped": True}
         elif failure.is_file() and not retry_failed:
             results[r["sha256"]] = {**json.loads(failure.read_text()), "skipped": True}
@@ -362,7 +365,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     ok_assets: list[dict] = []
     for r in kept:
         res = results[r["sha256"]]
-        summary = read_asset(work, r["sha256"]) if res["status"] == "ok" else None
+        summary = summaries.get(r["sha256"]) or (read_asset(work, r["sha256"]) if res["status"] == "ok" else None)
         if summary is not None:
             # metadata of this run wins over what was stored when the asset was rendered
             ok_assets.append({**summary, **run.by_key[r["key"]].to_json()})

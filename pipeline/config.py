@@ -51,7 +51,6 @@ class ObjaverseSourceConfig(_Strict):
     tags: list[str] = Field(default_factory=list, description="Keep assets having any of these tags.")
     max_face_count: int | None = None
     limit: int | None = None
-    download_processes: int = 4
 
 
 class TexVerseSourceConfig(_Strict):

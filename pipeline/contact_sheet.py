@@ -4,47 +4,32 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from pipeline.shards import iter_samples
 
 TILE = 192
 LABEL_H = 18
 
 
 def collect_pairs(shards: list[Path], num_pairs: int) -> list[tuple[Image.Image, Image.Image, dict]]:
-    """Up to ``num_pairs`` pairs, each from a different asset when possible."""
+    """Up to ``num_pairs`` pairs, one per asset where possible, rotating the pair index so the
+    sheet shows many azimuths; reading stops as soon as enough are found."""
     picked: list[tuple[Image.Image, Image.Image, dict]] = []
     spare: list[tuple[Image.Image, Image.Image, dict]] = []
     seen: set[str] = set()
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            sample: dict[str, bytes] = {}
-            key = None
-            members = [m for m in tar if m.isfile()]
-            for i, member in enumerate(members + [None]):
-                mkey = member.name.split(".", 1)[0] if member else None
-                if key is not None and mkey != key and {"front.png", "back.png", "json"} <= sample.keys():
-                    meta = json.loads(sample["json"])
-                    # one pair per asset, rotating the pair index so the sheet shows many azimuths
-                    wanted = meta["asset_id"] not in seen and meta["pair_index"] == len(picked) % 4
-                    if wanted or len(spare) < num_pairs:
-                        item = (
-                            Image.open(io.BytesIO(sample["front.png"])),
-                            Image.open(io.BytesIO(sample["back.png"])),
-                            meta,
-                        )
-                        (picked if wanted else spare).append(item)
-                    if wanted:
-                        seen.add(meta["asset_id"])
-                    if len(picked) >= num_pairs:
-                        return picked
-                if member is None:
-                    break
-                if mkey != key:
-                    key, sample = mkey, {}
-                sample[member.name.split(".", 1)[1]] = tar.extractfile(member).read()
+    for sample in iter_samples(shards):
+        meta = json.loads(sample["json"])
+        wanted = meta["asset_id"] not in seen and meta["pair_index"] == len(picked) % 4
+        if wanted or len(spare) < num_pairs:
+            item = (Image.open(io.BytesIO(sample["front.png"])), Image.open(io.BytesIO(sample["back.png"])), meta)
+            (picked if wanted else spare).append(item)
+        if wanted:
+            seen.add(meta["asset_id"])
+            if len(picked) >= num_pairs:
+                break
     return (picked + spare)[:num_pairs]
 
 

@@ -23,6 +23,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import webdataset as wds
 
@@ -272,7 +273,7 @@ def shard_sha256(path: Path) -> str:
 
 
 def iter_shard_keys(path: Path) -> list[str]:
-    """Sample keys in a shard, in order (used by `status` and tests)."""
+    """Sample keys in a shard, in order, from the tar headers only (no payload is read)."""
     import tarfile
 
     keys: list[str] = []
@@ -283,3 +284,27 @@ def iter_shard_keys(path: Path) -> list[str]:
                 keys.append(key)
     return keys
 
+
+def iter_samples(
+    shards: list[Path], fields: tuple[str, ...] = ("front.png", "back.png", "json"), keys: set[str] | None = None
+) -> Iterator[dict[str, bytes]]:
+    """Stream samples (``__key__`` plus the requested fields as bytes) shard by shard; with
+    ``keys`` only those samples' payloads are read."""
+    import tarfile
+
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            sample: dict = {}
+            for member in tar:
+                key, _, field = member.name.partition(".")
+                if sample and sample["__key__"] != key:
+                    if all(f in sample for f in fields):
+                        yield sample
+                    sample = {}
+                if keys is not None and key not in keys:
+                    continue
+                sample["__key__"] = key
+                if field in fields and member.isfile():
+                    sample[field] = tar.extractfile(member).read()
+            if sample and all(f in sample for f in fields):
+                yield sample

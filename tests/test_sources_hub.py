@@ -118,7 +118,8 @@ def test_objaverse_discover_shards_and_records(objaverse_cache: Path) -> None:
     duck = next(r for r in kept if r.uri == DUCK)
     assert duck.key == f"objaverse:{DUCK}" and duck.source == "objaverse" and duck.license == "by"
     assert duck.meta == {
-        "uid": DUCK, "name": "Duck", "face_count": 4212, "categories": ["animals-pets"], "tags": ["duck", "toy"]
+        "uid": DUCK, "name": "Duck", "face_count": 4212, "categories": ["animals-pets"], "tags": ["duck", "toy"],
+        "object_path": f"glbs/000-000/{DUCK}.glb",
     }
     json.dumps(duck.to_json())
     # No shards given: every shard of object-paths (only the two seeded ones are read).
@@ -179,6 +180,21 @@ def test_objaverse_fetch_returns_cached_file(objaverse_cache: Path, real: Path) 
         assert objaverse._VERSIONED_PATH == "/nonexistent"
     finally:
         objaverse._VERSIONED_PATH = os.path.join(objaverse.BASE_PATH, "hf-objaverse-v1")
+
+
+def test_objaverse_fetch_of_a_cached_file_skips_the_path_index(
+    objaverse_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept, _ = ObjaverseSource(ObjaverseSourceConfig(download_dir=str(objaverse_cache))).discover()
+
+    def no_reparse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_objects re-reads the whole object-paths index")
+
+    monkeypatch.setattr(objaverse, "load_objects", no_reparse)
+    source = ObjaverseSource(ObjaverseSourceConfig(download_dir=str(objaverse_cache)))
+    assert source.fetch(next(r for r in kept if r.uri == DUCK)).is_file()
+    with pytest.raises(FetchError, match="AssertionError"):  # not cached: the package is asked
+        source.fetch(next(r for r in kept if r.uri == GONE))
 
 
 def test_objaverse_offline_without_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,9 +102,10 @@ class ObjaverseSource:
     def __init__(self, cfg: ObjaverseSourceConfig) -> None:
         self.cfg = cfg
 
-    def _record(self, uid: str, ann: dict[str, Any]) -> AssetRecord:
+    def _record(self, uid: str, ann: dict[str, Any], object_path: str) -> AssetRecord:
         meta = {
             "uid": uid,
+            "object_path": object_path,  # lets fetch skip re-reading the 800k-entry path index
             "name": str(ann.get("name") or ""),
             "face_count": as_int(ann.get("faceCount")),
             # Slugs are kept out of meta: names are enough to read and keep meta small.
@@ -173,7 +174,7 @@ class ObjaverseSource:
                     loaded = _download_guard(f"metadata shards {', '.join(group)}", load)
                     annotations.update({u: _slim(a) for u, a in loaded.items()})
                 ann = annotations.get(uid) or {}
-                record = self._record(uid, ann)
+                record = self._record(uid, ann, object_paths[uid])
                 rejection = self._rejection(ann)
                 if rejection is not None:
                     filtered.append(FilteredRecord(record, *rejection))
@@ -182,7 +183,15 @@ class ObjaverseSource:
         return kept, filtered
 
     def fetch(self, record: AssetRecord) -> Path:
+        """The cached file when present; otherwise the package downloads it. Every
+        ``load_objects`` call re-parses the whole object-paths index (~1 s), so the path known
+        from discovery is checked first."""
         uid = record.uri
+        object_path = record.meta.get("object_path")
+        if object_path:
+            cached = Path(versioned_path(self.cfg.download_dir)) / object_path
+            if cached.is_file():
+                return cached
         try:
             with objaverse_root(self.cfg.download_dir):
                 paths = objaverse.load_objects([uid], download_processes=1)
