@@ -107,14 +107,15 @@ def _ray():
 
 
 @contextmanager
-def ray_session(cfg: BuildConfig) -> Iterator[Any]:
+def ray_session(cfg: Any) -> Iterator[Any]:
+    """Join ``cfg.ray.address`` or start a local Ray (shut down again on exit if started here)."""
     ray = _ray()
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
         if cfg.ray.address is None:
-            kwargs["num_cpus"] = cfg.ray.num_cpus
-            if cfg.ray.object_store_memory:
+            kwargs["num_cpus"] = getattr(cfg.ray, "num_cpus", None)
+            if getattr(cfg.ray, "object_store_memory", None):
                 kwargs["object_store_memory"] = cfg.ray.object_store_memory
         ray.init(address=cfg.ray.address, **kwargs)
         started = True

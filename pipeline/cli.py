@@ -19,6 +19,10 @@ from pipeline.config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Know3D data-and-training pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect front/back view data sets.")
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(no_args_is_help=True, help="Train the Know3D models (Ray Train + DeepSpeed).")
+app.add_typer(train_app, name="train")
+generate_app = typer.Typer(no_args_is_help=True, help="Run trained models.")
+app.add_typer(generate_app, name="generate")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -150,6 +154,71 @@ def data_review(
     target = html_path or output / "review.html"
     count = write_gallery(shards, target, num, seed)
     out.print(f"{count} pairs -> {target}")
+
+
+@train_app.command("backview")
+def train_backview(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config differences.")] = None,
+    shards: Annotated[Optional[list[str]], typer.Option("--shards", help="Data-build output / shards (repeatable).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Run folder (checkpoints, LoRA).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore existing checkpoints and start over.")] = False,
+) -> None:
+    """LoRA of Qwen-Image-Edit for front -> back views; resumes from the last checkpoint."""
+    _quiet_libraries()
+    from pipeline.config import TrainBackviewConfig
+
+    overrides = list(set_ or [])
+    if shards:
+        overrides.append(f"data.shards={json.dumps([str(s) for s in shards])}")
+    if output:
+        overrides.append(f"output={json.dumps(str(output))}")
+    if address:
+        overrides.append(f"ray.address={json.dumps(address)}")
+    try:
+        cfg = load_config(config, overrides, model=TrainBackviewConfig)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2)
+    from pipeline.train import run_train_backview
+
+    try:
+        metrics = run_train_backview(cfg, fresh=fresh)
+    except (ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    except RuntimeError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+    loss = metrics.get("loss")
+    out.print(f"trained {metrics.get('step')} steps, loss {loss:.4f}" if loss is not None else "trained")
+    out.print(f"LoRA -> {metrics['lora']}")
+
+
+@generate_app.command("backview")
+def generate_backview_cmd(
+    image: Annotated[Path, typer.Option("--image", help="Front view (PNG/JPEG; alpha is composited on white).")],
+    lora: Annotated[Optional[Path], typer.Option("--lora", help="Exported LoRA folder (<run>/lora).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="A back-view component, e.g. 'two shoulder straps'.")] = None,
+    output: Annotated[Path, typer.Option("--output", help="Where to write the back view.")] = Path("back.png"),
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
+    cfg_scale: Annotated[float, typer.Option(help="True CFG scale (1 = off).")] = 4.0,
+    size: Annotated[Optional[int], typer.Option(help="Resolution (default: the training resolution).")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+) -> None:
+    """Generate the back view of an object from its front view (+ an optional description)."""
+    _quiet_libraries()
+    from training.generate import generate_backview
+
+    try:
+        path = generate_backview(image, output, lora, prompt=prompt, model=model, image_size=size, steps=steps,
+                                 seed=seed, cfg_scale=cfg_scale)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    out.print(f"back view -> {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

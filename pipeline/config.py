@@ -1,4 +1,4 @@
-"""Typed, strict configuration for the data-build stage.
+"""Typed, strict configuration for the data-build and training stages.
 
 A run is described by the defaults below, an optional YAML file of differences and
 `--set dotted.key=value` overrides, applied in that order. Unknown keys are errors that name
@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.prompting import DEFAULT_INSTRUCTION
 
 
 class ConfigError(ValueError):
@@ -237,6 +239,116 @@ class BuildConfig(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
+# --------------------------------------------------------------------------- training: back-view LoRA
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class EditModelConfig(_Strict):
+    name: str = Field(
+        default="Qwen/Qwen-Image-Edit-2511",
+        description="Hub id, local folder of a diffusers pipeline, or 'debug:tiny-qwen-image-edit' (built in code).",
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="auto = bfloat16 on GPUs, float32 on CPUs."
+    )
+    gradient_checkpointing: bool = Field(default=True, description="Non-reentrant activation checkpointing.")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(default=64, ge=1)
+    alpha: float = Field(default=64.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+
+
+class TrainDataConfig(_Strict):
+    shards: list[str] = Field(
+        default_factory=list,
+        description="Data-build output folders (their shard_index.json lists the shards), shard files, globs or "
+        "fsspec URIs (s3://..., gs://...).",
+    )
+    val_shards: list[str] = Field(
+        default_factory=list, description="Validation shards; empty = the 'val' split of the shard indexes."
+    )
+    image_size: int = Field(default=512, ge=16, le=2048, description="Training resolution (square).")
+    shuffle_buffer: int = Field(default=256, ge=1)
+    prompt_probability: float = Field(
+        default=0.5, ge=0, le=1, description="p: chance that a description is appended to the instruction."
+    )
+    instruction: str = DEFAULT_INSTRUCTION
+
+
+class FlowConfig(_Strict):
+    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = Field(default=3.0, gt=0)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = Field(default=100, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class ScheduleConfig(_Strict):
+    max_steps: int = Field(default=10_000, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Samples per worker per forward.")
+    grad_accum: int = Field(default=1, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    validate_every: int = Field(default=500, ge=0, description="0 = no validation grids.")
+    num_validation: int = Field(default=4, ge=1, description="Validation pairs per grid.")
+    validation_steps: int = Field(default=28, ge=1, description="Sampling steps of validation generations.")
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    bf16: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on with GPUs.")
+    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload of the optimizer state to CPU.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed config.")
+
+
+class TrainRayConfig(_Strict):
+    address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on if the cluster has GPUs.")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    storage_path: str | None = Field(
+        default=None, description="Where Ray Train keeps checkpoints (shared storage on clusters); None = <output>/ray."
+    )
+    max_failures: int = Field(default=0, ge=-1, description="Worker-group restarts on failure (-1 = unlimited).")
+
+
+class LatentCacheConfig(_Strict):
+    enabled: bool = Field(default=False, description="Pre-compute VAE latents and prompt embeddings (Ray Data).")
+    dir: str | None = Field(default=None, description="None = <output>/latent_cache.")
+    batch_size: int = Field(default=4, ge=1)
+    num_gpus_per_worker: float = Field(default=1.0, ge=0, description="Used only when the cluster has GPUs.")
+    concurrency: int = Field(default=1, ge=1)
+
+
+class TrainBackviewConfig(_Strict):
+    seed: int = 0
+    output: str = Field(default="runs/train-backview", description="Run folder: checkpoints, exported LoRA.")
+    model: EditModelConfig = Field(default_factory=EditModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
+    cache: LatentCacheConfig = Field(default_factory=LatentCacheConfig)
+    mlflow: MlflowConfig = Field(default_factory=lambda: MlflowConfig(experiment="know3d-train-backview"))
+
+
 # --------------------------------------------------------------------------- loading helpers
 
 
@@ -290,8 +402,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
-    model: type[BuildConfig] = BuildConfig,
-) -> BuildConfig:
+    model: type[BaseModel] = BuildConfig,
+) -> Any:
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

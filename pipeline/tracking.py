@@ -29,6 +29,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -39,6 +40,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -87,7 +89,9 @@ def git_commit(path: Path | None = None) -> str | None:
 class MlflowTracker:
     """MLflow run for one stage invocation (rank 0 / the driver only)."""
 
-    def __init__(self, cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
+    ) -> None:
         import mlflow
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -99,6 +103,16 @@ class MlflowTracker:
             experiment_id = experiment.experiment_id
         else:
             experiment_id = self._client.create_experiment(cfg.experiment, artifact_location=artifact_root(uri))
+        if resume_run_id is not None:  # a resumed training run continues its MLflow run
+            try:
+                run = self._client.get_run(resume_run_id)
+            except Exception:  # noqa: BLE001 - deleted or another store: start a new run
+                run = None
+            if run is not None:
+                self._client.update_run(resume_run_id, status="RUNNING")
+                self.run_id = resume_run_id
+                self.tracking_uri, self.experiment_id = uri, run.info.experiment_id
+                return
         all_tags = {"mlflow.runName": cfg.run_name or run_name, **(tags or {})}
         commit = git_commit()
         if commit:
@@ -125,7 +139,20 @@ class MlflowTracker:
             self._client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """Record the input data set (name, content digest, where it lives) on the run."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="webdataset",
+                          source=json.dumps({"uri": source}))
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -137,7 +164,9 @@ class MlflowTracker:
             self.run_id = None
 
 
-def make_tracker(cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+def make_tracker(
+    cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
+) -> Tracker:
     if not cfg.enabled:
         return NullTracker()
-    return MlflowTracker(cfg, run_name, tags)
+    return MlflowTracker(cfg, run_name, tags, resume_run_id=resume_run_id)

@@ -90,9 +90,26 @@ class PairStream:
             yield sample["__key__"]
 
     def _ordered(self, epoch: int) -> Iterator[dict]:
-        urls = shards_for(self.urls, self.seed, epoch, self.rank, self.world_size)
         rng = random.Random(f"samples:{self.seed}:{epoch}:{self.rank}")
-        return _shuffled(_raw_samples(urls), self.shuffle_buffer, rng)
+        if len(self.urls) >= self.world_size:
+            urls = shards_for(self.urls, self.seed, epoch, self.rank, self.world_size)
+            return _shuffled(_raw_samples(urls), self.shuffle_buffer, rng)
+        # Fewer shards than ranks: every rank reads all shards and keeps every w-th sample.
+        urls = shards_for(self.urls, self.seed, epoch, 0, 1)
+        mine = (s for i, s in enumerate(_raw_samples(urls)) if i % self.world_size == self.rank)
+        return _shuffled(mine, self.shuffle_buffer, rng)
+
+    def forever(self, state: StreamState) -> Iterator[dict]:
+        """Samples across epochs, from ``state`` on (``state`` advances; epochs roll over)."""
+        while True:
+            produced = False
+            for sample in self.iterate(state):
+                produced = True
+                yield sample
+            if not produced and state.consumed == 0:
+                raise ValueError(f"rank {self.rank}: the shards hold no samples for this rank")
+            state.epoch += 1
+            state.consumed = 0
 
     def iterate(self, state: StreamState) -> Iterator[dict]:
         """Decoded samples from ``state``; ``state.consumed`` counts what was yielded."""
@@ -109,3 +126,64 @@ class PairStream:
                 "asset_id": meta["asset_id"],
                 "pair_index": meta["pair_index"],
             }
+
+
+# --------------------------------------------------------------------------- shard inputs
+
+INDEX_FILE = "shard_index.json"
+
+
+def _register_fsspec() -> None:
+    """Let webdataset open any fsspec URL (s3://, gs://, hf://, ...) it has no handler for."""
+    import fsspec
+
+    for protocol in fsspec.available_protocols():
+        if protocol in ("file", "http", "https", "pipe") or protocol in wds.gopen_schemes:
+            continue
+        wds.gopen_schemes[protocol] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def resolve_shards(specs: list[str], split: str) -> tuple[list[str], str]:
+    """Shard URLs of ``split`` and a digest identifying the input data.
+
+    A spec is a data-build output folder (its ``shard_index.json`` lists shards and splits), a
+    ``.tar`` file, a glob, or an fsspec URL to either. The digest is the sha256 of the sorted
+    (name, sha256) pairs from the indexes, or of the URLs when no index exists.
+    """
+    import glob
+    import hashlib
+    import os
+
+    import fsspec
+
+    _register_fsspec()
+    urls: list[str] = []
+    ident: list[str] = []
+    for spec in specs:
+        if spec.endswith(".tar"):
+            found = [spec] if _is_url(spec) else sorted(glob.glob(spec)) or [spec]
+            for url in found:
+                if not _is_url(url) and not os.path.isfile(url):
+                    raise FileNotFoundError(f"shard not found: {url}")
+            urls += found
+            ident += found
+            continue
+        index_url = spec.rstrip("/") + "/" + INDEX_FILE
+        try:
+            with fsspec.open(index_url, "rt") as f:
+                index = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{spec}: no {INDEX_FILE} (expected a data-build output folder or .tar shards)") \
+                from None
+        except ValueError as exc:
+            raise ValueError(f"{index_url}: unreadable shard index ({exc})") from None
+        for entry in index.get("shards", []):
+            if entry.get("split") == split:
+                urls.append(spec.rstrip("/") + "/" + entry["name"])
+                ident.append(f"{entry['name']}:{entry.get('sha256', '')}")
+    digest = hashlib.sha256("\n".join(sorted(ident)).encode()).hexdigest()
+    return urls, digest

@@ -16,6 +16,12 @@ DEFAULT_INSTRUCTION = (
 )
 
 
+def build_prompt(description: str | None, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """The instruction, plus "The back shows <description>." when a description is given."""
+    description = (description or "").strip().rstrip(".")
+    return f"{instruction} The back shows {description}." if description else instruction
+
+
 def stochastic_prompt(
     components: list[str], p: float, rng: random.Random, instruction: str = DEFAULT_INSTRUCTION
 ) -> tuple[str, str | None]:
@@ -24,10 +30,10 @@ def stochastic_prompt(
         raise ValueError(f"p must be in [0, 1], got {p}")
     if components and rng.random() < p:
         description = rng.choice(components)
-        return f"{instruction} The back shows {description}.", description
+        return build_prompt(description, instruction), description
     return instruction, None
 
 
 def prompt_variants(components: list[str], instruction: str = DEFAULT_INSTRUCTION) -> list[str]:
     """Every prompt a pair can get: used to pre-compute prompt embeddings once per variant."""
-    return [instruction] + [f"{instruction} The back shows {c}." for c in components]
+    return [instruction] + [build_prompt(c, instruction) for c in components]

@@ -1,0 +1,223 @@
+"""The back-view model on the tiny Qwen-Image-Edit built in code: latents, LoRA, one training
+step's loss, overfitting, export -> diffusers ``load_lora_weights``, generation CLI errors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import LORA_TARGETS, TrainBackviewConfig
+from training.backview_train import deepspeed_config, derive_seed, training_loss
+from training.debug_models import DEBUG_EDIT_MODEL
+from training.edit_model import (EditModel, add_lora, export_lora, load_pipeline, pack_latents, pad_prompts,
+                                 unpack_latents)
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    pipe = load_pipeline(DEBUG_EDIT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _fresh_model(lora: bool = True) -> EditModel:
+    pipe = load_pipeline(DEBUG_EDIT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    model = EditModel(pipe, torch.device("cpu"), torch.float32, SIZE)
+    if lora:
+        torch.manual_seed(0)
+        add_lora(model.transformer, rank=4, alpha=4, dropout=0.0, targets=list(LORA_TARGETS))
+    return model
+
+
+def _samples(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        front = rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32)
+        out.append({"front": front, "back": -front[:, :, ::-1].copy(), "components": ["a handle"] if i % 2 else [],
+                    "key": f"k{i}", "asset_id": f"a{i}", "pair_index": 0})
+    return out
+
+
+def _cfg(**kw) -> TrainBackviewConfig:
+    cfg = TrainBackviewConfig()
+    cfg.data.image_size = SIZE
+    for k, v in kw.items():
+        section, key = k.split("__")
+        setattr(getattr(cfg, section), key, v)
+    return cfg
+
+
+def test_pack_unpack_match_the_pipeline(base_pipe):
+    from diffusers import QwenImageEditPlusPipeline
+
+    x = torch.randn(2, 4, 1, 8, 6)
+    packed = pack_latents(x)
+    assert packed.shape == (2, 12, 16)
+    assert torch.equal(packed, QwenImageEditPlusPipeline._pack_latents(x[:, :, 0], 2, 4, 8, 6))
+    assert torch.equal(unpack_latents(packed, 8, 6), x)
+
+
+def test_encoders_shapes_and_prompt_padding():
+    model = _fresh_model(lora=False)
+    s = _samples(2)
+    lat = model.encode_images(torch.from_numpy(np.stack([x["front"] for x in s])))
+    assert lat.shape == (2, 4, 1, SIZE // model.vae_scale, SIZE // model.vae_scale)
+    a = model.encode_prompt("short", s[0]["front"])
+    b = model.encode_prompt("a much longer prompt than the other one", s[1]["front"])
+    assert a.ndim == 2 and a.shape[1] == 32 and b.shape[0] > a.shape[0]
+    padded, mask = pad_prompts([a, b], torch.device("cpu"))
+    assert padded.shape == (2, b.shape[0], 32)
+    assert mask[0].sum() == a.shape[0] and mask[1].sum() == b.shape[0]
+    assert torch.equal(padded[0, : a.shape[0]], a) and not padded[0, a.shape[0]:].any()
+    assert pad_prompts([a, a], torch.device("cpu"))[1] is None
+
+
+def _set_zero_cond_t(transformer, on: bool) -> None:
+    transformer.zero_cond_t = on
+    for block in transformer.transformer_blocks:
+        block.zero_cond_t = on
+
+
+def test_zero_cond_t_modulates_reference_tokens_at_t0():
+    """2511's zero_cond_t: reference tokens are modulated with t = 0. At t = 0 it makes no
+    difference; at t > 0 it does — which also checks that img_shapes separates target tokens
+    from reference tokens the way the pipeline does."""
+    model = _fresh_model(lora=False)
+    assert model.transformer.config.zero_cond_t is True
+    assert model.img_shapes(3, (8, 8)) == [[(1, 4, 4), (1, 4, 4)]] * 3
+    s = _samples(1)
+    pair = model.encode_pair(torch.from_numpy(s[0]["front"][None]), torch.from_numpy(s[0]["back"][None]))
+    embeds, mask = pad_prompts([model.encode_prompt("rotate", s[0]["front"])], model.device)
+    noisy = torch.randn(pair.target.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.no_grad():
+        for on in (True, False):
+            _set_zero_cond_t(model.transformer, on)
+            for tv in (0.0, 0.7):
+                t = torch.full((1,), tv)
+                out[on, tv] = model.velocity(model.transformer, noisy, pair.reference, t, embeds, mask, pair.latent_hw)
+    assert out[True, 0.0].shape == pair.target.shape
+    torch.testing.assert_close(out[True, 0.0], out[False, 0.0])
+    assert (out[True, 0.7] - out[False, 0.7]).abs().max() > 1e-4
+
+
+def test_only_lora_parameters_train():
+    model = _fresh_model(lora=True)
+    trainable = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    for target in LORA_TARGETS:  # image and text streams, in every block
+        for block in range(2):
+            assert any(f"transformer_blocks.{block}.attn.{target}.lora_A" in n for n in trainable), target
+    frozen = [p for n, p in model.transformer.named_parameters() if not p.requires_grad]
+    assert len(frozen) > 0
+    assert not any(p.requires_grad for p in model.pipe.vae.parameters())
+    assert not any(p.requires_grad for p in model.pipe.text_encoder.parameters())
+    # rank 4: A is [4, in], B is [out, 4]
+    name = "transformer_blocks.0.attn.to_q.lora_A.default.weight"
+    assert dict(model.transformer.named_parameters())[name].shape == (4, 32)
+
+
+def test_training_loss_is_deterministic_and_uses_p():
+    model = _fresh_model()
+    cfg = _cfg(data__prompt_probability=1.0)
+    s = _samples(2)
+    l1, per1, t1, used = training_loss(model, model.transformer, s, cfg, (0, 0, 5, 0))
+    l2, per2, t2, _ = training_loss(model, model.transformer, s, cfg, (0, 0, 5, 0))
+    assert torch.equal(per1, per2) and torch.equal(t1, t2)
+    assert used == [None, "a handle"]  # p = 1: the pair with a description always gets it
+    l3, *_ = training_loss(model, model.transformer, s, cfg, (0, 0, 6, 0))
+    assert float(l3.detach()) != float(l1.detach())
+    assert derive_seed(1, 2) != derive_seed(2, 1)
+
+
+def test_loss_falls_when_one_batch_is_repeated():
+    model = _fresh_model()
+    cfg = _cfg()
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    batch = _samples(2)
+    losses = []
+    for step in range(30):
+        loss, *_ = training_loss(model, model.transformer, batch, cfg, (0, 0, 0, 0))  # same noise, t, prompts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_lora_export_loads_with_diffusers_and_reproduces_the_trained_model(tmp_path: Path, base_pipe):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from training.generate import generate
+
+    model = _fresh_model()
+    with torch.no_grad():  # a "trained" LoRA: B != 0
+        g = torch.Generator().manual_seed(1)
+        for n, p in model.transformer.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    front = _samples(1)[0]["front"]
+    trained = generate(model.pipe, front, "rotate", SIZE, steps=3, seed=0, cfg_scale=1.0)
+    folder = export_lora(model.transformer, tmp_path / "lora", {"model": DEBUG_EDIT_MODEL, "image_size": SIZE})
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+
+    base = generate(base_pipe, front, "rotate", SIZE, steps=3, seed=0, cfg_scale=1.0)
+    loaded = load_pipeline(DEBUG_EDIT_MODEL)
+    assert isinstance(loaded, QwenImageEditPlusPipeline)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(str(folder))
+    reloaded = generate(loaded, front, "rotate", SIZE, steps=3, seed=0, cfg_scale=1.0)
+    np.testing.assert_allclose(reloaded, trained, atol=1e-5)
+    assert np.abs(reloaded - base).max() > 1e-2
+
+
+def test_deepspeed_config_from_the_run_config():
+    cfg = _cfg(schedule__micro_batch_size=2, schedule__grad_accum=4)
+    cfg.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 1e6}, "seed_extra": 1}
+    ds = deepspeed_config(cfg, world_size=8, bf16=True)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 1e6
+    assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0 and ds["seed_extra"] == 1
+    cfg.deepspeed.zero_stage = 0
+    cfg.deepspeed.extra = {}
+    assert deepspeed_config(cfg, 1, False)["zero_optimization"] == {"stage": 0}
+
+
+def test_generate_cli_rejects_bad_inputs(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", "backview", "--image", str(tmp_path / "missing.png"),
+                              "--model", DEBUG_EDIT_MODEL])
+    assert res.exit_code == 2 and "missing.png" in res.output and "no such image" in res.output
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    res = runner.invoke(app, ["generate", "backview", "--image", str(junk), "--model", DEBUG_EDIT_MODEL])
+    assert res.exit_code == 2 and "junk.png" in res.output and "not a readable image" in res.output
+    res = runner.invoke(app, ["generate", "backview", "--image", str(junk), "--lora", str(tmp_path)])
+    assert res.exit_code == 2 and "pytorch_lora_weights.safetensors" in res.output
+
+
+def test_stochastic_prompts_in_training_follow_p():
+    """The per-step prompt generators of training give descriptions at rate p."""
+    from training.prompting import stochastic_prompt
+
+    cfg = _cfg(data__prompt_probability=0.3)
+    with_desc = 0
+    for step in range(2000):
+        rng = random.Random(derive_seed("prompt", 0, 0, step, 0))
+        _, d = stochastic_prompt(["a handle", "a lid"], cfg.data.prompt_probability, rng)
+        with_desc += d is not None
+    assert abs(with_desc / 2000 - 0.3) < 0.04

@@ -1,0 +1,112 @@
+"""Back-view generation with diffusers' ``QwenImageEditPlusPipeline`` (+ an exported LoRA).
+
+The front view is composited on white (as in training), VAE-encoded at the training resolution
+and given to the text encoder at the pipeline's condition size. Without a description the prompt
+is the bare rotation instruction; with one it is the instruction plus "The back shows ...".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.data import decode_image
+from training.edit_model import load_pipeline, to_pil, torch_dtype, vae_image_size
+from training.prompting import DEFAULT_INSTRUCTION, build_prompt
+
+LORA_META = "know3d_lora.json"
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def load_front(path: Path, size: int) -> np.ndarray:
+    """An image file -> [3, size, size] in [-1, 1] on white; size and format are checked first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise ValueError(f"{path}: {img.width}x{img.height} is larger than {MAX_INPUT_PIXELS} pixels")
+            img.load()
+            buf = _to_png(img)
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    return decode_image(buf, size)
+
+
+def _to_png(img: Image.Image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    img.convert("RGBA").save(out, format="PNG")
+    return out.getvalue()
+
+
+def read_lora_meta(lora: Path) -> dict:
+    lora = Path(lora)
+    if not (lora / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"{lora}: no pytorch_lora_weights.safetensors (expected an exported LoRA folder)")
+    meta = lora / LORA_META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    front: np.ndarray,
+    prompt: str,
+    image_size: int,
+    steps: int = 28,
+    seed: int = 0,
+    cfg_scale: float = 4.0,
+) -> np.ndarray:
+    """One back view, [3, H, W] in [-1, 1]. ``cfg_scale > 1`` uses true CFG with an empty negative."""
+    device = pipe.transformer.device
+    kwargs = {}
+    if cfg_scale > 1:
+        kwargs = {"true_cfg_scale": cfg_scale, "negative_prompt": " "}
+    else:
+        kwargs = {"true_cfg_scale": 1.0}
+    with vae_image_size(image_size * image_size):
+        out = pipe(
+            image=[to_pil(front)], prompt=prompt, height=image_size, width=image_size,
+            num_inference_steps=steps, generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="np", **kwargs,
+        ).images[0]
+    return (np.asarray(out, np.float32).transpose(2, 0, 1) * 2.0) - 1.0
+
+
+def generate_backview(
+    image: Path,
+    output: Path,
+    lora: Path | None,
+    prompt: str | None = None,
+    model: str | None = None,
+    image_size: int | None = None,
+    steps: int = 28,
+    seed: int = 0,
+    cfg_scale: float = 4.0,
+    device: str | None = None,
+) -> Path:
+    """CLI body: base model (from the LoRA's metadata unless given) + LoRA -> back view PNG."""
+    meta = read_lora_meta(lora) if lora else {}
+    model = model or meta.get("model")
+    if not model:
+        raise ValueError("no base model: pass --model (the LoRA folder has no know3d_lora.json)")
+    size = image_size or int(meta.get("image_size", 512))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    front = load_front(image, size)
+    pipe = load_pipeline(model, dtype=torch_dtype("auto", dev)).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(str(lora))
+    instruction = meta.get("instruction", DEFAULT_INSTRUCTION)
+    back = generate(pipe, front, build_prompt(prompt, instruction), size, steps=steps, seed=seed, cfg_scale=cfg_scale)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(back).save(output)
+    return output
