@@ -334,6 +334,10 @@ class LatentCacheConfig(_Strict):
     concurrency: int = Field(default=1, ge=1)
 
 
+class TrainMlflowConfig(MlflowConfig):
+    experiment: str = "know3d-train-backview"
+
+
 class TrainBackviewConfig(_Strict):
     seed: int = 0
     output: str = Field(default="runs/train-backview", description="Run folder: checkpoints, exported LoRA.")
@@ -346,7 +350,7 @@ class TrainBackviewConfig(_Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     ray: TrainRayConfig = Field(default_factory=TrainRayConfig)
     cache: LatentCacheConfig = Field(default_factory=LatentCacheConfig)
-    mlflow: MlflowConfig = Field(default_factory=lambda: MlflowConfig(experiment="know3d-train-backview"))
+    mlflow: TrainMlflowConfig = Field(default_factory=TrainMlflowConfig)
 
 
 # --------------------------------------------------------------------------- loading helpers

@@ -340,11 +340,11 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                 if env.rank == 0:
                     grid = validation_grid(model, val_samples, cfg, output / "validation" / f"step_{step:06d}.png")
                     tracker.log_artifact(grid, "validation")
+                    tracker.log_metrics(val, step=step)
+                    last.update(val)
                 elif cfg.deepspeed.zero_stage == 3:  # partitioned weights: every rank takes part in sampling
                     with tempfile.TemporaryDirectory() as tmp:
                         validation_grid(model, val_samples, cfg, Path(tmp) / "grid.png")
-                    tracker.log_metrics(val, step=step)
-                    last.update(val)
                 engine.train()
 
             if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.max_steps:

@@ -1,0 +1,175 @@
+"""`know3d train backview` end to end: 2 Ray Train workers × DeepSpeed ZeRO-2 (gloo, CPU) on shards
+from a data build, MLflow, validation grids, LoRA export -> generate, and kill -9 -> resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import run_build
+from pipeline.config import TrainBackviewConfig, load_config
+from training.backview_train import STATE_FILE, steps_done
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_local) -> Path:
+    """A small data build (procedural assets with part descriptions), like the quickstart's."""
+    out = tmp_path_factory.mktemp("data") / "build"
+    cfg = load_config(None, [
+        f"output={out}", "source.kind=procedural", "source.procedural.num_assets=6", "render.resolution=64",
+        "shard.max_samples=12", "shard.val_fraction=0.3", "mlflow.enabled=false", "ray.render_concurrency=2",
+    ])
+    summary = run_build(cfg)
+    assert summary.num_failed == 0 and summary.num_samples == 36
+    return out
+
+
+def _train_cfg(shards: Path, out: Path, db: Path, *extra: str) -> TrainBackviewConfig:
+    return load_config(ROOT / "configs" / "backview_debug.yaml", [
+        f"output={out}", f"data.shards=[{shards}]", "data.image_size=32", "schedule.max_steps=6",
+        "schedule.checkpoint_every=2", "schedule.validate_every=3", "schedule.log_every=1",
+        "schedule.validation_steps=2", f"mlflow.tracking_uri=sqlite:///{db}", *extra,
+    ], model=TrainBackviewConfig)
+
+
+@pytest.fixture(scope="module")
+def trained(shards: Path, tmp_path_factory, ray_local):
+    from pipeline.train import run_train_backview
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = _train_cfg(shards, root / "run", root / "mlflow.db")
+    metrics = run_train_backview(cfg)
+    return root, cfg, metrics
+
+
+def test_ray_train_deepspeed_zero2_two_workers(trained):
+    root, cfg, metrics = trained
+    run = Path(cfg.output)
+    assert metrics["step"] == 6
+    losses = steps_done(run / "metrics.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(v > 0 for v in losses.values())
+    ckpts = sorted(p for p in (run / "ray" / run.name).glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 3  # steps 2, 4, 6 (keep 3)
+    last = json.loads((ckpts[-1] / STATE_FILE).read_text())
+    assert last["step"] == 6 and last["world_size"] == 2 and len(last["streams"]) == 2
+    ds_files = sorted(p.name for p in (ckpts[-1] / "ds").iterdir())
+    assert ds_files == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # frozen parameters are not in the checkpoint: only LoRA weights
+    import torch
+
+    states = torch.load(ckpts[-1] / "ds" / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    names = list(states["module"])
+    assert names and all("lora_" in n for n in names)
+    assert (run / "validation" / "step_000003.png").is_file() and (run / "validation" / "step_000006.png").is_file()
+
+
+def test_training_logs_to_mlflow(trained):
+    import mlflow
+
+    root, cfg, _ = trained
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("know3d-train-backview")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.lora.rank"] == "8" and run.data.params["world_size"] == "2"
+    assert "mlflow.source.git.commit" in run.data.tags or not (ROOT / ".git").exists()
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    for key in ("lr", "samples_per_s", "val_loss"):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("loss_t") for k in run.data.metrics)
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "train-shards"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert "validation/step_000006.png" in artifacts
+    lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
+    assert "lora/pytorch_lora_weights.safetensors" in lora
+
+
+def test_exported_lora_generates_a_back_view(trained, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.shards import iter_samples
+
+    _, cfg, _ = trained
+    lora = Path(cfg.output) / "lora"
+    meta = json.loads((lora / "know3d_lora.json").read_text())
+    assert meta["model"] == "debug:tiny-qwen-image-edit" and meta["image_size"] == 32 and meta["steps"] == 6
+    front = tmp_path / "front.png"
+    shard = sorted(Path(cfg.data.shards[0]).glob("val-*.tar"))[0]
+    sample = next(iter_samples([shard], fields=("front.png",)))
+    front.write_bytes(sample["front.png"])
+    out = tmp_path / "back.png"
+    res = CliRunner().invoke(app, ["generate", "backview", "--image", str(front), "--lora", str(lora),
+                                   "--prompt", "a handle", "--steps", "2", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(trained, shards: Path, tmp_path: Path):
+    """kill -9 of the whole training (driver, Ray, workers) after the first checkpoint; the
+    restarted command continues from it and logs exactly the losses of the uninterrupted run."""
+    root, ref_cfg, _ = trained
+    reference = steps_done(Path(ref_cfg.output) / "metrics.jsonl")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline.cli", "train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
+            "--output", str(out), "--set", f"data.shards=[{shards}]", "--set", "data.image_size=32",
+            "--set", "schedule.max_steps=6", "--set", "schedule.checkpoint_every=2", "--set", "schedule.log_every=1",
+            "--set", "schedule.validate_every=0", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    store = out / "ray" / out.name
+    while time.time() < deadline:
+        if any(store.glob("checkpoint_*/know3d_state.json")) and len(steps_done(out / "metrics.jsonl")) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be killed")
+        time.sleep(0.2)
+    else:
+        pytest.fail("no checkpoint within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(steps_done(out / "metrics.jsonl"))
+    assert killed_at < 6
+
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    resumed = steps_done(out / "metrics.jsonl")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
+
+
+def test_bad_training_inputs_fail_cleanly(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
+                              "--shards", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nowhere" in res.output and "shard_index.json" in res.output
+    res = runner.invoke(app, ["train", "backview", "--set", "lora.rnk=4"])
+    assert res.exit_code == 2 and "lora.rank" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "shard_index.json").write_text(json.dumps({"shards": [{"name": "val-000000.tar", "split": "val"}]}))
+    res = runner.invoke(app, ["train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
+                              "--shards", str(empty), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no 'train' shards" in res.output
