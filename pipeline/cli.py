@@ -33,6 +33,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="trimesh")
     for name in ("trimesh", "mlflow", "alembic", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # diffusers/transformers loading bars
 
 
 @data_app.command("build")
@@ -193,6 +194,8 @@ def train_backview(
         raise typer.Exit(1)
     loss = metrics.get("loss")
     out.print(f"trained {metrics.get('step')} steps, loss {loss:.4f}" if loss is not None else "trained")
+    if "samples_per_s" in metrics:
+        out.print(f"{metrics['samples_per_s']:.1f} samples/s (last logging window)")
     out.print(f"LoRA -> {metrics['lora']}")
 
 

@@ -41,13 +41,25 @@ def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
     return cfg
 
 
+def _remove_run(storage: str, name: str) -> None:
+    """Delete a run's Ray Train checkpoints (local path or any fsspec URL)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(storage)
+    target = f"{root.rstrip('/')}/{name}"
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+
+
 def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
     """Train; returns the final metrics (loss, lr, samples/s, ...) and where things are."""
     cfg = prepare(cfg)
-    storage = Path(cfg.ray.storage_path).resolve() if cfg.ray.storage_path else Path(cfg.output) / "ray"
+    storage = cfg.ray.storage_path or str(Path(cfg.output) / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
     name = Path(cfg.output).name
     if fresh:
-        shutil.rmtree(storage / name, ignore_errors=True)
+        _remove_run(storage, name)
         for leftover in ("metrics.jsonl", "lora", "validation"):
             target = Path(cfg.output) / leftover
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
@@ -75,7 +87,7 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             run_config=RunConfig(
-                name=name, storage_path=str(storage),
+                name=name, storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 worker_runtime_env={"env_vars": env_vars},

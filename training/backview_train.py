@@ -165,6 +165,7 @@ def validation_grid(model: EditModel, samples: list[dict], cfg: TrainBackviewCon
     from training.generate import generate
 
     size = model.image_size
+    cell = max(size, 128)  # small debug images are upscaled so the grid stays readable
     rows = []
     for i, s in enumerate(samples):
         description = s["components"][0] if s["components"] else None
@@ -174,16 +175,16 @@ def validation_grid(model: EditModel, samples: list[dict], cfg: TrainBackviewCon
                              steps=cfg.schedule.validation_steps, seed=cfg.seed + i) if description else None)
         rows.append((s, plain, prompted, description))
     header = 16
-    grid = Image.new("RGB", (4 * size, len(rows) * (size + header)), "white")
+    grid = Image.new("RGB", (4 * cell, len(rows) * (cell + header)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (s, plain, prompted, description) in enumerate(rows):
-        y = r * (size + header)
+        y = r * (cell + header)
         labels = ["front", "generated", f"+ '{description}'" if description else "(no description)", "true back"]
         images = [s["front"], plain, prompted, s["back"]]
         for c, (label, img) in enumerate(zip(labels, images)):
-            draw.text((c * size + 2, y + 2), label[:40], fill="black")
+            draw.text((c * cell + 2, y + 2), label[:24], fill="black")
             if img is not None:
-                grid.paste(to_pil(img), (c * size, y + header))
+                grid.paste(to_pil(img).resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + header))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path

@@ -65,12 +65,7 @@ def generate(
     cfg_scale: float = 4.0,
 ) -> np.ndarray:
     """One back view, [3, H, W] in [-1, 1]. ``cfg_scale > 1`` uses true CFG with an empty negative."""
-    device = pipe.transformer.device
-    kwargs = {}
-    if cfg_scale > 1:
-        kwargs = {"true_cfg_scale": cfg_scale, "negative_prompt": " "}
-    else:
-        kwargs = {"true_cfg_scale": 1.0}
+    kwargs = {"true_cfg_scale": cfg_scale, "negative_prompt": " "} if cfg_scale > 1 else {"true_cfg_scale": 1.0}
     with vae_image_size(image_size * image_size):
         out = pipe(
             image=[to_pil(front)], prompt=prompt, height=image_size, width=image_size,
