@@ -71,6 +71,12 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
 
         from training.backview_train import ray_train_loop
 
+        if cfg.cache.enabled:
+            from training.data import resolve_shards
+            from training.latent_cache import build_cache, cache_folder
+
+            counts = build_cache(cfg, resolve_shards(cfg.data.shards, "train")[0], ray)
+            log.info("latent cache %s: %s", cache_folder(cfg), counts)
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         use_gpu = has_gpu if cfg.ray.use_gpu == "auto" else cfg.ray.use_gpu == "on"
         env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}

@@ -173,3 +173,17 @@ def test_bad_training_inputs_fail_cleanly(tmp_path: Path):
     res = runner.invoke(app, ["train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
                               "--shards", str(empty), "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no 'train' shards" in res.output
+
+
+def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_path: Path, ray_local):
+    from pipeline.train import run_train_backview
+    from training.latent_cache import cache_folder
+
+    cfg = _train_cfg(shards, tmp_path / "run", tmp_path / "m.db", "cache.enabled=true", "schedule.max_steps=2",
+                     "schedule.validate_every=0")
+    metrics = run_train_backview(cfg)
+    assert metrics["step"] == 2
+    index = json.loads((shards / "shard_index.json").read_text())
+    folder = cache_folder(cfg.model_copy(update={"output": str((tmp_path / "run").resolve())}))
+    assert len(list(folder.glob("*.npz"))) == index["splits"]["train"]["num_samples"]
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -221,3 +221,52 @@ def test_stochastic_prompts_in_training_follow_p():
         _, d = stochastic_prompt(["a handle", "a lid"], cfg.data.prompt_probability, rng)
         with_desc += d is not None
     assert abs(with_desc / 2000 - 0.3) < 0.04
+
+
+def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
+    """The pre-pass stores exactly what the encoders compute: a step from the cache (no VAE, no
+    text encoder loaded) has the same loss as a step that runs the encoders."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from training.latent_cache import LatentEncoder, cache_folder, load_entry
+
+    cfg = _cfg(data__prompt_probability=1.0, model__name=DEBUG_EDIT_MODEL)
+    cfg.output = str(tmp_path)
+    rng = np.random.default_rng(0)
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    fronts = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
+    backs = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
+    comps = [[], ["a handle", "a lid"]]
+    batch = {"key": np.array(["k0", "k1"]), "front": [png(f) for f in fronts], "back": [png(b) for b in backs],
+             "components": np.array([json.dumps(c) for c in comps])}
+    encoder = LatentEncoder(cfg.model_dump_json())
+    assert encoder(batch)["status"] == ["encoded", "encoded"]
+    assert encoder(batch)["status"] == ["cached", "cached"]  # resumable: present files are skipped
+    folder = cache_folder(cfg)
+    entry = load_entry(folder, "k1")
+    assert sorted(entry) == ["back_latent", "components", "front_latent", "prompt_0", "prompt_1", "prompt_2"]
+    with pytest.raises(FileNotFoundError, match="not in the latent cache"):
+        load_entry(folder, "missing")
+
+    from training.data import decode_image
+
+    samples = [{"key": f"k{i}", "front": decode_image(png(fronts[i]), SIZE), "back": decode_image(png(backs[i]), SIZE),
+                "components": comps[i]} for i in range(2)]
+    model = _fresh_model()
+    direct, per_direct, _, used = training_loss(model, model.transformer, samples, cfg, (0, 0, 1, 0))
+    lean = load_pipeline(DEBUG_EDIT_MODEL, vae=None, text_encoder=None)
+    lean_model = EditModel(lean, torch.device("cpu"), torch.float32, SIZE)
+    lean_model.pipe.transformer = model.transformer  # same LoRA'd MMDiT
+    keys_only = [{"key": s["key"], "components": s["components"]} for s in samples]
+    cached, per_cached, _, used_cached = training_loss(lean_model, model.transformer, keys_only, cfg, (0, 0, 1, 0),
+                                                       cache=folder)
+    assert used == used_cached and used[1] in comps[1]
+    torch.testing.assert_close(per_cached, per_direct, rtol=1e-5, atol=1e-6)

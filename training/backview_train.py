@@ -37,8 +37,8 @@ import torch
 from pipeline.config import TrainBackviewConfig
 from training.data import PairStream, StreamState, resolve_shards
 from training.debug_models import DEBUG_PREFIX
-from training.edit_model import (EditModel, add_lora, export_lora, load_pipeline, pad_prompts, resolve_model_path,
-                                 torch_dtype)
+from training.edit_model import (EditModel, EncodedPair, add_lora, export_lora, load_pipeline, pack_latents,
+                                 pad_prompts, resolve_model_path, torch_dtype)
 from training.flow_matching import flow_matching_loss, interpolate, sample_timesteps, timestep_bins
 from training.prompting import build_prompt, stochastic_prompt
 
@@ -122,14 +122,34 @@ def _encode_batch(model: EditModel, samples: list[dict], prompts: list[str]):
     return pair, embeds, mask
 
 
+def _cached_batch(model: EditModel, samples: list[dict], chosen: list[tuple[str, str | None]], cache: Path):
+    from training.latent_cache import load_entry
+
+    entries = [load_entry(cache, s["key"]) for s in samples]
+    front = torch.from_numpy(np.stack([e["front_latent"] for e in entries])).to(model.device)
+    back = torch.from_numpy(np.stack([e["back_latent"] for e in entries])).to(model.device)
+    prompts = []
+    for s, e, (_, description) in zip(samples, entries, chosen):
+        index = 0 if description is None else 1 + s["components"].index(description)
+        prompts.append(torch.from_numpy(e[f"prompt_{index}"]))
+    embeds, mask = pad_prompts(prompts, model.device)
+    pair = EncodedPair(target=pack_latents(back), reference=pack_latents(front), latent_hw=tuple(back.shape[-2:]))
+    return pair, embeds, mask
+
+
 def training_loss(
-    model: EditModel, transformer, samples: list[dict], cfg: TrainBackviewConfig, seed_parts: tuple
+    model: EditModel, transformer, samples: list[dict], cfg: TrainBackviewConfig, seed_parts: tuple,
+    cache: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
-    """(mean loss, per-sample losses, timesteps, descriptions used) of one micro-batch."""
+    """(mean loss, per-sample losses, timesteps, descriptions used) of one micro-batch; with
+    ``cache`` the latents and prompt embeddings come from the pre-pass instead of the encoders."""
     rng = random.Random(derive_seed("prompt", *seed_parts))
     chosen = [stochastic_prompt(s["components"], cfg.data.prompt_probability, rng, cfg.data.instruction)
               for s in samples]
-    pair, embeds, mask = _encode_batch(model, samples, [p for p, _ in chosen])
+    if cache is not None:
+        pair, embeds, mask = _cached_batch(model, samples, chosen, cache)
+    else:
+        pair, embeds, mask = _encode_batch(model, samples, [p for p, _ in chosen])
     gen = torch.Generator().manual_seed(derive_seed("noise", *seed_parts))
     f = cfg.flow
     t = sample_timesteps(f.timestep_sampling, len(samples), gen, logit_mean=f.logit_mean, logit_std=f.logit_std,
@@ -239,7 +259,16 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
             resolve_model_path(cfg.model.name)
         if dist.is_initialized():
             dist.barrier()
-    pipe = load_pipeline(cfg.model.name, cfg.model.revision, dtype=dtype)
+    cache = None
+    encoders: dict = {}
+    if cfg.cache.enabled:
+        from training.latent_cache import cache_folder
+
+        cache = cache_folder(cfg)
+        needs_encoders = cfg.schedule.validate_every > 0 and (env.rank == 0 or cfg.deepspeed.zero_stage == 3)
+        if not needs_encoders:  # only the MMDiT: latents and prompt embeddings come from the cache
+            encoders = {"vae": None, "text_encoder": None}
+    pipe = load_pipeline(cfg.model.name, cfg.model.revision, dtype=dtype, **encoders)
     pipe.set_progress_bar_config(disable=True)
     model = EditModel(pipe, device, dtype, cfg.data.image_size)
     transformer = model.transformer
@@ -263,7 +292,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     val_urls = (resolve_shards(cfg.data.val_shards, "val")[0] if cfg.data.val_shards
                 else resolve_shards(cfg.data.shards, "val")[0])
     stream = PairStream(train_urls, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                        shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size)
+                        shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size, decode=cache is None)
 
     step, state, run_id = 0, StreamState(), None
     if env.resume_from is not None:
@@ -302,7 +331,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                 parts = (cfg.seed, env.rank, step, micro)
                 torch.manual_seed(derive_seed("torch", *parts))  # LoRA dropout etc.
                 samples = batcher.next()
-                loss, per_sample, t, _ = training_loss(model, engine, samples, cfg, parts)
+                loss, per_sample, t, _ = training_loss(model, engine, samples, cfg, parts, cache)
                 engine.backward(loss)
                 engine.step()
                 step_losses.append(per_sample)

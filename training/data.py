@@ -76,6 +76,7 @@ class PairStream:
     def __init__(
         self, urls: list[str], seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256,
         image_size: int | None = None,
+        decode: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -83,6 +84,7 @@ class PairStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer
         self.image_size = image_size
+        self.decode = decode  # False: keys and descriptions only (training from a latent cache)
 
     def keys(self, epoch: int) -> Iterator[str]:
         """Sample keys in this rank's order for ``epoch`` (no image decoding)."""
@@ -118,14 +120,16 @@ class PairStream:
                 continue
             meta = json.loads(sample["json"])
             state.consumed = index + 1
-            yield {
+            out = {
                 "key": sample["__key__"],
-                "front": decode_image(sample["front.png"], self.image_size),
-                "back": decode_image(sample["back.png"], self.image_size),
                 "components": list(meta.get("components") or []),
                 "asset_id": meta["asset_id"],
                 "pair_index": meta["pair_index"],
             }
+            if self.decode:
+                out["front"] = decode_image(sample["front.png"], self.image_size)
+                out["back"] = decode_image(sample["back.png"], self.image_size)
+            yield out
 
 
 # --------------------------------------------------------------------------- shard inputs

@@ -38,14 +38,15 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def load_pipeline(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """The diffusers pipeline from a hub id / folder / ``debug:`` name (safetensors only)."""
+def load_pipeline(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32, **components):
+    """The diffusers pipeline from a hub id / folder / ``debug:`` name (safetensors only);
+    ``components`` replace parts, e.g. ``transformer=None`` to load only the frozen encoders."""
     from diffusers import QwenImageEditPlusPipeline
 
     path = resolve_model_path(name)
     try:
         return QwenImageEditPlusPipeline.from_pretrained(
-            path, revision=revision, dtype=dtype, use_safetensors=True
+            path, revision=revision, dtype=dtype, use_safetensors=True, **components
         )
     except (OSError, ValueError) as exc:
         hint = ""
@@ -104,14 +105,18 @@ class EditModel:
         self.device, self.dtype = device, dtype
         self.image_size = image_size
         self.vae_scale = int(pipe.vae_scale_factor)
-        if image_size % (self.vae_scale * 2):
+        if pipe.vae is not None and image_size % (self.vae_scale * 2):
             raise ValueError(f"image_size {image_size} must be a multiple of {self.vae_scale * 2} for this VAE")
-        for module in (pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False).eval().to(device)
-        pipe.transformer.to(device)
-        z = pipe.vae.config.z_dim
-        self._mean = torch.tensor(pipe.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1).to(device)
-        self._std = torch.tensor(pipe.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1).to(device)
+        for module in (pipe.vae, pipe.text_encoder):  # None when training from cached latents
+            if module is not None:
+                module.requires_grad_(False).eval().to(device)
+        if pipe.transformer is not None:
+            pipe.transformer.to(device)
+        if pipe.vae is not None:
+            z = pipe.vae.config.z_dim
+            mean, std = pipe.vae.config.latents_mean, pipe.vae.config.latents_std
+            self._mean = torch.tensor(mean, dtype=torch.float32).view(1, z, 1, 1, 1).to(device)
+            self._std = torch.tensor(std, dtype=torch.float32).view(1, z, 1, 1, 1).to(device)
 
     @property
     def transformer(self):
