@@ -187,3 +187,25 @@ def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_pat
     folder = cache_folder(cfg.model_copy(update={"output": str((tmp_path / "run").resolve())}))
     assert len(list(folder.glob("*.npz"))) == index["splits"]["train"]["num_samples"]
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path):
+    """torchrun --nproc_per_node 2 -m training.backview_train: same losses as under Ray Train."""
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "training.backview_train",
+         str(ROOT / "configs" / "backview_debug.yaml"), "--set", f"output={out}", "--set", f"data.shards=[{shards}]",
+         "--set", "data.image_size=32", "--set", "schedule.max_steps=2", "--set", "schedule.checkpoint_every=2",
+         "--set", "schedule.validate_every=0", "--set", "mlflow.enabled=false"],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = steps_done(out / "metrics.jsonl")
+    assert sorted(losses) == [1, 2]
+    reference = steps_done(Path(trained[1].output) / "metrics.jsonl")
+    for step in (1, 2):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5), (losses, reference)
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
