@@ -209,3 +209,27 @@ def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), (losses, reference)
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_zero3_under_torchrun_validates_and_exports_full_lora(shards: Path, tmp_path: Path):
+    """ZeRO-3 partitions the LoRA weights too: validation runs on every rank and the export
+    gathers them, so the LoRA file holds full, trained tensors."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "training.backview_train",
+         str(ROOT / "configs" / "backview_debug.yaml"), "--set", f"output={out}", "--set", f"data.shards=[{shards}]",
+         "--set", "data.image_size=32", "--set", "schedule.max_steps=2", "--set", "schedule.checkpoint_every=2",
+         "--set", "schedule.validate_every=2", "--set", "schedule.validation_steps=2",
+         "--set", "deepspeed.zero_stage=3", "--set", "mlflow.enabled=false"],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "validation" / "step_000002.png").is_file()
+    weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    a = weights["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    assert tuple(a.shape) == (8, 32)
+    assert max(float(v.abs().max()) for k, v in weights.items() if ".lora_B." in k) > 0

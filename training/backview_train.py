@@ -18,6 +18,7 @@ checkpoint reproduces the losses of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -389,13 +390,16 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                         }))
                     env.report({"step": step, **last}, ckpt)
 
-        if env.rank == 0:
-            lora_dir = export_lora(engine.module, output / "lora", {
-                "model": cfg.model.name, "revision": cfg.model.revision, "image_size": cfg.data.image_size,
-                "instruction": cfg.data.instruction, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                "steps": step, "data_digest": data_digest,
-            })
-            tracker.log_artifact(lora_dir, "lora")
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.deepspeed.zero_stage == 3
+                  else contextlib.nullcontext())  # ZeRO-3 partitions the LoRA weights: gather on all ranks
+        with gather:
+            if env.rank == 0:
+                lora_dir = export_lora(engine.module, output / "lora", {
+                    "model": cfg.model.name, "revision": cfg.model.revision, "image_size": cfg.data.image_size,
+                    "instruction": cfg.data.instruction, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                    "steps": step, "data_digest": data_digest,
+                })
+                tracker.log_artifact(lora_dir, "lora")
         status = "FINISHED"
     finally:
         tracker.close(status)
