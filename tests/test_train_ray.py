@@ -189,19 +189,24 @@ def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_pat
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path):
-    """torchrun --nproc_per_node 2 -m training.backview_train: same losses as under Ray Train."""
-    out = tmp_path / "run"
+def _torchrun(shards: Path, out: Path, *sets: str) -> None:
+    """2 processes of the training body under torchrun (gloo), 2 steps on the test shards."""
+    settings = [f"output={out}", f"data.shards=[{shards}]", "data.image_size=32", "schedule.max_steps=2",
+                "schedule.checkpoint_every=2", "mlflow.enabled=false", *sets]
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "-m", "training.backview_train",
-         str(ROOT / "configs" / "backview_debug.yaml"), "--set", f"output={out}", "--set", f"data.shards=[{shards}]",
-         "--set", "data.image_size=32", "--set", "schedule.max_steps=2", "--set", "schedule.checkpoint_every=2",
-         "--set", "schedule.validate_every=0", "--set", "mlflow.enabled=false"],
+         str(ROOT / "configs" / "backview_debug.yaml"), *[a for s in settings for a in ("--set", s)]],
         cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path):
+    """torchrun --nproc_per_node 2 -m training.backview_train: same losses as under Ray Train."""
+    out = tmp_path / "run"
+    _torchrun(shards, out, "schedule.validate_every=0")
     losses = steps_done(out / "metrics.jsonl")
     assert sorted(losses) == [1, 2]
     reference = steps_done(Path(trained[1].output) / "metrics.jsonl")
@@ -217,17 +222,7 @@ def test_zero3_under_torchrun_validates_and_exports_full_lora(shards: Path, tmp_
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    res = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "training.backview_train",
-         str(ROOT / "configs" / "backview_debug.yaml"), "--set", f"output={out}", "--set", f"data.shards=[{shards}]",
-         "--set", "data.image_size=32", "--set", "schedule.max_steps=2", "--set", "schedule.checkpoint_every=2",
-         "--set", "schedule.validate_every=2", "--set", "schedule.validation_steps=2",
-         "--set", "deepspeed.zero_stage=3", "--set", "mlflow.enabled=false"],
-        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(shards, out, "schedule.validate_every=2", "schedule.validation_steps=2", "deepspeed.zero_stage=3")
     assert (out / "validation" / "step_000002.png").is_file()
     weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     a = weights["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
