@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import TrainBackviewConfig
+from pipeline.config import TrainBackviewConfig, dump_config
 from training.data import PairStream, StreamState, resolve_shards
 from training.debug_models import DEBUG_PREFIX
 from training.edit_model import (EditModel, EncodedPair, add_lora, export_lora, load_pipeline, pack_latents,
@@ -318,7 +318,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                                 "trainable_parameters": sum(p.numel() for p in params),
                                 "data.train_shards": len(train_urls), "data.digest": data_digest})
             tracker.log_dataset("train-shards", data_digest, ",".join(cfg.data.shards))
-        (output / "config.yaml").write_text(_dump(cfg))
+        (output / "config.yaml").write_text(dump_config(cfg))
     val_samples = _load_validation(cfg, val_urls) if env.rank == 0 or cfg.deepspeed.zero_stage == 3 else []
 
     metrics_file = output / "metrics.jsonl"
@@ -404,12 +404,6 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     finally:
         tracker.close(status)
     return last
-
-
-def _dump(cfg: TrainBackviewConfig) -> str:
-    from pipeline.config import dump_config
-
-    return dump_config(cfg)
 
 
 # --------------------------------------------------------------------------- launchers

@@ -59,15 +59,20 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> 
     yield from buffer
 
 
-def decode_image(png: bytes, size: int | None = None) -> np.ndarray:
-    """RGBA PNG -> float32 [3, H, W] in [-1, 1] on white (what image VAEs expect)."""
-    with Image.open(io.BytesIO(png)) as img:
-        img = img.convert("RGBA")
-        canvas = Image.new("RGB", img.size, (255, 255, 255))
-        canvas.paste(img, mask=img.split()[3])
-        if size is not None and canvas.size != (size, size):
-            canvas = canvas.resize((size, size), Image.Resampling.BICUBIC)
+def image_to_array(img: Image.Image, size: int | None = None) -> np.ndarray:
+    """Any PIL image -> float32 [3, H, W] in [-1, 1], alpha composited on white (what image VAEs expect)."""
+    img = img.convert("RGBA")
+    canvas = Image.new("RGB", img.size, (255, 255, 255))
+    canvas.paste(img, mask=img.split()[3])
+    if size is not None and canvas.size != (size, size):
+        canvas = canvas.resize((size, size), Image.Resampling.BICUBIC)
     return (np.asarray(canvas, np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+
+
+def decode_image(png: bytes, size: int | None = None) -> np.ndarray:
+    """RGBA PNG bytes -> float32 [3, H, W] in [-1, 1] on white."""
+    with Image.open(io.BytesIO(png)) as img:
+        return image_to_array(img, size)
 
 
 class PairStream:

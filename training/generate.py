@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data import decode_image
+from training.data import image_to_array
 from training.edit_model import load_pipeline, to_pil, torch_dtype, vae_image_size
 from training.prompting import DEFAULT_INSTRUCTION, build_prompt
 
@@ -31,19 +31,9 @@ def load_front(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             if img.width * img.height > MAX_INPUT_PIXELS:
                 raise ValueError(f"{path}: {img.width}x{img.height} is larger than {MAX_INPUT_PIXELS} pixels")
-            img.load()
-            buf = _to_png(img)
+            return image_to_array(img, size)
     except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
-    return decode_image(buf, size)
-
-
-def _to_png(img: Image.Image) -> bytes:
-    import io
-
-    out = io.BytesIO()
-    img.convert("RGBA").save(out, format="PNG")
-    return out.getvalue()
 
 
 def read_lora_meta(lora: Path) -> dict:
