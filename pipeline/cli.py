@@ -23,6 +23,8 @@ train_app = typer.Typer(no_args_is_help=True, help="Train the Know3D models (Ray
 app.add_typer(train_app, name="train")
 generate_app = typer.Typer(no_args_is_help=True, help="Run trained models.")
 app.add_typer(generate_app, name="generate")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate generated meshes and back views (HY3D-Bench protocol).")
+app.add_typer(eval_app, name="eval")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -222,6 +224,109 @@ def generate_backview_cmd(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     out.print(f"back view -> {path}")
+
+
+def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str], address: Optional[str],
+              strict: bool, run) -> None:
+    """Resolve the eval config (file, flags, --set), run, print the summary; usage errors exit 2."""
+    from pipeline.config import EvalConfig
+    from pipeline.evaluate import EvalError
+
+    if address:
+        extra.append(f"ray.address={json.dumps(address)}")
+    try:
+        cfg = load_config(config, extra + list(set_ or []), model=EvalConfig)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2)
+    try:
+        summary = run(cfg)
+    except EvalError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    _print_eval(summary, strict)
+
+
+def _print_eval(summary, strict: bool) -> None:
+    from evaluation.results import order_metrics
+
+    table = Table(title=f"eval {summary.kind}: {summary.ok} ok, {summary.errors} errors, {summary.missing} missing of {summary.total}")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("n", justify="right")
+    for key in order_metrics(list(summary.table)):
+        t = summary.table[key]
+        table.add_row(key, f"{t['mean']:.5g}", str(t["count"]))
+    out.print(table)
+    for uid, reason in summary.failures[:10]:
+        out.print(f"[red]{uid}[/]: {reason}")
+    if len(summary.failures) > 10:
+        out.print(f"... {len(summary.failures) - 10} more in summary.json")
+    for name, reason in summary.skipped.items():
+        out.print(f"skipped {name}: {reason}")
+    out.print(f"results -> {summary.output} (report.html, metrics.csv, metrics.md, results/)")
+    if summary.run_id:
+        out.print(f"mlflow run {summary.run_id}")
+    if strict and (summary.errors or summary.missing):
+        raise typer.Exit(1)
+
+
+_EVAL_HELP = {
+    "config": "YAML file of eval config differences (see configs/eval_hy3d.yaml).",
+    "set": "Override: key.path=value (repeatable), e.g. geometry.icp=true.",
+    "address": "Ray cluster to join ('auto', ray://host:10001).",
+    "strict": "Exit 1 if any uid failed or is missing.",
+}
+
+
+@eval_app.command("shapes")
+def eval_shapes_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="A method's meshes: <pred>/<uid>/000.glb.")],
+    output: Annotated[Path, typer.Option("--output", help="Output folder (results, tables, report).")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Condition images: <images>/<uid>/000.png.")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth meshes: <gt>/<uid>/000.glb (geometry metrics).")] = None,
+    no_semantic: Annotated[bool, typer.Option("--no-semantic", help="Skip the ULIP / Uni3D scores.")] = False,
+    ulip_ckpt: Annotated[Optional[Path], typer.Option("--ulip-ckpt", help="ULIP-2 PointBERT checkpoint.")] = None,
+    uni3d_ckpt: Annotated[Optional[Path], typer.Option("--uni3d-ckpt", help="Uni3D-g model.pt.")] = None,
+    clip_ckpt: Annotated[Optional[Path], typer.Option("--clip-ckpt", help="open_clip EVA02-E-14-plus weights.")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=_EVAL_HELP["config"])] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
+    address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
+    strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
+) -> None:
+    """Image–shape (ULIP, Uni3D) and geometry (CD, F-score, NC, IoU) metrics of generated meshes."""
+    _quiet_libraries()
+    extra = []
+    if no_semantic:
+        extra.append("semantic.enabled=false")
+    for key, value in (("ulip.checkpoint", ulip_ckpt), ("uni3d.checkpoint", uni3d_ckpt), ("uni3d.clip_checkpoint", clip_ckpt)):
+        if value is not None:
+            extra.append(f"semantic.{key}={json.dumps(str(value))}")
+    from pipeline.evaluate import evaluate_shapes
+
+    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_shapes(cfg, pred, images, gt, output))
+
+
+@eval_app.command("backviews")
+def eval_backviews_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="Generated back views: <pred>/<uid>/000.png.")],
+    gt: Annotated[Path, typer.Option("--gt", help="True back views: <gt>/<uid>/000.png.")],
+    output: Annotated[Path, typer.Option("--output", help="Output folder (results, tables, report).")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Front (condition) views, shown in the report.")] = None,
+    background: Annotated[Optional[str], typer.Option(help="Background both images are composited on: white|black|gray.")] = None,
+    config: Annotated[Optional[Path], typer.Argument(help=_EVAL_HELP["config"])] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
+    address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
+    strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
+) -> None:
+    """PSNR / SSIM (and LPIPS when its weights are local) of generated back views."""
+    _quiet_libraries()
+    extra = []
+    if background:
+        extra.append(f"images.background={background}")
+    from pipeline.evaluate import evaluate_backviews
+
+    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,13 +35,13 @@ pip() {
     || { echo "[setup] pip install $* failed; last lines of $log:" >&2; tail -30 "$log" >&2; exit 1; }
 }
 pip install -U pip
-pip install -e ".[torch,vlm,train,dev]"
+pip install -e ".[torch,vlm,train,eval,dev]"
 # DeepSpeed builds from an sdist that imports torch: no build isolation, no ahead-of-time ops.
 DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==0.19.8"
 # pyrender pins PyOpenGL 3.1.0, which cannot drive OSMesa; 3.1.10 works for EGL and OSMesa.
 # pip cannot resolve both in one install, so this is a second step.
 pip install "PyOpenGL==3.1.10"
-.venv/bin/python -c "import pyrender, ray, mlflow, webdataset, torch, transformers, diffusers, peft, deepspeed, pipeline.cli" \
+.venv/bin/python -c "import pyrender, ray, mlflow, webdataset, torch, transformers, diffusers, peft, deepspeed, timm, open_clip, fpsample, skimage, pipeline.cli" \
   || { echo "[setup] install check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done"
