@@ -55,10 +55,13 @@ def match_size(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.asarray(resized), True
 
 
+PSNR_MSE_FLOOR = 1e-10  # identical images score 100 dB instead of an infinity JSON cannot hold
+
+
 def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
-    """PSNR in dB of float images in [0, 1] (inf for identical images)."""
+    """PSNR in dB of float images in [0, 1] (MSE floored at 1e-10: at most 100 dB)."""
     mse = float(np.mean((pred.astype(np.float64) - gt.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+    return float(10.0 * np.log10(1.0 / max(mse, PSNR_MSE_FLOOR)))
 
 
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -3,7 +3,8 @@
 Both upstream models use CUDA extensions here (pointnet2_ops' furthest point sampling, knn_cuda);
 these are plain-PyTorch equivalents that run on any device:
 
-* centres: farthest point sampling starting from the first point (pointnet2's convention);
+* centres: farthest point sampling starting from the first point (pointnet2's kernel, including
+  its exclusion of points at the origin);
 * groups: the ``group_size`` nearest points of each centre (the centre itself included), expressed
   relative to the centre; Uni3D appends each point's colour;
 * tokens: a shared two-stage PointNet (conv1x1-BN-ReLU-conv1x1, max-pool, concatenate the
@@ -17,16 +18,20 @@ from torch import nn
 
 
 def farthest_point_sample(xyz: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices [B, count] of farthest point sampling, starting at point 0 of every cloud."""
+    """Indices [B, count] of farthest point sampling, as pointnet2_ops computes it.
+
+    Starts at point 0 of every cloud; like the CUDA kernel, points with squared norm <= 1e-3
+    (within ~0.03 of the origin) are never picked after the first."""
     batch, num, _ = xyz.shape
     index = torch.zeros(batch, count, dtype=torch.long, device=xyz.device)
-    distance = torch.full((batch, num), float("inf"), device=xyz.device, dtype=xyz.dtype)
+    distance = torch.full((batch, num), 1e10, device=xyz.device, dtype=xyz.dtype)
+    distance[(xyz**2).sum(-1) <= 1e-3] = -1.0  # excluded from the argmax for good
     farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)
     rows = torch.arange(batch, device=xyz.device)
     for i in range(count):
         index[:, i] = farthest
         centre = xyz[rows, farthest][:, None, :]
-        distance = torch.minimum(distance, ((xyz - centre) ** 2).sum(-1))
+        distance = torch.where(distance < 0, distance, torch.minimum(distance, ((xyz - centre) ** 2).sum(-1)))
         farthest = distance.argmax(-1)
     return index
 
