@@ -395,7 +395,6 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
         status = Lpips(Path(cfg.images.lpips_backbone) if cfg.images.lpips_backbone else None).status
         if not status.available:
             skipped["lpips"] = status.reason
-            console.print(f"[yellow]LPIPS skipped: {status.reason}[/]")
             cfg = cfg.model_copy(update={"images": cfg.images.model_copy(update={"lpips": False})})
     else:
         skipped["lpips"] = "disabled (images.lpips=false)"

@@ -50,6 +50,10 @@ def voxelize_surface(vertices: np.ndarray, faces: np.ndarray, resolution: int = 
     tri, lo, hi = tri[inside], np.clip(lo[inside], 0, resolution - 1), np.clip(hi[inside], 0, resolution - 1)
     span = hi - lo + 1
     counts = span.prod(1)
+    # a triangle whose bounding box lies in one voxel occupies exactly that voxel (no test needed)
+    single = counts == 1
+    grid[lo[single, 0], lo[single, 1], lo[single, 2]] = True
+    tri, lo, span, counts = tri[~single], lo[~single], span[~single], counts[~single]
     start = 0
     while start < len(tri):
         # as many triangles as fit into one pass (at least one)

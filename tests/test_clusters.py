@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import BuildConfig, TrainBackviewConfig, load_config
+from pipeline.config import BuildConfig, EvalConfig, TrainBackviewConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,19 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def _check_entrypoint(cmd: str) -> None:
     argv = shlex.split(cmd)
     assert argv[0] == "know3d"
-    model = TrainBackviewConfig if argv[1:3] == ["train", "backview"] else BuildConfig
-    assert argv[1:3] in (["train", "backview"], ["data", "build"]), argv[:3]
+    models = {("train", "backview"): TrainBackviewConfig, ("data", "build"): BuildConfig, ("eval", "shapes"): EvalConfig}
+    assert tuple(argv[1:3]) in models, argv[:3]
+    model = models[tuple(argv[1:3])]
     config = ROOT / argv[3]
     assert config.is_file(), config
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     cfg = load_config(config, overrides, model=model)
     if model is TrainBackviewConfig:
         assert cfg.lora.rank == 64 and cfg.deepspeed.zero_stage == 2
+    if model is EvalConfig:  # the protocol's numbers, and every scorer checkpoint given
+        assert (cfg.points.surface_samples, cfg.points.fps_points, cfg.points.fps_h) == (300_000, 8192, 5)
+        assert {"--pred", "--images", "--gt", "--output", "--ulip-ckpt", "--uni3d-ckpt", "--clip-ckpt"} <= set(argv)
 
 
 def test_rayjob_entrypoints_validate():
     files = sorted((ROOT / "clusters" / "kuberay").glob("*.yaml"))
-    assert len(files) >= 2
+    assert len(files) >= 3
     for f in files:
         spec = yaml.safe_load(f.read_text())
         assert spec["kind"] == "RayJob"
@@ -39,3 +43,13 @@ def test_paper_config_matches_the_paper():
     assert cfg.model.name == "Qwen/Qwen-Image-Edit-2511" and cfg.lora.rank == 64
     assert cfg.ray.num_workers * cfg.schedule.micro_batch_size * cfg.schedule.grad_accum == 32  # global batch
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.bf16 == "on" and cfg.ray.use_gpu == "on"
+
+
+def test_sbatch_scripts_parse_and_use_existing_commands():
+    import subprocess
+
+    for f in sorted((ROOT / "clusters" / "slurm").glob("*.sbatch")):
+        subprocess.run(["bash", "-n", str(f)], check=True)
+        text = f.read_text()
+        config = text.split('know3d" ', 1)[1].split()[2]  # <command> <sub> <config>
+        assert (ROOT / config).is_file() or config.startswith('"$'), (f.name, config)
