@@ -53,7 +53,7 @@ def perturb(mesh: "object", kind: str, rng: np.random.Generator) -> "object":
     return out
 
 
-def make_demo_set(meshes: list[Path], out: Path, seed: int = 0, resolution: int = 256, backend: str = "osmesa",
+def make_demo_set(meshes: list[Path], out: Path, seed: int = 0, resolution: int = 256, backend: str = "egl",
                   broken: bool = True) -> dict[str, str]:
     """Write the set; returns uid -> perturbation kind (also in ``<out>/perturbations.json``)."""
     from rendering.assets import LoadedAsset

@@ -5,9 +5,9 @@ Conventions (occupancy networks, Mescheder et al. 2019, ``im2mesh/eval.py``):
 * ``accuracy``  = mean distance from each predicted surface sample to the nearest GT sample,
   ``completeness`` = the same from GT to prediction; both with a KD-tree over 100k samples.
 * ``chamfer_l1`` = 0.5 · (accuracy + completeness) — mean Euclidean distances;
-  ``chamfer_l2`` = 0.5 · (accuracy² + completeness²) — means of *squared* distances.
-* ``fscore@τ`` thresholds **distances** (not squared distances): precision = share of predicted
-  samples within τ of GT, recall = share of GT samples within τ of the prediction,
+  ``chamfer_l2`` = 0.5 · (mean d²_pred→gt + mean d²_gt→pred) — means of *squared* distances.
+* ``fscore@τ`` thresholds **distances** (not squared distances), ``d <= τ`` as im2mesh does:
+  precision = share of predicted samples within τ of GT, recall = share of GT samples within τ of the prediction,
   F = 2PR / (P + R). τ is in the normalized space (longest side 1.96).
 * ``normal_consistency`` = 0.5 · (mean |n_pred · n_gt(nn)| + mean |n_gt · n_pred(nn)|).
 * ``iou_surface@R`` / ``iou_volume@R``: both meshes are mapped into the unit cube
@@ -64,8 +64,8 @@ def point_metrics(
         "chamfer_l2": 0.5 * (accuracy2 + completeness2),
     }
     for tau in thresholds:
-        precision = float((d_pred < tau).mean())
-        recall = float((d_gt < tau).mean())
+        precision = float((d_pred <= tau).mean())
+        recall = float((d_gt <= tau).mean())
         f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         out[f"precision@{tau:g}"] = precision
         out[f"recall@{tau:g}"] = recall

@@ -20,8 +20,23 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1) file name
 
 
+MIN_SIDE = 11  # the SSIM window
+
+
 class ImageError(Exception):
     """The image cannot be used; the message names the file and the reason."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float grey images scaled (not clipped) to 8 bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray((array / peak * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        array = np.asarray(img, dtype=np.float64)
+        return Image.fromarray((array * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    return img
 
 
 def load_rgb(path: Path, background: str = "white", max_pixels: int = 4096 * 4096) -> np.ndarray:
@@ -34,8 +49,11 @@ def load_rgb(path: Path, background: str = "white", max_pixels: int = 4096 * 409
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"{path.name}: {w}x{h} pixels exceeds the decoding bound of {max_pixels}")
+            if min(w, h) < MIN_SIDE:
+                raise ImageError(f"{path.name}: {w}x{h} pixels is below the {MIN_SIDE}-pixel SSIM window")
             img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = _to_8bit(img)
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = img.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, BACKGROUNDS[background] + (255,))
                 return np.asarray(Image.alpha_composite(canvas, rgba).convert("RGB"))
@@ -115,7 +133,14 @@ class Lpips:
         import lpips
         import torch
 
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: LPIPS is skipped, with why
+            self.status = LpipsStatus(False, f"{self.path.name}: cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})")
+            return
+        if not isinstance(state, dict):
+            self.status = LpipsStatus(False, f"{self.path.name}: not a state_dict ({type(state).__name__})")
+            return
         model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
         features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         backbone_state = {}
@@ -125,7 +150,11 @@ class Lpips:
                 self.status = LpipsStatus(False, f"{self.path.name}: no 'features.{rest}' (not an AlexNet state_dict)")
                 return
             backbone_state[name] = features[rest]
-        model.net.load_state_dict(backbone_state, strict=True)
+        try:
+            model.net.load_state_dict(backbone_state, strict=True)
+        except RuntimeError as exc:  # wrong shapes
+            self.status = LpipsStatus(False, f"{self.path.name}: not AlexNet weights ({str(exc)[:200]})")
+            return
         self.model = model.eval()
         self.status = LpipsStatus(True)
 

@@ -56,10 +56,16 @@ class MeshInfo:
 
 
 def count_non_manifold_edges(mesh: "object") -> int:
-    """Edges shared by more than two faces (after merging coincident vertices)."""
-    edges = np.asarray(mesh.edges_sorted)
-    if len(edges) == 0:
+    """Edges shared by more than two faces (after merging coincident vertices).
+
+    Degenerate faces (two equal corners) and duplicated faces are left out: they carry no
+    surface, and counting them would reject e.g. marching-cubes output with collapsed cells."""
+    faces = np.asarray(mesh.faces)
+    keep = np.asarray(mesh.nondegenerate_faces()) & np.asarray(mesh.unique_faces())
+    faces = faces[keep]
+    if len(faces) == 0:
         return 0
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
     _, counts = np.unique(edges, axis=0, return_counts=True)
     return int((counts > 2).sum())
 
@@ -67,15 +73,15 @@ def count_non_manifold_edges(mesh: "object") -> int:
 def load_mesh(path: Path, load_cfg: LoadConfig | None = None, allow_non_manifold: bool = False) -> tuple["object", MeshInfo]:
     """Load ``path`` as one triangle mesh in world coordinates and validate it.
 
-    Uses the data build's safe loader (references stay inside the file's folder, images are
-    bounded, OBJ text is checked). Raises :class:`MeshError` for unreadable, empty, non-finite,
+    Uses the data build's safe loader in its geometry-only mode (references must stay inside the
+    file's folder, OBJ text is checked; materials and textures are not loaded). Raises :class:`MeshError` for unreadable, empty, non-finite,
     degenerate and — unless allowed — non-manifold meshes.
     """
     import trimesh
 
     path = Path(path)
     try:
-        asset = load_asset(path, load_cfg or LoadConfig())
+        asset = load_asset(path, load_cfg or LoadConfig(), geometry_only=True)
     except (AssetError, AssetFiltered) as exc:
         raise MeshError(str(exc)) from None
     parts = []

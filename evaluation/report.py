@@ -6,10 +6,11 @@ import html
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from PIL import Image
 
-from evaluation.results import flat_metrics, order_metrics
+from evaluation.results import flat_metrics, order_metrics, uid_filename
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -74,7 +75,7 @@ def _summary_tables(summary: Any) -> list[str]:
 
 
 def _figure(src: str | None, caption: str) -> str:
-    img = f'<img src="{html.escape(src)}">' if src else '<div style="width:180px;height:180px;border:1px dashed #ccc"></div>'
+    img = f'<img src="{html.escape(quote(src))}">' if src else '<div style="width:180px;height:180px;border:1px dashed #ccc"></div>'
     return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
@@ -82,10 +83,13 @@ def _metrics_block(result: dict) -> str:
     if result.get("status") != "ok":
         return f"<div class='meta err'>{html.escape(result.get('status', ''))}: {html.escape(str(result.get('error', '')))}</div>"
     flat = flat_metrics(result)
-    keys = [k for k in ("ulip", "uni3d", "chamfer_l1", "chamfer_l2", "fscore@0.01", "fscore@0.02", "normal_consistency",
-                        "iou_surface@64", "iou_volume@64", "psnr", "ssim", "lpips") if k in flat]
+    detail = ("precision@", "recall@", "accuracy", "completeness")  # in the JSON / CSV, not here
+    keys = [k for k in order_metrics(list(flat)) if not k.startswith(detail)]
     rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td>{_fmt(flat[k])}</td></tr>" for k in keys)
-    return f"<div class=meta><table>{rows}</table></div>"
+    note = ""
+    if result.get("semantic_error"):
+        note = f"<div class=err>no ULIP/Uni3D score: {html.escape(result['semantic_error'])}</div>"
+    return f"<div class=meta><table>{rows}</table>{note}</div>"
 
 
 def _page(title: str, body: list[str]) -> str:
@@ -101,7 +105,7 @@ def write_shapes_report(output: Path, results: list[dict], summary: Any, cfg: An
     for result in results[: cfg.report.max_rows]:
         uid = result["uid"]
         renders = result.get("renders", {})
-        cond = _thumbnail(result.get("image"), output / "renders" / f"{uid}_condition.png", cfg.images.max_pixels)
+        cond = _thumbnail(result.get("image"), output / "renders" / f"{uid_filename(uid)}_condition.png", cfg.images.max_pixels)
         figures = [_figure(cond, "condition"), _figure(renders.get("pred_front"), "pred front"), _figure(renders.get("pred_back"), "pred back")]
         if result.get("ground_truth"):
             figures += [_figure(renders.get("gt_front"), "GT front"), _figure(renders.get("gt_back"), "GT back")]
@@ -118,9 +122,10 @@ def write_backviews_report(output: Path, results: list[dict], summary: Any, cfg:
     for result in results[: cfg.report.max_rows]:
         uid = result["uid"]
         renders = output / "renders"
-        cond = _thumbnail(result.get("condition"), renders / f"{uid}_condition.png", cfg.images.max_pixels)
-        pred = _thumbnail(result.get("prediction"), renders / f"{uid}_pred.png", cfg.images.max_pixels)
-        gt = _thumbnail(result.get("ground_truth"), renders / f"{uid}_gt.png", cfg.images.max_pixels)
+        name = uid_filename(uid)
+        cond = _thumbnail(result.get("condition"), renders / f"{name}_condition.png", cfg.images.max_pixels)
+        pred = _thumbnail(result.get("prediction"), renders / f"{name}_pred.png", cfg.images.max_pixels)
+        gt = _thumbnail(result.get("ground_truth"), renders / f"{name}_gt.png", cfg.images.max_pixels)
         figures = [_figure(cond, "condition"), _figure(pred, "generated back"), _figure(gt, "true back")]
         body.append(f"<h3>{html.escape(uid)}</h3><div class=row>{''.join(figures)}{_metrics_block(result)}</div>")
     path = output / "report.html"

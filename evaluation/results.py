@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import math
+import re
 from pathlib import Path
 
 import numpy as np
+
+_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def uid_filename(uid: str) -> str:
+    """A file-name stem for ``uid``: the uid itself when short and plain, otherwise a readable
+    prefix plus a hash (uids are folder names: up to 255 bytes, any character but '/')."""
+    if _SAFE.fullmatch(uid):
+        return uid
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", uid)[:60].lstrip(".")
+    return f"{prefix}-{hashlib.sha1(uid.encode()).hexdigest()[:12]}"
+
+
+def json_safe(value):
+    """NaN / inf -> None (strict JSON has no non-finite numbers), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _cell(text: str) -> str:
+    """A CSV cell spreadsheets will not evaluate as a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
@@ -33,7 +63,8 @@ def aggregate(results: list[dict]) -> dict[str, dict[str, float]]:
         table[key] = {
             "mean": float(finite.mean()) if len(finite) else float("nan"),
             "std": float(finite.std()) if len(finite) else float("nan"),
-            "count": int(len(arr)),
+            "count": int(len(finite)),  # the values the mean is over
+            "count_non_finite": int(len(arr) - len(finite)),
         }
     return table
 
@@ -50,9 +81,11 @@ def write_tables(out: Path, results: list[dict], table: dict) -> None:
         writer.writerow(["uid", "status", *keys, "error"])
         for r in results:
             flat = flat_metrics(r)
-            writer.writerow([r["uid"], r["status"], *[("" if k not in flat else f"{flat[k]:.6g}") for k in keys], r.get("error", "")])
+            error = r.get("error") or r.get("semantic_error") or ""
+            writer.writerow([_cell(r["uid"]), r["status"], *[("" if k not in flat else f"{flat[k]:.6g}") for k in keys],
+                             _cell(error)])
     lines = ["| metric | mean | std | n |", "|---|---:|---:|---:|"]
-    for k in keys:
+    for k in keys:  # metric names are ours (no user text in this table)
         t = table[k]
         lines.append(f"| {k} | {t['mean']:.6g} | {t['std']:.4g} | {t['count']} |")
     (out / "metrics.md").write_text("\n".join(lines) + "\n")

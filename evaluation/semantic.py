@@ -5,9 +5,10 @@ score = cos(normalize(encode_pc(points)), normalize(encode_image(image))) per ui
 image is the condition image converted to RGB (no alpha compositing, as in the benchmark).
 ULIP sees xyz; Uni3D sees xyz plus the constant colour 100/255.
 
-Checkpoints are files given by path, read with ``torch.load(weights_only=True)`` or safetensors,
-and loaded **strictly** into architectures built on the ``meta`` device (no random init of
-billions of parameters, no second copy in memory).
+Checkpoints are files given by path, read with ``torch.load(weights_only=True, mmap=True)`` or
+safetensors, and loaded **strictly** into architectures built on the ``meta`` device: no random
+initialization of billions of parameters, and the model takes over the loaded tensors instead of
+copying them (entries the model does not use, e.g. the CLIP text tower, are dropped first).
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ def read_checkpoint(path: Path) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not raised through
+            raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
     try:
         # ULIP/Uni3D training checkpoints also store their argparse namespace
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a 17 GB file is not read into memory twice
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
         raise CheckpointError(
             f"{path.name}: cannot be loaded with weights_only=True ({type(exc).__name__}: {str(exc)[:200]}). "
@@ -82,6 +91,11 @@ def state_dict_of(ckpt: Any, entry: str | None, strip: str | None, path: Path) -
         raise CheckpointError(f"{path.name}: no '{entry}' entry (keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path.name}: not a state_dict")
+    import torch
+
+    odd = [k for k, v in ckpt.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{path.name}: state_dict entries that are not tensors (e.g. {', '.join(map(str, odd[:3]))})")
     if strip:
         ckpt = {k.removeprefix(strip): v for k, v in ckpt.items()}
     return ckpt
@@ -141,7 +155,10 @@ def load_uni3d(
     path = _check_path(checkpoint, "uni3d")
     clip_path = _check_path(clip_checkpoint, "clip")
     state = state_dict_of(read_checkpoint(path), "module", "module.", path)
-    clip_state = state_dict_of(read_checkpoint(clip_path), "state_dict", None, clip_path)
+    clip_ckpt = read_checkpoint(clip_path)
+    if isinstance(clip_ckpt, dict) and "state_dict" not in clip_ckpt:  # keep only the image tower
+        clip_ckpt = {k: v for k, v in clip_ckpt.items() if str(k).startswith("visual.")} or clip_ckpt
+    clip_state = state_dict_of(clip_ckpt, "state_dict", None, clip_path)
     visual = {k.removeprefix("visual."): v for k, v in clip_state.items() if k.startswith("visual.")}
     if not visual:
         raise CheckpointError(f"{clip_path.name}: no 'visual.*' weights (not an open_clip checkpoint)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from PIL import Image
 
 from evaluation.geometry import GeometryOptions, compare_meshes
 from evaluation.meshes import MeshError, load_mesh, normalize, semantic_points
+from evaluation.results import uid_filename
 from pipeline.config import EvalConfig
 
 VIEW_ANGLES = {"front": (0.0, 15.0), "back": (180.0, 15.0)}  # azimuth, elevation (degrees)
@@ -30,13 +31,24 @@ class ShapeJob:
     gt: str | None = None
     image: str | None = None
 
-    def to_json(self) -> dict:
-        return asdict(self)
 
-
-def geometry_options(cfg: EvalConfig) -> GeometryOptions:
+def geometry_options(cfg: EvalConfig, threads: int = -1) -> GeometryOptions:
     g = cfg.geometry
-    return GeometryOptions(g.samples, tuple(g.fscore_thresholds), g.voxel_resolution, g.icp, g.icp_iterations)
+    return GeometryOptions(g.samples, tuple(g.fscore_thresholds), g.voxel_resolution, g.icp, g.icp_iterations, threads)
+
+
+_RENDERERS: dict[tuple[int, str], "object"] = {}
+
+
+def process_renderer(resolution: int, backend: str) -> "object":
+    """One renderer per worker process and size, reused across uids (creating one costs ~50 ms
+    plus a GL context)."""
+    from rendering.render import ViewRenderer
+
+    key = (resolution, backend)
+    if key not in _RENDERERS:
+        _RENDERERS[key] = ViewRenderer(resolution, backend)
+    return _RENDERERS[key]
 
 
 def normal_image(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -74,14 +86,18 @@ def _save_renders(images: dict[str, np.ndarray], out_dir: Path, uid: str, who: s
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for view, array in images.items():
-        name = f"{uid}_{who}_{view}.png"
+        name = f"{uid_filename(uid)}_{who}_{view}.png"
         Image.fromarray(array).save(out_dir / name)
         paths[f"{who}_{view}"] = f"renders/{name}"
     return paths
 
 
-def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer: "object | None" = None) -> tuple[dict, np.ndarray | None]:
-    """(result, points): the per-uid result dict and the semantic point cloud (or None)."""
+def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer: "object | None" = None,
+                  threads: int = -1) -> tuple[dict, np.ndarray | None]:
+    """(result, points): the per-uid result dict and the semantic point cloud (or None).
+
+    ``renderer``: a :class:`ViewRenderer` to reuse (default: a fresh one per call);
+    ``threads``: KD-tree query threads (-1: all cores)."""
     start = time.perf_counter()
     result: dict = {"uid": job.uid, "prediction": job.pred, "ground_truth": job.gt, "image": job.image}
     if job.pred is None:
@@ -103,7 +119,7 @@ def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer
             result["gt_mesh"] = gt_info.to_json()
             gt = normalize(gt)
             stage = "geometry"
-            result["geometry"] = compare_meshes(pred, gt, job.uid, cfg.seed, geometry_options(cfg))
+            result["geometry"] = compare_meshes(pred, gt, job.uid, cfg.seed, geometry_options(cfg, threads))
         if cfg.report.renders and out_dir is not None:
             stage = "render"
             renders = _save_renders(render_normals(pred, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "pred")

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import ConfigError, load_config
@@ -259,12 +260,16 @@ def _print_eval(summary, strict: bool) -> None:
         table.add_row(key, f"{t['mean']:.5g}", str(t["count"]))
     out.print(table)
     for uid, reason in summary.failures[:10]:
-        out.print(f"[red]{uid}[/]: {reason}")
+        out.print(f"[red]{escape(uid)}[/]: {escape(reason)}")
     if len(summary.failures) > 10:
         out.print(f"... {len(summary.failures) - 10} more in summary.json")
+    if summary.semantic_failures:
+        out.print(f"{len(summary.semantic_failures)} uid(s) without ULIP/Uni3D scores (geometry kept), e.g. "
+                  f"{escape(summary.semantic_failures[0][0])}: {escape(summary.semantic_failures[0][1])}")
     for name, reason in summary.skipped.items():
-        out.print(f"skipped {name}: {reason}")
-    out.print(f"results -> {summary.output} (report.html, metrics.csv, metrics.md, results/)")
+        out.print(f"skipped {escape(name)}: {escape(reason)}")
+    reused = f"; {summary.reused} reused from an earlier run" if summary.reused else ""
+    out.print(f"results -> {summary.output} (report.html, metrics.csv, metrics.md, results/){reused}")
     if summary.run_id:
         out.print(f"mlflow run {summary.run_id}")
     if strict and (summary.errors or summary.missing):
@@ -276,6 +281,7 @@ _EVAL_HELP = {
     "set": "Override: key.path=value (repeatable), e.g. geometry.icp=true.",
     "address": "Ray cluster to join ('auto', ray://host:10001).",
     "strict": "Exit 1 if any uid failed or is missing.",
+    "fresh": "Recompute every uid (default: reuse results of an earlier run with the same protocol and inputs).",
 }
 
 
@@ -293,6 +299,7 @@ def eval_shapes_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
     address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
     strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
 ) -> None:
     """Image–shape (ULIP, Uni3D) and geometry (CD, F-score, NC, IoU) metrics of generated meshes."""
     _quiet_libraries()
@@ -304,7 +311,7 @@ def eval_shapes_cmd(
             extra.append(f"semantic.{key}={json.dumps(str(value))}")
     from pipeline.evaluate import evaluate_shapes
 
-    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_shapes(cfg, pred, images, gt, output))
+    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_shapes(cfg, pred, images, gt, output, fresh))
 
 
 @eval_app.command("backviews")
@@ -318,6 +325,7 @@ def eval_backviews_cmd(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
     address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
     strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
 ) -> None:
     """PSNR / SSIM (and LPIPS when its weights are local) of generated back views."""
     _quiet_libraries()
@@ -326,7 +334,7 @@ def eval_backviews_cmd(
         extra.append(f"images.background={background}")
     from pipeline.evaluate import evaluate_backviews
 
-    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images))
+    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images, fresh))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,14 +166,19 @@ class RayConfig(_Strict):
     object_store_memory: int | None = None
 
 
-class MlflowConfig(_Strict):
+class TrackingConfig(_Strict):
+    """Where a stage's MLflow run goes (every stage); stage sections add their own options."""
+
     enabled: bool = True
     tracking_uri: str | None = Field(
         default=None, description="None = sqlite file 'mlflow.db' in the working folder."
     )
     experiment: str = "know3d-data"
     run_name: str | None = None
-    num_contact_pairs: int = Field(default=8, ge=0)
+
+
+class MlflowConfig(TrackingConfig):
+    num_contact_pairs: int = Field(default=8, ge=0, description="Pairs on the build's contact sheet.")
 
 
 DEFAULT_PROMPT = (
@@ -334,7 +339,7 @@ class LatentCacheConfig(_Strict):
     concurrency: int = Field(default=1, ge=1)
 
 
-class TrainMlflowConfig(MlflowConfig):
+class TrainMlflowConfig(TrackingConfig):
     experiment: str = "know3d-train-backview"
 
 
@@ -413,7 +418,7 @@ class EvalSemanticConfig(_Strict):
 
 class EvalImagesConfig(_Strict):
     background: Literal["white", "black", "gray"] = "white"
-    max_pixels: int = Field(default=4096 * 4096, description="Decoding bound per image.")
+    max_pixels: int = Field(default=4096 * 4096, ge=1, description="Decoding bound per image.")
     lpips: bool = True
     lpips_backbone: str | None = Field(
         default=None, description="AlexNet weights for LPIPS (None = $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)."
@@ -423,7 +428,7 @@ class EvalImagesConfig(_Strict):
 class EvalReportConfig(_Strict):
     renders: bool = True
     resolution: int = Field(default=256, ge=32)
-    backend: Literal["egl", "osmesa"] = "osmesa"
+    backend: Literal["egl", "osmesa"] = "egl"
     max_rows: int = Field(default=200, ge=0, description="uids shown with renders in the HTML report.")
 
 
@@ -431,14 +436,16 @@ class EvalRayConfig(_Strict):
     address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
     num_cpus: int | None = None
     object_store_memory: int | None = None
-    concurrency: int = Field(default=2, ge=1, description="Meshes measured in parallel.")
+    concurrency: int = Field(default=2, ge=1, description="Meshes measured in parallel (one core each).")
 
 
-class EvalMlflowConfig(MlflowConfig):
+class EvalMlflowConfig(TrackingConfig):
     experiment: str = "know3d-eval"
 
 
 class EvalConfig(_Strict):
+    """`know3d eval shapes|backviews` (defaults: the HY3D-Bench protocol)."""
+
     seed: int = Field(default=0, description="Keys every surface sample and FPS start point (with the uid).")
     mesh: EvalMeshConfig = Field(default_factory=EvalMeshConfig)
     points: EvalPointsConfig = Field(default_factory=EvalPointsConfig)
@@ -448,6 +455,17 @@ class EvalConfig(_Strict):
     report: EvalReportConfig = Field(default_factory=EvalReportConfig)
     ray: EvalRayConfig = Field(default_factory=EvalRayConfig)
     mlflow: EvalMlflowConfig = Field(default_factory=EvalMlflowConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalConfig":
+        if self.points.surface_samples <= self.points.fps_points:
+            raise ValueError(
+                f"points.surface_samples ({self.points.surface_samples}) must exceed points.fps_points "
+                f"({self.points.fps_points})"
+            )
+        if not self.geometry.fscore_thresholds or min(self.geometry.fscore_thresholds) <= 0:
+            raise ValueError("geometry.fscore_thresholds must be positive distances")
+        return self
 
 
 # --------------------------------------------------------------------------- loading helpers

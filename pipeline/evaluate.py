@@ -23,6 +23,7 @@ one scoring actor that holds ULIP and Uni3D (on a GPU when ``semantic.num_gpus``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,12 +35,13 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
 from pipeline.build import ray_session
 from pipeline.config import EvalConfig, dump_config
-from evaluation.results import aggregate, write_tables
-from pipeline.tracking import make_tracker
+from pipeline.tracking import check_uri, make_tracker
 from rendering.assets import MESH_EXTENSIONS
 
 console = Console(stderr=True)
@@ -54,31 +56,32 @@ class EvalError(RuntimeError):
 
 
 def _find_file(folder: Path, extensions: tuple[str, ...], stem: str = "000") -> Path | None:
-    for ext in extensions:
-        candidate = folder / f"{stem}.{ext}"
-        if candidate.is_file():
-            return candidate
-    return None
+    """``<folder>/000.<ext>`` for the first of ``extensions`` present (extension case ignored)."""
+    by_ext = {}
+    for path in folder.iterdir():
+        if path.stem == stem and path.is_file():
+            by_ext.setdefault(path.suffix.lower().lstrip("."), path)
+    return next((by_ext[ext] for ext in extensions if ext in by_ext), None)
 
 
-def scan(root: Path | None, extensions: tuple[str, ...], what: str) -> dict[str, Path]:
-    """uid -> file for every ``<root>/<uid>/000.<ext>``; symlinks that leave ``root`` are refused."""
+def scan(root: Path | None, extensions: tuple[str, ...], what: str) -> tuple[dict[str, Path], list[str]]:
+    """(uid -> file for every ``<root>/<uid>/000.<ext>``, uid folders that have no usable file).
+
+    A file that resolves outside ``root`` (a symlink out of it) is refused like a missing one."""
     if root is None:
-        return {}
+        return {}, []
     root = Path(root)
     if not root.is_dir():
         raise EvalError(f"{what} folder not found: {root}")
     real_root = root.resolve()
-    found = {}
+    found, unusable = {}, []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         path = _find_file(sub, extensions)
-        if path is None:
-            continue
-        if not path.resolve().is_relative_to(real_root):
-            console.print(f"[yellow]skipping {path}: resolves outside {root}[/]")
+        if path is None or not path.resolve().is_relative_to(real_root):
+            unusable.append(sub.name)
             continue
         found[sub.name] = path
-    return found
+    return found, unusable
 
 
 @dataclass
@@ -94,30 +97,45 @@ class Discovery:
         return sorted(keys)
 
 
+def _unusable_key(role: str) -> str:
+    return f"{role}_folder_without_usable_000_file"
+
+
 def discover(pred: Path, images: Path | None, gt: Path | None) -> Discovery:
-    preds = scan(pred, MESH_EXTENSIONS, "predictions")
-    imgs = scan(images, IMAGE_EXTENSIONS, "images")
-    gts = scan(gt, MESH_EXTENSIONS, "ground-truth")
+    preds, bad_preds = scan(pred, MESH_EXTENSIONS, "predictions")
+    imgs, bad_imgs = scan(images, IMAGE_EXTENSIONS, "images")
+    gts, bad_gts = scan(gt, MESH_EXTENSIONS, "ground-truth")
     if not preds:
         raise EvalError(f"no predictions found: expected <uid>/000.glb (or .obj/.ply/...) folders in {pred}")
-    unmatched = {}
+    unmatched = {_unusable_key("prediction"): bad_preds}
     if images is not None:
         unmatched["prediction_without_image"] = sorted(set(preds) - set(imgs))
         unmatched["image_without_prediction"] = sorted(set(imgs) - set(preds))
+        unmatched[_unusable_key("image")] = bad_imgs
     if gt is not None:
         unmatched["prediction_without_gt"] = sorted(set(preds) - set(gts))
         unmatched["gt_without_prediction"] = sorted(set(gts) - set(preds))
+        unmatched[_unusable_key("gt")] = bad_gts
     return Discovery(preds, imgs, gts, unmatched)
+
+
+def _report_unmatched(unmatched: dict[str, list[str]]) -> None:
+    for kind, uids in unmatched.items():
+        if uids:
+            shown = ", ".join(escape(u) for u in uids[:5]) + (" ..." if len(uids) > 5 else "")
+            console.print(f"[yellow]{kind.replace('_', ' ')}: {len(uids)} ({shown})[/]")
 
 
 # --------------------------------------------------------------------------- Ray adapters
 
 
 def _measure_task(job_json: dict, cfg_json: str, out_dir: str) -> tuple[dict, Any]:
-    from evaluation.shapes import ShapeJob, measure_shape
+    from evaluation.shapes import ShapeJob, measure_shape, process_renderer
 
     cfg = EvalConfig.model_validate_json(cfg_json)
-    return measure_shape(ShapeJob(**job_json), cfg, Path(out_dir) / "renders")
+    renderer = process_renderer(cfg.report.resolution, cfg.report.backend) if cfg.report.renders else None
+    # one core per task (ray.concurrency tasks run side by side): single-threaded KD-tree queries
+    return measure_shape(ShapeJob(**job_json), cfg, Path(out_dir) / "renders", renderer, threads=1)
 
 
 class ScoringActor:
@@ -131,6 +149,8 @@ class ScoringActor:
             self.scorer = SemanticScorer(ScorerSpec(**spec_json))
         except CheckpointError as exc:
             self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory while loading: one clear line
+            self.error = f"cannot load the ULIP/Uni3D scorers: {type(exc).__name__}: {str(exc)[:300]}"
 
     def info(self) -> dict:
         if self.scorer is None:
@@ -164,7 +184,7 @@ def scorer_spec(cfg: EvalConfig) -> dict:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -189,6 +209,8 @@ class EvalSummary:
     seconds: float
     run_id: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (uid, reason) of errors / missing
+    reused: int = 0  # results taken over from an earlier run (same protocol and inputs)
+    semantic_failures: list[tuple[str, str]] = field(default_factory=list)  # geometry ok, no scores
 
     def to_json(self) -> dict:
         return {
@@ -203,48 +225,139 @@ class EvalSummary:
             "seconds": round(self.seconds, 2),
             "mlflow_run_id": self.run_id,
             "failures": [{"uid": u, "reason": r} for u, r in self.failures],
+            "reused": self.reused,
+            "semantic_failures": [{"uid": u, "reason": r} for u, r in self.semantic_failures],
         }
 
 
-def _prepare_output(output: Path, cfg: EvalConfig) -> Path:
+def protocol_fingerprint(cfg: EvalConfig) -> str:
+    """Hash of every setting that changes a uid's result (not Ray, MLflow or the report size)."""
+    data = cfg.model_dump(mode="json", exclude={"ray": True, "mlflow": True, "report": {"max_rows"}})
+    # a checkpoint replaced at the same path changes the scores too
+    files = [cfg.semantic.ulip.checkpoint, cfg.semantic.uni3d.checkpoint, cfg.semantic.uni3d.clip_checkpoint]
+    if cfg.images.lpips:
+        from evaluation.images import default_alexnet_path
+
+        files.append(cfg.images.lpips_backbone or str(default_alexnet_path()))
+    data["files"] = [inputs_key(f) if f and Path(f).is_file() else None for f in files]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def inputs_key(*paths: str | None) -> str:
+    """Identity of a uid's input files: path, size and modification time of each."""
+    parts = []
+    for p in paths:
+        if p is None:
+            parts.append(None)
+        else:
+            st = Path(p).stat()
+            parts.append([str(p), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """``<output>/results/<uid>.json``, written as each uid finishes (atomic), so an interrupted
+    evaluation resumes: a stored result is reused when the protocol fingerprint and its input
+    files are unchanged (errors caused by a crashed worker or the scorer are retried)."""
+
+    RETRY_STAGES = ("worker", "semantic")
+
+    def __init__(self, output: Path, cfg: EvalConfig, fresh: bool) -> None:
+        self.dir = Path(output) / "results"
+        self.fingerprint = protocol_fingerprint(cfg)
+        if fresh:
+            for sub in ("results", "renders"):
+                if (Path(output) / sub).exists():
+                    shutil.rmtree(Path(output) / sub)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, uid: str) -> Path:
+        return self.dir / f"{uid_filename(uid)}.json"
+
+    def reusable(self, uid: str, key: str) -> dict | None:
+        path = self.path(uid)
+        if not path.is_file():
+            return None
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            return None
+        if result.get("fingerprint") != self.fingerprint or result.get("inputs_key") != key:
+            return None
+        if result.get("uid") != uid or result.get("status") not in ("ok", "error"):
+            return None
+        if result.get("stage") in self.RETRY_STAGES or result.get("semantic_error"):
+            return None
+        return result
+
+    def put(self, result: dict, key: str) -> None:
+        result["fingerprint"], result["inputs_key"] = self.fingerprint, key
+        result["metrics"] = flat_metrics(result)
+        try:
+            _write_json(self.path(result["uid"]), result)
+        except OSError as exc:  # e.g. a full disk: the run goes on, this uid is not resumable
+            console.print(f"[yellow]cannot write the result of {escape(result['uid'])}: {escape(str(exc))}[/]")
+
+    def prune(self, uids: set[str]) -> None:
+        """Remove results of uids that are no longer part of the evaluation."""
+        keep = {uid_filename(u) for u in uids}
+        for path in self.dir.glob("*.json"):
+            if path.stem not in keep:
+                path.unlink()
+
+
+def _prepare_output(output: Path, cfg: EvalConfig, fresh: bool) -> tuple[Path, ResultStore]:
+    if cfg.mlflow.enabled and cfg.mlflow.tracking_uri:
+        try:
+            check_uri(cfg.mlflow.tracking_uri)  # refused before any work, not after
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
     output = Path(output)
-    for stale in ("results", "renders"):
-        if (output / stale).exists():
-            shutil.rmtree(output / stale)
-    (output / "results").mkdir(parents=True, exist_ok=True)
+    store = ResultStore(output, cfg, fresh)
     (output / "config.yaml").write_text(dump_config(cfg))
-    return output
+    return output, store
 
 
 def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmatched: dict, skipped: dict,
-            params: dict, start: float, report_fn: Any) -> EvalSummary:
+            params: dict, start: float, report_fn: Any, store: ResultStore, reused: int) -> EvalSummary:
     results.sort(key=lambda r: r["uid"])
     for r in results:
-        _write_json(output / "results" / f"{r['uid']}.json", r)
+        if "fingerprint" not in r:  # missing uids: recorded, never reused
+            store.put(r, "")
+    store.prune({r["uid"] for r in results})
     table = aggregate(results)
     write_tables(output, results, table)
     counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "error", "missing")}
     summary = EvalSummary(kind, output, len(results), counts["ok"], counts["error"], counts["missing"], table,
                           unmatched, skipped, time.perf_counter() - start)
     summary.failures = [(r["uid"], r.get("error", "")) for r in results if r["status"] != "ok"]
+    summary.reused = reused
+    summary.semantic_failures = [(r["uid"], r["semantic_error"]) for r in results if r.get("semantic_error")]
     report_fn(output, results, summary, cfg)
-    tracker = make_tracker(cfg.mlflow, cfg.mlflow.run_name or f"eval-{kind}", {"stage": f"eval.{kind}"})
+    _write_json(output / "summary.json", summary.to_json())  # before MLflow: a tracker failure loses nothing
+    try:
+        tracker = make_tracker(cfg.mlflow, cfg.mlflow.run_name or f"eval-{kind}", {"stage": f"eval.{kind}"})
+    except Exception as exc:  # noqa: BLE001 - the evaluation itself is done and on disk
+        console.print(f"[yellow]MLflow unavailable, results are only on disk: {escape(str(exc)[:300])}[/]")
+        return summary
     summary.run_id = getattr(tracker, "run_id", None)
+    _write_json(output / "summary.json", summary.to_json())
     status = "FINISHED"
     try:
         tracker.log_params({**params, **cfg.model_dump(mode="json")})
         metrics = {f"{_mlflow_safe(k)}_mean": v["mean"] for k, v in table.items() if math.isfinite(v["mean"])}
-        metrics.update({"num_uids": summary.total, "num_ok": summary.ok, "num_errors": summary.errors, "num_missing": summary.missing})
+        metrics.update({"num_reused": summary.reused, "num_uids": summary.total, "num_ok": summary.ok,
+                        "num_errors": summary.errors, "num_missing": summary.missing,
+                        "num_semantic_errors": len(summary.semantic_failures)})
         tracker.log_metrics(metrics)
-        _write_json(output / "summary.json", summary.to_json())
         for name in ("summary.json", "metrics.csv", "metrics.md", "report.html", "config.yaml"):
             tracker.log_artifact(output / name)
         tracker.log_artifact(output / "results", "results")
         if (output / "renders").is_dir():
             tracker.log_artifact(output / "renders", "renders")
-    except BaseException:
+    except Exception as exc:  # noqa: BLE001 - as above: warn, keep the results
         status = "FAILED"
-        raise
+        console.print(f"[yellow]MLflow logging failed, results are only on disk: {escape(str(exc)[:300])}[/]")
     finally:
         tracker.close(status)
     return summary
@@ -254,7 +367,8 @@ def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
 
 
-def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path | None, output: Path) -> EvalSummary:
+def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path | None, output: Path,
+                    fresh: bool = False) -> EvalSummary:
     """Evaluate every predicted mesh; never stops on a bad mesh (it becomes an error entry)."""
     from evaluation.report import write_shapes_report
 
@@ -271,24 +385,39 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         except CheckpointError as exc:
             raise EvalError(str(exc)) from None
     found = discover(pred, images, gt)
-    output = _prepare_output(output, cfg)
-    jobs = []
+    output, store = _prepare_output(output, cfg, fresh)
+    results: list[dict] = []
+    jobs, keys = [], {}
     for uid in found.uids:
         p, i, g = found.preds.get(uid), found.images.get(uid), found.gts.get(uid)
-        jobs.append({"uid": uid, "pred": str(p.resolve()) if p else None, "gt": str(g.resolve()) if g else None,
-                     "image": str(i.resolve()) if i else None})
-    for kind, uids in found.unmatched.items():
-        if uids:
-            console.print(f"[yellow]{kind.replace('_', ' ')}: {len(uids)} ({', '.join(uids[:5])}{' ...' if len(uids) > 5 else ''})[/]")
+        job = {"uid": uid, "pred": str(p.resolve()) if p else None, "gt": str(g.resolve()) if g else None,
+               "image": str(i.resolve()) if i else None}
+        keys[uid] = inputs_key(job["pred"], job["gt"], job["image"] if cfg.semantic.enabled else None)
+        previous = store.reusable(uid, keys[uid])
+        if previous is not None:
+            previous.update(prediction=job["pred"], ground_truth=job["gt"], image=job["image"])
+            results.append(previous)
+        else:
+            jobs.append(job)
+    reused = len(results)
+    if reused:
+        console.print(f"reusing {reused} results of an earlier run (same protocol and inputs; --fresh recomputes)")
+    _report_unmatched(found.unmatched)
 
-    results: list[dict] = []
     skipped: dict[str, str] = {}
     cfg_json = cfg.model_dump_json()
+
+    def finished(result: dict) -> None:
+        store.put(result, keys[result["uid"]])
+        results.append(result)
+
     with ray_session(cfg) as ray, _progress() as progress:
         measure = ray.remote(num_cpus=1)(_measure_task)
         actor = None
-        if cfg.semantic.enabled:
-            actor = ray.remote(num_cpus=1, num_gpus=cfg.semantic.num_gpus)(ScoringActor).remote(scorer_spec(cfg))
+        if cfg.semantic.enabled and jobs:
+            # the actor holds a CPU only where that cannot starve the measuring tasks
+            actor_cpus = 1 if ray.cluster_resources().get("CPU", 0) >= 2 else 0
+            actor = ray.remote(num_cpus=actor_cpus, num_gpus=cfg.semantic.num_gpus)(ScoringActor).remote(scorer_spec(cfg))
             info = ray.get(actor.info.remote())
             if "error" in info:
                 ray.kill(actor)
@@ -301,11 +430,14 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         # ref -> ("measure", job) | ("score", result): measuring and scoring overlap
         pending: dict[Any, tuple[str, dict]] = {}
         while queue or pending:
-            while queue and sum(v[0] == "measure" for v in pending.values()) < cfg.ray.concurrency:
+            # at most `concurrency` meshes in flight, and a bounded backlog of point clouds waiting
+            # for the scoring actor (they sit in the object store until scored)
+            while (queue and sum(v[0] == "measure" for v in pending.values()) < cfg.ray.concurrency
+                   and sum(v[0] == "score" for v in pending.values()) < 2 * cfg.ray.concurrency):
                 job = queue.pop()
                 pending[measure.remote(job, cfg_json, str(output))] = ("measure", job)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
             what, item = pending.pop(ref)
             if what == "measure":
                 try:
@@ -316,7 +448,7 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
                 if actor is not None and points is not None and result["status"] == "ok":
                     pending[actor.score.remote(points, result["image"])] = ("score", result)
                 else:
-                    results.append(result)
+                    finished(result)
                 progress.advance(task)
             else:
                 result = item
@@ -324,11 +456,11 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
                     reply = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - e.g. the scoring actor died
                     reply = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                if "error" in reply:
-                    result.update(status="error", stage="semantic", error=reply["error"])
+                if "error" in reply:  # e.g. an unreadable condition image: the geometry stands
+                    result["semantic_error"] = reply["error"]
                 else:
                     result["semantic"] = reply["scores"]
-                results.append(result)
+                finished(result)
         if actor is not None:
             ray.kill(actor)
     params = {"pred": str(pred), "images": str(images), "gt": str(gt)}
@@ -336,7 +468,8 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         skipped["semantic"] = "disabled (--no-semantic)"
     if gt is None:
         skipped["geometry"] = "no --gt given"
-    return _finish("shapes", output, cfg, results, found.unmatched, skipped, params, start, write_shapes_report)
+    return _finish("shapes", output, cfg, results, found.unmatched, skipped, params, start, write_shapes_report,
+                   store, reused)
 
 
 # --------------------------------------------------------------------------- back views
@@ -347,13 +480,17 @@ def _backview_task(uid: str, pred: str, gt: str, cfg_json: str) -> dict:
 
     cfg = EvalConfig.model_validate_json(cfg_json)
     result: dict = {"uid": uid, "prediction": pred, "ground_truth": gt}
+    stage = "decode"
     try:
         p = load_rgb(Path(pred), cfg.images.background, cfg.images.max_pixels)
         g = load_rgb(Path(gt), cfg.images.background, cfg.images.max_pixels)
+        stage = "metrics"
         result["backview"] = compare_images(p, g, _lpips_for(cfg))
         result["status"] = "ok"
     except ImageError as exc:
-        result.update(status="error", error=str(exc))
+        result.update(status="error", stage=stage, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - this uid's failure, with its reason
+        result.update(status="error", stage=stage, error=f"{type(exc).__name__}: {exc}"[:500])
     return result
 
 
@@ -371,53 +508,66 @@ def _lpips_for(cfg: EvalConfig) -> Any:
     return _LPIPS[key]
 
 
-def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, images: Path | None = None) -> EvalSummary:
+def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, images: Path | None = None,
+                       fresh: bool = False) -> EvalSummary:
     """PSNR / SSIM / LPIPS of generated back views against the true ones (``<uid>/000.png``)."""
     from evaluation.images import Lpips
     from evaluation.report import write_backviews_report
 
     start = time.perf_counter()
-    preds = scan(pred, IMAGE_EXTENSIONS, "predictions")
-    gts = scan(gt, IMAGE_EXTENSIONS, "ground-truth")
-    conds = scan(images, IMAGE_EXTENSIONS, "images") if images else {}
+    preds, bad_preds = scan(pred, IMAGE_EXTENSIONS, "predictions")
+    gts, bad_gts = scan(gt, IMAGE_EXTENSIONS, "ground-truth")
+    conds, _ = scan(images, IMAGE_EXTENSIONS, "images")
     if not preds:
         raise EvalError(f"no predictions found: expected <uid>/000.png folders in {pred}")
     unmatched = {
         "prediction_without_gt": sorted(set(preds) - set(gts)),
         "gt_without_prediction": sorted(set(gts) - set(preds)),
+        _unusable_key("prediction"): bad_preds,
+        _unusable_key("gt"): bad_gts,
     }
-    for kind, uids in unmatched.items():
-        if uids:
-            console.print(f"[yellow]{kind.replace('_', ' ')}: {len(uids)} ({', '.join(uids[:5])})[/]")
-    output = _prepare_output(output, cfg)
+    _report_unmatched(unmatched)
     skipped = {}
-    if cfg.images.lpips:
+    if cfg.images.lpips:  # resolved first: the stored config and fingerprint say what really ran
         status = Lpips(Path(cfg.images.lpips_backbone) if cfg.images.lpips_backbone else None).status
         if not status.available:
             skipped["lpips"] = status.reason
             cfg = cfg.model_copy(update={"images": cfg.images.model_copy(update={"lpips": False})})
     else:
         skipped["lpips"] = "disabled (images.lpips=false)"
-    results = []
+    output, store = _prepare_output(output, cfg, fresh)
+    results: list[dict] = []
+    keys = {uid: inputs_key(str(preds[uid]), str(gts[uid])) for uid in sorted(set(preds) & set(gts))}
+    queue = []
+    for uid in sorted(keys, reverse=True):
+        previous = store.reusable(uid, keys[uid])
+        if previous is not None:
+            previous.update(prediction=str(preds[uid]), ground_truth=str(gts[uid]))
+            previous.pop("condition", None)
+            if uid in conds:
+                previous["condition"] = str(conds[uid])
+            results.append(previous)
+        else:
+            queue.append(uid)
+    reused = len(results)
     cfg_json = cfg.model_dump_json()
     with ray_session(cfg) as ray, _progress() as progress:
         task = ray.remote(num_cpus=1)(_backview_task)
-        bar = progress.add_task("comparing back views", total=len(preds))
-        common = sorted(set(preds) & set(gts))
-        queue = list(reversed(common))
+        bar = progress.add_task("comparing back views", total=len(queue))
         pending: dict[Any, str] = {}
         while queue or pending:
             while queue and len(pending) < cfg.ray.concurrency:
                 uid = queue.pop()
                 pending[task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json)] = uid
-            done, _ = ray.wait(list(pending), num_returns=1)
-            uid = pending.pop(done[0])
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            uid = pending.pop(ready[0])
             try:
-                result = ray.get(done[0])
-            except Exception as exc:  # noqa: BLE001
-                result = {"uid": uid, "status": "error", "error": str(exc)[:500]}
+                result = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001 - a crashed worker fails this uid only
+                result = {"uid": uid, "status": "error", "stage": "worker", "error": f"{type(exc).__name__}: {exc}"[:500]}
             if uid in conds:
                 result["condition"] = str(conds[uid])
+            store.put(result, keys[uid])
             results.append(result)
             progress.advance(bar)
     for uid in unmatched["prediction_without_gt"]:
@@ -425,4 +575,5 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
     for uid in unmatched["gt_without_prediction"]:
         results.append({"uid": uid, "ground_truth": str(gts[uid]), "status": "missing", "error": "no prediction"})
     params = {"pred": str(pred), "gt": str(gt), "images": str(images)}
-    return _finish("backviews", output, cfg, results, unmatched, skipped, params, start, write_backviews_report)
+    return _finish("backviews", output, cfg, results, unmatched, skipped, params, start, write_backviews_report,
+                   store, reused)

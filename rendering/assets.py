@@ -134,16 +134,20 @@ def _read_glb(path: Path) -> tuple[dict, bytes]:
     return doc, binary
 
 
-def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig) -> list[Path]:
+def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     root, files = path.parent, []
     for kind in ("buffers", "images"):
         for item in doc.get(kind, []) or []:
             uri = item.get("uri") if isinstance(item, dict) else None
             if uri and not uri.startswith("data:"):
-                ref = resolve_inside(root, uri, path)
+                ref = resolve_inside(root, uri, path)  # refused outside the folder, even unused
+                if kind == "images" and geometry_only:
+                    continue
                 if not ref.is_file():
                     raise AssetError(f"{path.name}: missing referenced file '{uri}'")
                 files.append(ref)
+    if geometry_only:
+        return files
     views = doc.get("bufferViews", []) or []
     for i, image in enumerate(doc.get("images", []) or []):
         if not isinstance(image, dict):
@@ -164,7 +168,7 @@ def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig) -> l
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def _check_obj(path: Path, cfg: LoadConfig) -> list[Path]:
+def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     """Validate OBJ text; return the referenced .mtl files and their textures."""
     counts = {"v": 0, "vt": 0, "vn": 0}
     mtl_names: list[str] = []
@@ -209,7 +213,7 @@ def _check_obj(path: Path, cfg: LoadConfig) -> list[Path]:
     files: list[Path] = []
     for name in mtl_names:
         mtl = resolve_inside(path.parent, name, path)
-        if not mtl.is_file():
+        if geometry_only or not mtl.is_file():
             continue  # a missing .mtl renders with the default material, like other tools
         files.append(mtl)
         with open(mtl, "r", errors="replace") as fh:
@@ -223,8 +227,11 @@ def _check_obj(path: Path, cfg: LoadConfig) -> list[Path]:
     return files
 
 
-def inspect_asset(path: Path, cfg: LoadConfig) -> list[Path]:
-    """Pre-parse checks; returns the sidecar files the asset uses (all inside its folder)."""
+def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
+    """Pre-parse checks; returns the sidecar files the asset uses (all inside its folder).
+
+    ``geometry_only``: materials are not going to be loaded, so texture images are neither
+    required nor decoded (references outside the folder are still refused)."""
     if not path.is_file():
         raise AssetError(f"{path.name}: file not found")
     size = path.stat().st_size
@@ -235,7 +242,7 @@ def inspect_asset(path: Path, cfg: LoadConfig) -> list[Path]:
     ext = path.suffix.lower().lstrip(".")
     if ext == "glb":
         doc, binary = _read_glb(path)
-        return _gltf_references(path, doc, binary, cfg)
+        return _gltf_references(path, doc, binary, cfg, geometry_only)
     if ext == "gltf":
         try:
             doc = json.loads(path.read_bytes())
@@ -243,9 +250,9 @@ def inspect_asset(path: Path, cfg: LoadConfig) -> list[Path]:
             raise AssetError(f"{path.name}: invalid glTF JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise AssetError(f"{path.name}: glTF top level is not an object")
-        return _gltf_references(path, doc, b"", cfg)
+        return _gltf_references(path, doc, b"", cfg, geometry_only)
     if ext == "obj":
-        return _check_obj(path, cfg)
+        return _check_obj(path, cfg, geometry_only)
     if ext not in MESH_EXTENSIONS:
         raise AssetError(f"{path.name}: unsupported file type '.{ext}'")
     return []
@@ -338,11 +345,14 @@ def _fix_untextured(geometry: "object") -> None:
     geometry.visual = trimesh.visual.ColorVisuals(geometry, vertex_colors=np.tile(rgba, (len(geometry.vertices), 1)))
 
 
-def load_asset(path: Path, cfg: LoadConfig) -> LoadedAsset:
-    """Parse, validate and normalize one asset. Raises AssetError / AssetFiltered."""
+def load_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> LoadedAsset:
+    """Parse, validate and normalize one asset. Raises AssetError / AssetFiltered.
+
+    ``geometry_only`` (evaluation): materials and textures are skipped entirely, so a broken or
+    huge texture cannot fail a mesh whose geometry is fine."""
     import trimesh
 
-    inspect_asset(path, cfg)
+    inspect_asset(path, cfg, geometry_only)
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
     try:
@@ -350,7 +360,7 @@ def load_asset(path: Path, cfg: LoadConfig) -> LoadedAsset:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
                 scene = trimesh.load_scene(
-                    str(path), resolver=trimesh.resolvers.FilePathResolver(str(path))
+                    str(path), resolver=trimesh.resolvers.FilePathResolver(str(path)), skip_materials=geometry_only
                 )
             except AssetError:
                 raise
@@ -385,7 +395,7 @@ def load_asset(path: Path, cfg: LoadConfig) -> LoadedAsset:
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
     try:
-        for mesh in scene.geometry.values():
+        for mesh in scene.geometry.values() if not geometry_only else ():
             _prepare_textures(mesh, cfg.max_texture_size, path.name)
             _fix_untextured(mesh)
     finally:

@@ -47,13 +47,13 @@ def voxelize_surface(vertices: np.ndarray, faces: np.ndarray, resolution: int = 
     lo = np.floor((tri.min(1) + 0.5) / size).astype(np.int64)
     hi = np.floor((tri.max(1) + 0.5) / size).astype(np.int64)
     inside = (hi >= 0).all(1) & (lo < resolution).all(1)
-    tri, lo, hi = tri[inside], np.clip(lo[inside], 0, resolution - 1), np.clip(hi[inside], 0, resolution - 1)
+    tri, lo, hi = tri[inside], lo[inside], hi[inside]
+    # a triangle whose (unclipped) bounding box lies in one voxel occupies exactly that voxel
+    single = (lo == hi).all(1)
+    grid[lo[single, 0], lo[single, 1], lo[single, 2]] = True
+    tri, lo, hi = tri[~single], np.clip(lo[~single], 0, resolution - 1), np.clip(hi[~single], 0, resolution - 1)
     span = hi - lo + 1
     counts = span.prod(1)
-    # a triangle whose bounding box lies in one voxel occupies exactly that voxel (no test needed)
-    single = counts == 1
-    grid[lo[single, 0], lo[single, 1], lo[single, 2]] = True
-    tri, lo, span, counts = tri[~single], lo[~single], span[~single], counts[~single]
     start = 0
     while start < len(tri):
         # as many triangles as fit into one pass (at least one)

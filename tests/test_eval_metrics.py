@@ -104,6 +104,7 @@ def test_icp_recovers_a_small_rotation_and_records_it():
     assert plain["icp"] is False and "icp_transform" not in plain
     assert aligned["icp"] is True and np.asarray(aligned["icp_transform"]).shape == (4, 4)
     assert aligned["chamfer_l1"] < 0.5 * plain["chamfer_l1"]
+    assert aligned["iou_surface@64"] > plain["iou_surface@64"]  # the IoU is of the aligned mesh
 
 
 def test_normalization_puts_the_longest_side_at_1_96_centred():
@@ -163,10 +164,10 @@ def test_bad_meshes_raise_mesh_errors_naming_the_file(real_dir: Path, bad_dir: P
         with pytest.raises(MeshError, match=reason) as info:
             load_mesh(bad_dir / name)
         assert name in str(info.value)
-    with pytest.raises(MeshError, match="non-manifold mesh \\(150 edges"):
+    with pytest.raises(MeshError, match="non-manifold mesh \\(125 edges"):
         load_mesh(real_dir / "bunny.ply")
     mesh, info = load_mesh(real_dir / "bunny.ply", allow_non_manifold=True)
-    assert info.non_manifold_edges == 150 and len(mesh.faces) == info.num_faces
+    assert info.non_manifold_edges == 125 and len(mesh.faces) == info.num_faces
     nan_obj = tmp_path / "nanvert.obj"
     nan_obj.write_text("v 0 0 0\nv 1 0 0\nv 0 nan 0\nf 1 2 3\n")
     with pytest.raises(MeshError, match="nanvert.obj"):
@@ -240,3 +241,68 @@ def test_geometry_uses_all_points(monkeypatch):
     mesh = normalize(trimesh.creation.box())
     compare_meshes(mesh, mesh, "c", 0, GeometryOptions(num_samples=12_345))
     assert calls == [(12_345, 12_345), (12_345, 12_345)]
+
+
+def test_image_modes_decode_to_the_right_pixels(tmp_path: Path):
+    cases = {
+        "i16.png": (Image.fromarray(np.full((16, 16), 32768, np.uint16)), {}, [128, 128, 128]),
+        "f.tiff": (Image.fromarray(np.full((16, 16), 0.5, np.float32), "F"), {}, [128, 128, 128]),
+        "trns.png": (Image.fromarray(np.full((16, 16), 7, np.uint8), "L"), {"transparency": 7}, [255, 255, 255]),
+        "la.png": (Image.fromarray(np.zeros((16, 16, 2), np.uint8), "LA"), {}, [255, 255, 255]),
+        "p.png": (Image.fromarray(np.full((16, 16, 3), [10, 200, 30], np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE), {}, [10, 200, 30]),
+    }
+    for name, (img, kw, expected) in cases.items():
+        img.save(tmp_path / name, **kw)
+        assert load_rgb(tmp_path / name, "white")[3, 3].tolist() == expected, name
+    Image.new("RGB", (8, 40)).save(tmp_path / "thin.png")
+    with pytest.raises(ImageError, match="thin.png: 8x40 pixels is below the 11-pixel SSIM window"):
+        load_rgb(tmp_path / "thin.png")
+
+
+def test_lpips_reports_unusable_backbone_files(tmp_path: Path):
+    import torch
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert "junk.pth: cannot be loaded" in Lpips(tmp_path / "junk.pth").status.reason
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    assert "tensor.pth: not a state_dict" in Lpips(tmp_path / "tensor.pth").status.reason
+    torch.save({"features.0.weight": torch.zeros(2, 2), "features.0.bias": torch.zeros(2),
+                **{f"features.{i}.{w}": torch.zeros(1) for i in (3, 6, 8, 10) for w in ("weight", "bias")}},
+               tmp_path / "shapes.pth")
+    assert "shapes.pth: not AlexNet weights" in Lpips(tmp_path / "shapes.pth").status.reason
+
+
+def test_geometry_only_loading_ignores_broken_textures(real_dir: Path, tmp_path: Path):
+    from rendering.assets import AssetError, load_asset
+    from pipeline.config import LoadConfig
+
+    data = bytearray((real_dir / "Duck.glb").read_bytes())
+    start = data.find(b"IDAT")  # corrupt the embedded texture's pixel data, keep its header
+    data[start + 8 : start + 200] = bytes(192)
+    (tmp_path / "Duck.glb").write_bytes(bytes(data))
+    with pytest.raises(AssetError, match="texture"):
+        load_asset(tmp_path / "Duck.glb", LoadConfig())  # the data build still refuses it
+    mesh, info = load_mesh(tmp_path / "Duck.glb")
+    assert info.num_faces == 4212
+
+
+def test_degenerate_faces_do_not_make_a_mesh_non_manifold():
+    from evaluation.meshes import count_non_manifold_edges
+
+    tet = trimesh.creation.box()
+    faces = np.vstack([tet.faces, [[0, 1, 1]], tet.faces[:1]])  # a collapsed and a duplicated face
+    assert count_non_manifold_edges(trimesh.Trimesh(tet.vertices, faces, process=False)) == 0
+    fin = np.vstack([tet.faces, [[0, 1, 2]]])
+    verts = tet.vertices
+    a, b = tet.faces[0][:2]
+    extra = trimesh.Trimesh(np.vstack([verts, [[5, 5, 5]]]), np.vstack([fin[:-1], [[a, b, len(verts)]]]), process=False)
+    assert count_non_manifold_edges(extra) == 1  # a third face on an existing edge
+
+
+def test_eval_config_rejects_inconsistent_settings():
+    from pipeline.config import ConfigError, EvalConfig, load_config
+
+    with pytest.raises(ConfigError, match="surface_samples .* must exceed points.fps_points"):
+        load_config(None, ["points.surface_samples=1000", "points.fps_points=8192"], model=EvalConfig)
+    with pytest.raises(ConfigError, match="fscore_thresholds must be positive"):
+        load_config(None, ["geometry.fscore_thresholds=[0.0]"], model=EvalConfig)

@@ -39,6 +39,11 @@ def evaluated(tmp_path_factory, real_dir: Path, bad_dir: Path, ray_local):
         shutil.copy(src, root / "set" / "pred" / uid / f"000{src.suffix}")
         (root / "set" / "image" / uid).mkdir(parents=True)
         shutil.copy(root / "set" / "image" / "Duck" / "000.png", root / "set" / "image" / uid / "000.png")
+    # a good mesh whose condition image is corrupt: geometry is kept, the scores are missing
+    for sub in ("pred", "gt"):
+        shutil.copytree(root / "set" / sub / "fandisk", root / "set" / sub / "bad_image")
+    (root / "set" / "image" / "bad_image").mkdir()
+    (root / "set" / "image" / "bad_image" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (root / "set" / "pred" / "nan_vertex").mkdir()
     (root / "set" / "pred" / "nan_vertex" / "000.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 nan 0\nf 1 2 3\n")
     ckpt = write_tiny_checkpoints(root)
@@ -61,7 +66,7 @@ def results(out: Path) -> dict[str, dict]:
 def test_every_uid_gets_a_result_and_bad_meshes_become_error_entries(evaluated):
     assert evaluated["code"] == 0
     res = results(evaluated["out"])
-    good = [Path(a).stem for a in ASSETS]
+    good = [Path(a).stem for a in ASSETS] + ["bad_image"]
     assert sorted(res) == sorted(good + ["broken_prediction", "missing_prediction", "bunny_nonmanifold",
                                          "empty_obj", "truncated", "nan_vertex"])
     assert all(res[u]["status"] == "ok" for u in good)
@@ -69,9 +74,13 @@ def test_every_uid_gets_a_result_and_bad_meshes_become_error_entries(evaluated):
     assert set(errors) == {"broken_prediction", "bunny_nonmanifold", "empty_obj", "truncated", "nan_vertex"}
     assert "non-manifold" in errors["bunny_nonmanifold"] and "truncated GLB" in errors["truncated"]
     assert "no geometry" in errors["empty_obj"] and "000.obj" in errors["nan_vertex"]
+    assert "non-finite" in errors["nan_vertex"]
+    assert "semantic" not in res["bad_image"] and "cannot decode" in res["bad_image"]["semantic_error"]
+    assert res["bad_image"]["geometry"]["chamfer_l1"] == pytest.approx(res["fandisk"]["geometry"]["chamfer_l1"], rel=0.2)
     assert res["missing_prediction"]["status"] == "missing"
     summary = json.loads((evaluated["out"] / "summary.json").read_text())
-    assert (summary["total"], summary["ok"], summary["errors"], summary["missing"]) == (12, 6, 5, 1)
+    assert (summary["total"], summary["ok"], summary["errors"], summary["missing"]) == (13, 7, 5, 1)
+    assert [f["uid"] for f in summary["semantic_failures"]] == ["bad_image"]
     assert summary["unmatched"]["image_without_prediction"] == ["missing_prediction"]
     assert summary["unmatched"]["prediction_without_image"] == ["broken_prediction", "nan_vertex"]
     assert {f["uid"] for f in summary["failures"]} == set(errors) | {"missing_prediction"}
@@ -92,7 +101,7 @@ def test_metrics_follow_the_known_perturbations(evaluated):
         g = by_kind[kind][0]["geometry"]
         assert g["chamfer_l1"] > identity["chamfer_l1"] and g["iou_surface@64"] < 1.0, kind
     for r in res.values():
-        if r["status"] == "ok":
+        if r["status"] == "ok" and r["uid"] != "bad_image":
             assert set(r["semantic"]) == {"ulip", "uni3d"} and all(-1 <= v <= 1 for v in r["semantic"].values())
             assert {"chamfer_l1", "chamfer_l2", "fscore@0.01", "fscore@0.02", "normal_consistency",
                     "iou_surface@64", "iou_volume@64", "icp"} <= set(r["geometry"])
@@ -101,7 +110,7 @@ def test_metrics_follow_the_known_perturbations(evaluated):
 def test_tables_report_and_mlflow_run(evaluated):
     out = evaluated["out"]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert len(rows) == 12 and {"uid", "status", "ulip", "uni3d", "chamfer_l2", "error"} <= set(rows[0])
+    assert len(rows) == 13 and {"uid", "status", "ulip", "uni3d", "chamfer_l2", "error"} <= set(rows[0])
     ok = [r for r in rows if r["status"] == "ok"]
     summary = json.loads((out / "summary.json").read_text())
     mean = np.mean([float(r["chamfer_l2"]) for r in ok])
@@ -139,6 +148,37 @@ def test_reruns_are_deterministic_and_no_semantic_needs_no_checkpoints(evaluated
     assert a["Duck"]["geometry"]["chamfer_l2"] == results(evaluated["out"])["Duck"]["geometry"]["chamfer_l2"]
     assert "semantic" not in a["Duck"] and not (tmp_path / "a" / "renders").exists()
     assert run_cli([*args, "--output", str(tmp_path / "c"), "--strict"]) == 1  # errors present
+
+
+def test_an_interrupted_or_repeated_evaluation_reuses_finished_uids(evaluated, tmp_path: Path):
+    root = evaluated["root"]
+    pred = tmp_path / "pred"
+    shutil.copytree(root / "set" / "pred", pred)
+    args = ["eval", "shapes", "--pred", str(pred), "--gt", str(root / "set" / "gt"), "--no-semantic",
+            "--output", str(tmp_path / "o"), "--set", "geometry.samples=20000", "--set", "report.renders=false",
+            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    assert run_cli(args) == 0
+    first = results(tmp_path / "o")
+    summary = lambda: json.loads((tmp_path / "o" / "summary.json").read_text())  # noqa: E731
+    assert summary()["reused"] == 0
+    assert first["Duck"]["metrics"]["chamfer_l2"] == first["Duck"]["geometry"]["chamfer_l2"]  # flat copy
+    # a result file whose uid is gone is pruned; a changed input is recomputed; the rest is reused
+    (tmp_path / "o" / "results" / "gone.json").write_text("{}")
+    mesh = pred / "monkey" / "000.glb"
+    mesh.write_bytes(mesh.read_bytes())  # same bytes, new mtime: treated as a new input
+    import os
+
+    os.utime(mesh, ns=(mesh.stat().st_atime_ns, mesh.stat().st_mtime_ns + 10**9))
+    assert run_cli(args) == 0
+    again = results(tmp_path / "o")
+    assert summary()["reused"] == 11  # 12 uids with a prediction (7 ok, 5 errors) minus the changed one
+    assert "gone" not in again and set(again) == set(first)
+    assert again["Duck"] == first["Duck"] and again["monkey"]["geometry"] == first["monkey"]["geometry"]
+    # another protocol setting invalidates everything
+    assert run_cli([*args, "--set", "geometry.samples=20001"]) == 0
+    assert summary()["reused"] == 0
+    assert run_cli([*args, "--set", "geometry.samples=20001", "--fresh"]) == 0
+    assert summary()["reused"] == 0
 
 
 def test_usage_errors_exit_2_with_a_clear_message(evaluated, tmp_path: Path, capsys):
@@ -187,3 +227,49 @@ def test_backviews(tmp_path: Path, ray_local):
     assert summary["metrics"]["psnr"]["count"] == 3 and summary["errors"] == 1 and summary["missing"] == 1
     html = (out / "report.html").read_text()
     assert 'src="renders/b_pred.png"' in html and (out / "renders" / "b_condition.png").is_file()
+
+
+def test_odd_uids_long_uids_and_unusable_folders(evaluated, tmp_path: Path):
+    root = evaluated["root"]
+    odd, long = "we<ird> #1 [bold]b?%", "x" * 250  # rich markup, HTML and URL specials
+    for sub in ("pred", "gt"):
+        for uid in (odd, long):
+            shutil.copytree(root / "set" / sub / "Duck", tmp_path / sub / uid)
+    (tmp_path / "pred" / "upper").mkdir()
+    shutil.copy(root / "set" / "pred" / "Duck" / "000.glb", tmp_path / "pred" / "upper" / "000.GLB")
+    (tmp_path / "pred" / "empty_folder").mkdir()
+    (tmp_path / "pred" / "escape").mkdir()
+    (tmp_path / "pred" / "escape" / "000.glb").symlink_to(root / "set" / "pred" / "Duck" / "000.glb")
+    out = tmp_path / "out"
+    code = run_cli(["eval", "shapes", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-semantic",
+                    "--output", str(out), "--set", "geometry.samples=20000", "--set", "report.resolution=64",
+                    "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unmatched"]["prediction_folder_without_usable_000_file"] == ["empty_folder", "escape"]
+    res = {json.loads(p.read_text())["uid"]: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+    assert set(res) == {odd, long, "upper"} and all(r["status"] == "ok" for r in res.values())
+    assert all(len(p.name) < 120 for p in (out / "results").glob("*")) and all(len(p.name) < 140 for p in (out / "renders").glob("*"))
+    html = (out / "report.html").read_text()
+    assert "<h3>we&lt;ird&gt; #1 [bold]b?%</h3>" in html and "<ird>" not in html
+    for src in [line.split('src="', 1)[1].split('"', 1)[0] for line in html.split("<img")[1:]]:
+        from urllib.parse import unquote
+
+        assert (out / unquote(src)).is_file(), src
+    assert "upper" in summary["unmatched"]["prediction_without_gt"]
+
+
+def test_mlflow_problems_never_lose_results(evaluated, tmp_path: Path, monkeypatch, capsys):
+    root = evaluated["root"]
+    args = ["eval", "shapes", "--pred", str(root / "set" / "pred"), "--gt", str(root / "set" / "gt"), "--no-semantic",
+            "--set", "geometry.samples=20000", "--set", "report.renders=false"]
+    # credentials in the URI: refused before any work
+    assert run_cli([*args, "--output", str(tmp_path / "a"), "--set", "mlflow.tracking_uri=http://u:secret@127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "must not contain credentials" in err and "secret" not in err and not (tmp_path / "a").exists()
+    # an unreachable server: the evaluation completes, results and summary are on disk
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    assert run_cli([*args, "--output", str(tmp_path / "b"), "--set", "mlflow.tracking_uri=http://127.0.0.1:9"]) == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["ok"] == 7 and summary["mlflow_run_id"] is None
