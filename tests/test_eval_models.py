@@ -146,3 +146,22 @@ def test_checkpoint_errors_are_clear(tiny_ckpts, tmp_path: Path):
     save_file({k.removeprefix("module."): v.contiguous() for k, v in sd.items()}, str(tmp_path / "ulip.safetensors"))
     model = load_ulip(tmp_path / "ulip.safetensors", UlipConfig.tiny())
     assert not any(p.is_meta for p in model.parameters()) and not model.training
+
+
+def test_image_preprocessing_is_the_benchmarks():
+    """ULIP: timm's eval transform of vit_base_patch16_224 (resize 248 bicubic, crop 224, mean/std
+    0.5); Uni3D: open_clip's (resize 224 bicubic, crop 224, OpenAI mean/std)."""
+    from torchvision import transforms as T
+
+    from evaluation.models.uni3d import clip_image_transform
+
+    with torch.device("meta"):
+        ulip = UlipPointBert(UlipConfig())
+    steps = {type(t).__name__: t for t in ulip.image_transform().transforms}
+    assert steps["Resize"].size == 248 and steps["Resize"].interpolation == T.InterpolationMode.BICUBIC
+    assert list(steps["CenterCrop"].size) == [224, 224]
+    assert list(steps["Normalize"].mean) == pytest.approx([0.5] * 3) and list(steps["Normalize"].std) == pytest.approx([0.5] * 3)
+    steps = {type(t).__name__: t for t in clip_image_transform(Uni3dModelConfig()).transforms}
+    assert steps["Resize"].size == 224 and steps["Resize"].interpolation == T.InterpolationMode.BICUBIC
+    assert list(steps["CenterCrop"].size) == [224, 224]
+    assert list(steps["Normalize"].mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
