@@ -207,6 +207,7 @@ class EvalSummary:
     unmatched: dict
     skipped: dict
     seconds: float
+    measure_seconds: float = 0.0  # the parallel part: first task submitted -> last result in
     run_id: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (uid, reason) of errors / missing
     reused: int = 0  # results taken over from an earlier run (same protocol and inputs)
@@ -223,6 +224,7 @@ class EvalSummary:
             "unmatched": self.unmatched,
             "skipped_metrics": self.skipped,
             "seconds": round(self.seconds, 2),
+            "measure_seconds": round(self.measure_seconds, 2),
             "mlflow_run_id": self.run_id,
             "failures": [{"uid": u, "reason": r} for u, r in self.failures],
             "reused": self.reused,
@@ -319,7 +321,8 @@ def _prepare_output(output: Path, cfg: EvalConfig, fresh: bool) -> tuple[Path, R
 
 
 def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmatched: dict, skipped: dict,
-            params: dict, start: float, report_fn: Any, store: ResultStore, reused: int) -> EvalSummary:
+            params: dict, start: float, report_fn: Any, store: ResultStore, reused: int,
+            measure_seconds: float) -> EvalSummary:
     results.sort(key=lambda r: r["uid"])
     for r in results:
         if "fingerprint" not in r:  # missing uids: recorded, never reused
@@ -332,6 +335,7 @@ def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmat
                           unmatched, skipped, time.perf_counter() - start)
     summary.failures = [(r["uid"], r.get("error", "")) for r in results if r["status"] != "ok"]
     summary.reused = reused
+    summary.measure_seconds = measure_seconds
     summary.semantic_failures = [(r["uid"], r["semantic_error"]) for r in results if r.get("semantic_error")]
     report_fn(output, results, summary, cfg)
     _write_json(output / "summary.json", summary.to_json())  # before MLflow: a tracker failure loses nothing
@@ -426,6 +430,7 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
                 if name not in info["metrics"]:
                     skipped[name] = f"disabled (semantic.{name}.enabled=false)"
         task = progress.add_task("measuring shapes", total=len(jobs))
+        measure_start = time.perf_counter()
         queue = list(reversed(jobs))
         # ref -> ("measure", job) | ("score", result): measuring and scoring overlap
         pending: dict[Any, tuple[str, dict]] = {}
@@ -461,6 +466,7 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
                 else:
                     result["semantic"] = reply["scores"]
                 finished(result)
+        measure_seconds = time.perf_counter() - measure_start
         if actor is not None:
             ray.kill(actor)
     params = {"pred": str(pred), "images": str(images), "gt": str(gt)}
@@ -469,7 +475,7 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
     if gt is None:
         skipped["geometry"] = "no --gt given"
     return _finish("shapes", output, cfg, results, found.unmatched, skipped, params, start, write_shapes_report,
-                   store, reused)
+                   store, reused, measure_seconds)
 
 
 # --------------------------------------------------------------------------- back views
@@ -554,6 +560,7 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
     with ray_session(cfg) as ray, _progress() as progress:
         task = ray.remote(num_cpus=1)(_backview_task)
         bar = progress.add_task("comparing back views", total=len(queue))
+        measure_start = time.perf_counter()
         pending: dict[Any, str] = {}
         while queue or pending:
             while queue and len(pending) < cfg.ray.concurrency:
@@ -570,10 +577,11 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
             store.put(result, keys[uid])
             results.append(result)
             progress.advance(bar)
+        measure_seconds = time.perf_counter() - measure_start
     for uid in unmatched["prediction_without_gt"]:
         results.append({"uid": uid, "prediction": str(preds[uid]), "status": "missing", "error": "no ground-truth image"})
     for uid in unmatched["gt_without_prediction"]:
         results.append({"uid": uid, "ground_truth": str(gts[uid]), "status": "missing", "error": "no prediction"})
     params = {"pred": str(pred), "gt": str(gt), "images": str(images)}
     return _finish("backviews", output, cfg, results, unmatched, skipped, params, start, write_backviews_report,
-                   store, reused)
+                   store, reused, measure_seconds)
