@@ -422,7 +422,12 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
             # the actor holds a CPU only where that cannot starve the measuring tasks
             actor_cpus = 1 if ray.cluster_resources().get("CPU", 0) >= 2 else 0
             actor = ray.remote(num_cpus=actor_cpus, num_gpus=cfg.semantic.num_gpus)(ScoringActor).remote(scorer_spec(cfg))
-            info = ray.get(actor.info.remote())
+            try:
+                info = ray.get(actor.info.remote())
+            except Exception as exc:  # noqa: BLE001 - e.g. killed by the OOM killer while loading
+                raise EvalError(f"the ULIP/Uni3D scoring actor died while loading the models "
+                                f"({type(exc).__name__}); out of memory? the full models need ~22 GB "
+                                "(use a GPU node: semantic.num_gpus=1)") from None
             if "error" in info:
                 ray.kill(actor)
                 raise EvalError(info["error"])

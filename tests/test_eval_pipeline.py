@@ -190,6 +190,13 @@ def test_usage_errors_exit_2_with_a_clear_message(evaluated, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert "no ulip checkpoint given" in err and "huggingface.co" in err
     assert not (tmp_path / "x").exists()  # nothing started
+    # a scorer that cannot be loaded (here: CUDA asked for on a CPU machine) stops the run cleanly
+    ck = evaluated["ckpt"]
+    code = run_cli(["eval", "shapes", "--pred", str(root / "set" / "pred"), "--images", str(root / "set" / "image"),
+                    "--output", str(tmp_path / "w"), "--ulip-ckpt", str(ck["ulip"]), "--uni3d-ckpt", str(ck["uni3d"]),
+                    "--clip-ckpt", str(ck["clip"]), "--set", "semantic.arch=tiny", "--set", "semantic.device=cuda:0",
+                    "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2 and "cannot load the ULIP/Uni3D scorers" in capsys.readouterr().err
     assert run_cli(["eval", "shapes", "--pred", str(tmp_path / "nowhere"), "--no-semantic", "--output", str(tmp_path / "y")]) == 2
     assert "predictions folder not found" in capsys.readouterr().err
     assert run_cli(["eval", "shapes", "--pred", str(root / "set" / "pred"), "--no-semantic", "--output",
