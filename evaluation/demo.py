@@ -56,12 +56,10 @@ def perturb(mesh: "object", kind: str, rng: np.random.Generator) -> "object":
 def make_demo_set(meshes: list[Path], out: Path, seed: int = 0, resolution: int = 256, backend: str = "egl",
                   broken: bool = True) -> dict[str, str]:
     """Write the set; returns uid -> perturbation kind (also in ``<out>/perturbations.json``)."""
-    from rendering.assets import LoadedAsset
+    from evaluation.shapes import mesh_asset
     from rendering.camera import make_camera
     from rendering.process import compose_background
     from rendering.render import ViewRenderer
-
-    import trimesh
 
     out = Path(out)
     kinds: dict[str, str] = {}
@@ -75,10 +73,7 @@ def make_demo_set(meshes: list[Path], out: Path, seed: int = 0, resolution: int 
             for sub in ("gt", "image", "pred"):
                 (out / sub / uid).mkdir(parents=True, exist_ok=True)
             mesh.export(out / "gt" / uid / "000.glb")
-            scene = trimesh.Scene()
-            scene.add_geometry(mesh, node_name="mesh", geom_name="mesh")
-            asset = LoadedAsset(scene, np.diag([0.5, 0.5, 0.5, 1.0]), len(mesh.faces), 1, ["mesh"])
-            view = renderer.render(asset, [make_camera(0.0, 10.0, 40.0, resolution)])[0]
+            view = renderer.render(mesh_asset(mesh), [make_camera(0.0, 10.0, 40.0, resolution)])[0]
             Image.fromarray(compose_background(view.rgba, "white")[..., :3]).save(out / "image" / uid / "000.png")
             perturb(mesh, kind, uid_rng(uid, seed, "demo")).export(out / "pred" / uid / "000.glb")
             kinds[uid] = kind

@@ -131,12 +131,13 @@ class Lpips:
             )
             return
         import lpips
-        import torch
+
+        from evaluation.checkpoints import CheckpointError, read_checkpoint
 
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file: LPIPS is skipped, with why
-            self.status = LpipsStatus(False, f"{self.path.name}: cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})")
+            state = read_checkpoint(self.path)
+        except CheckpointError as exc:  # any unreadable file: LPIPS is skipped, with why
+            self.status = LpipsStatus(False, str(exc))
             return
         if not isinstance(state, dict):
             self.status = LpipsStatus(False, f"{self.path.name}: not a state_dict ({type(state).__name__})")

@@ -88,7 +88,9 @@ def _metrics_block(result: dict) -> str:
     rows = "".join(f"<tr><td class=l>{html.escape(k)}</td><td>{_fmt(flat[k])}</td></tr>" for k in keys)
     note = ""
     if result.get("semantic_error"):
-        note = f"<div class=err>no ULIP/Uni3D score: {html.escape(result['semantic_error'])}</div>"
+        note += f"<div class=err>no ULIP/Uni3D score: {html.escape(result['semantic_error'])}</div>"
+    if result.get("render_error"):
+        note += f"<div class=err>no renders: {html.escape(result['render_error'])}</div>"
     return f"<div class=meta><table>{rows}</table>{note}</div>"
 
 

@@ -13,7 +13,6 @@ copying them (entries the model does not use, e.g. the CLIP text tower, are drop
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from evaluation.checkpoints import CheckpointError, read_checkpoint
 from evaluation.models.ulip import UlipConfig as UlipArch
 from evaluation.models.ulip import UlipPointBert
 from evaluation.models.uni3d import UNI3D_COLOR, Uni3d, Uni3dModelConfig, clip_image_tower, clip_image_transform
@@ -41,10 +41,6 @@ _SETTING = {
 _ZERO_BUFFERS = {"k_bias"}
 
 
-class CheckpointError(Exception):
-    """A checkpoint is missing, unsafe to load, or does not match the architecture."""
-
-
 def _check_path(path: str | Path | None, what: str) -> Path:
     if not path:
         raise CheckpointError(
@@ -55,33 +51,6 @@ def _check_path(path: str | Path | None, what: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint not found: {path} (download it from {WHERE[what]})")
     return path
-
-
-def read_checkpoint(path: Path) -> Any:
-    """safetensors, or a torch pickle restricted to tensors/containers (weights_only=True)."""
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not raised through
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
-    try:
-        # ULIP/Uni3D training checkpoints also store their argparse namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:  # memory-mapped: a 17 GB file is not read into memory twice
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise CheckpointError(
-            f"{path.name}: cannot be loaded with weights_only=True ({type(exc).__name__}: {str(exc)[:200]}). "
-            "Only tensors and plain containers are accepted; convert a trusted file to .safetensors"
-        ) from None
 
 
 def state_dict_of(ckpt: Any, entry: str | None, strip: str | None, path: Path) -> dict:

@@ -59,21 +59,27 @@ def normal_image(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def render_normals(mesh: "object", resolution: int, backend: str, renderer: "object | None" = None) -> dict[str, np.ndarray]:
-    """Front and back normal-shaded views of a normalized mesh (longest side 1.96)."""
+def mesh_asset(mesh: "object") -> "object":
+    """A normalized mesh (longest side 1.96) as a renderable asset in the unit cube."""
     import trimesh
 
     from rendering.assets import LoadedAsset
+
+    scene = trimesh.Scene()
+    scene.add_geometry(mesh, node_name="mesh", geom_name="mesh")
+    to_unit_cube = np.diag([0.5, 0.5, 0.5, 1.0])  # [-0.98, 0.98] -> [-0.49, 0.49]
+    return LoadedAsset(scene, to_unit_cube, len(mesh.faces), 1, ["mesh"])
+
+
+def render_normals(mesh: "object", resolution: int, backend: str, renderer: "object | None" = None) -> dict[str, np.ndarray]:
+    """Front and back normal-shaded views of a normalized mesh (longest side 1.96)."""
     from rendering.camera import make_camera
     from rendering.render import ViewRenderer
 
     own = renderer is None
     renderer = renderer or ViewRenderer(resolution, backend)
     try:
-        scene = trimesh.Scene()
-        scene.add_geometry(mesh, node_name="mesh", geom_name="mesh")
-        to_unit_cube = np.diag([0.5, 0.5, 0.5, 1.0])  # [-0.98, 0.98] -> [-0.49, 0.49]
-        asset = LoadedAsset(scene, to_unit_cube, len(mesh.faces), 1, ["mesh"])
+        asset = mesh_asset(mesh)
         cameras = [make_camera(az, el, 40.0, resolution) for az, el in VIEW_ANGLES.values()]
         views = renderer.render(asset, cameras)
         return {name: normal_image(v.normal, v.mask) for name, v in zip(VIEW_ANGLES, views)}
@@ -104,7 +110,7 @@ def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer
         result.update(status="missing", error="no prediction for this uid (a condition image exists)")
         return result, None
     stage = "prediction"
-    points = None
+    points = gt = None
     try:
         pred, info = load_mesh(Path(job.pred), cfg.mesh.load, cfg.mesh.allow_non_manifold)
         result["mesh"] = info.to_json()
@@ -112,7 +118,6 @@ def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer
         if cfg.semantic.enabled and job.image is not None:
             p = cfg.points
             points = semantic_points(pred, job.uid, cfg.seed, p.surface_samples, p.fps_points, p.fps_h)
-        gt = None
         if job.gt is not None:
             stage = "ground_truth"
             gt, gt_info = load_mesh(Path(job.gt), cfg.mesh.load, cfg.mesh.allow_non_manifold)
@@ -120,21 +125,24 @@ def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer
             gt = normalize(gt)
             stage = "geometry"
             result["geometry"] = compare_meshes(pred, gt, job.uid, cfg.seed, geometry_options(cfg, threads))
-        if cfg.report.renders and out_dir is not None:
-            stage = "render"
-            renders = _save_renders(render_normals(pred, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "pred")
-            if gt is not None:
-                renders.update(_save_renders(render_normals(gt, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "gt"))
-            result["renders"] = renders
         result["status"] = "ok"
     except MeshError as exc:
         result.update(status="error", stage=stage, error=str(exc))
-        points = None
+        points = gt = None
     except Exception as exc:  # noqa: BLE001 - one uid's failure never stops the evaluation
         result.update(
             status="error", stage=stage, error=f"{type(exc).__name__}: {exc}"[:500],
             traceback="".join(traceback.format_exception(exc, limit=-4))[-1500:],
         )
-        points = None
+        points = gt = None
+    if result["status"] == "ok" and cfg.report.renders and out_dir is not None:
+        try:  # the report's pictures: a failure here leaves the metrics standing
+            renders = _save_renders(render_normals(pred, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "pred")
+            if gt is not None:
+                renders.update(_save_renders(render_normals(gt, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "gt"))
+            result["renders"] = renders
+        except Exception as exc:  # noqa: BLE001
+            result["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result, points
+

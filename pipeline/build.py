@@ -161,7 +161,7 @@ def _progress() -> Progress:
     )
 
 
-def _bounded(ray: Any, submit: Any, items: list, slots: list, on_done: Any, progress: Progress, label: str) -> None:
+def run_bounded(ray: Any, submit: Any, items: list, slots: list, on_done: Any, progress: Progress, label: str) -> None:
     """Run ``submit(item, slot)`` with one call in flight per slot; ``on_done(item, result_or_exc)``.
 
     A finished call frees *its* slot, so with actors as slots each actor always has work
@@ -301,7 +301,7 @@ def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, 
         else:
             ingested.extend(result)
 
-    _bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], run.cfg.load),
+    run_bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], run.cfg.load),
              batches, [None] * run.cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
     kept, dupes = dedupe(ingested)
     for r in ingested:
@@ -354,7 +354,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
         results[r["sha256"]] = result
 
     # two calls per actor: the next asset is already queued when the current one finishes
-    _bounded(ray, submit, todo, actors * 2, on_render, progress, "render")
+    run_bounded(ray, submit, todo, actors * 2, on_render, progress, "render")
     for actor in actors:
         ray.kill(actor)
     seconds = run.metrics["render_s"] = time.perf_counter() - t0
@@ -406,7 +406,7 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
             for i, r in zip(ids, result):
                 results[i] = r
 
-        _bounded(ray, lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]), chunks, actors * 2,
+        run_bounded(ray, lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]), chunks, actors * 2,
                  on_done, progress, "annotate")
         for actor in actors:
             ray.kill(actor)
@@ -456,7 +456,7 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
         return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan),
                                    members_annotations(plan))
 
-    _bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
+    run_bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
     if errors:
         raise BuildError("writing shards failed: " + "; ".join(errors[:3]))
     index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,

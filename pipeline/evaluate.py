@@ -39,7 +39,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
-from pipeline.build import ray_session
+from pipeline.build import ray_session, run_bounded
 from pipeline.config import EvalConfig, dump_config
 from pipeline.tracking import check_uri, make_tracker
 from rendering.assets import MESH_EXTENSIONS
@@ -331,12 +331,14 @@ def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmat
     table = aggregate(results)
     write_tables(output, results, table)
     counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "error", "missing")}
-    summary = EvalSummary(kind, output, len(results), counts["ok"], counts["error"], counts["missing"], table,
-                          unmatched, skipped, time.perf_counter() - start)
-    summary.failures = [(r["uid"], r.get("error", "")) for r in results if r["status"] != "ok"]
-    summary.reused = reused
-    summary.measure_seconds = measure_seconds
-    summary.semantic_failures = [(r["uid"], r["semantic_error"]) for r in results if r.get("semantic_error")]
+    summary = EvalSummary(
+        kind, output, len(results), counts["ok"], counts["error"], counts["missing"], table, unmatched, skipped,
+        seconds=time.perf_counter() - start,
+        measure_seconds=measure_seconds,
+        failures=[(r["uid"], r.get("error", "")) for r in results if r["status"] != "ok"],
+        reused=reused,
+        semantic_failures=[(r["uid"], r["semantic_error"]) for r in results if r.get("semantic_error")],
+    )
     report_fn(output, results, summary, cfg)
     _write_json(output / "summary.json", summary.to_json())  # before MLflow: a tracker failure loses nothing
     try:
@@ -550,7 +552,7 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
     results: list[dict] = []
     keys = {uid: inputs_key(str(preds[uid]), str(gts[uid])) for uid in sorted(set(preds) & set(gts))}
     queue = []
-    for uid in sorted(keys, reverse=True):
+    for uid in sorted(keys):
         previous = store.reusable(uid, keys[uid])
         if previous is not None:
             previous.update(prediction=str(preds[uid]), ground_truth=str(gts[uid]))
@@ -562,26 +564,19 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
             queue.append(uid)
     reused = len(results)
     cfg_json = cfg.model_dump_json()
+    def finished(uid: str, result: dict | BaseException) -> None:
+        if isinstance(result, BaseException):  # a crashed worker fails this uid only
+            result = {"uid": uid, "status": "error", "stage": "worker", "error": f"{type(result).__name__}: {result}"[:500]}
+        if uid in conds:
+            result["condition"] = str(conds[uid])
+        store.put(result, keys[uid])
+        results.append(result)
+
     with ray_session(cfg) as ray, _progress() as progress:
         task = ray.remote(num_cpus=1)(_backview_task)
-        bar = progress.add_task("comparing back views", total=len(queue))
         measure_start = time.perf_counter()
-        pending: dict[Any, str] = {}
-        while queue or pending:
-            while queue and len(pending) < cfg.ray.concurrency:
-                uid = queue.pop()
-                pending[task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json)] = uid
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            uid = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except Exception as exc:  # noqa: BLE001 - a crashed worker fails this uid only
-                result = {"uid": uid, "status": "error", "stage": "worker", "error": f"{type(exc).__name__}: {exc}"[:500]}
-            if uid in conds:
-                result["condition"] = str(conds[uid])
-            store.put(result, keys[uid])
-            results.append(result)
-            progress.advance(bar)
+        run_bounded(ray, lambda uid, _slot: task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json), queue,
+                 list(range(cfg.ray.concurrency)), finished, progress, "comparing back views")
         measure_seconds = time.perf_counter() - measure_start
     for uid in unmatched["prediction_without_gt"]:
         results.append({"uid": uid, "prediction": str(preds[uid]), "status": "missing", "error": "no ground-truth image"})

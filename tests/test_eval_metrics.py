@@ -306,3 +306,19 @@ def test_eval_config_rejects_inconsistent_settings():
         load_config(None, ["points.surface_samples=1000", "points.fps_points=8192"], model=EvalConfig)
     with pytest.raises(ConfigError, match="fscore_thresholds must be positive"):
         load_config(None, ["geometry.fscore_thresholds=[0.0]"], model=EvalConfig)
+
+
+def test_a_render_failure_keeps_the_metrics(real_dir: Path, tmp_path: Path, monkeypatch):
+    from evaluation import shapes
+    from evaluation.shapes import ShapeJob, measure_shape
+    from pipeline.config import EvalConfig
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("GL context lost")
+
+    monkeypatch.setattr(shapes, "render_normals", broken)
+    cfg = EvalConfig.model_validate({"semantic": {"enabled": False}, "geometry": {"samples": 5000}})
+    duck = str(real_dir / "Duck.glb")
+    result, points = measure_shape(ShapeJob("duck", duck, gt=duck), cfg, tmp_path)
+    assert result["status"] == "ok" and result["geometry"]["iou_volume@64"] == 1.0
+    assert result["render_error"] == "RuntimeError: GL context lost" and "renders" not in result and points is None
