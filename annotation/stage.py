@@ -21,7 +21,7 @@ import numpy as np
 
 from annotation.parts import describe_pair
 from pipeline.config import AnnotateConfig
-from rendering.process import asset_dir
+from rendering.process import asset_dir, usable_pairs
 
 
 def _sha(data: bytes) -> str:
@@ -86,6 +86,7 @@ def annotate_assets(
     cache_root: Path,
     cfg: AnnotateConfig,
     runner: Callable[[list], list[dict]] | None = None,
+    min_view_coverage: float = 0.0,
 ) -> tuple[dict[tuple[str, int], dict], dict[str, float]]:
     """Records for every (sha256, pair_index) of ``assets`` and the stage's metrics.
 
@@ -97,48 +98,59 @@ def annotate_assets(
     start = time.perf_counter()
     cache = AnnotationCache(cache_root)
     records: dict[tuple[str, int], dict] = {}
-    pending: list[tuple[tuple[str, int], str, Any]] = []
-    num_cached = 0
+    # one request per cache key: identical image pairs (symmetric assets, duplicate views) share
+    # one answer, one cache entry and so the same record in every run
+    waiting: dict[str, list[tuple[str, int]]] = {}
+    pending: list[tuple[str, Any]] = []
+    num_cached = num_shared = 0
     for summary in assets:
-        for pair_index in range(len(summary["pairs"])):
+        for pair_index in usable_pairs(summary, min_view_coverage)[0]:
+            ident = (summary["sha256"], pair_index)
             front_png, back_png = _pair_images(work, summary, pair_index)
             key = cache_key(_sha(front_png), _sha(back_png), cfg)
+            if key in waiting:
+                waiting[key].append(ident)
+                num_shared += 1
+                continue
             cached = cache.get(key)
             if cached is not None:
-                records[(summary["sha256"], pair_index)] = cached
+                records[ident] = cached
                 num_cached += 1
-            elif cfg.backend == "parts":
+                continue
+            waiting[key] = [ident]
+            if cfg.backend == "parts":
                 components = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
                                            cfg.max_items, cfg.parts_skip_body)
-                record = {"components": components, "status": "ok" if components else "no_parts"}
-                pending.append(((summary["sha256"], pair_index), key, record))
+                pending.append((key, {"components": components, "status": "ok" if components else "no_parts"}))
             else:
                 hint: list[str] = []
                 if cfg.parts_hint:
                     hint = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
                                          cfg.max_items, cfg.parts_skip_body)
-                pending.append(((summary["sha256"], pair_index), key, (front_png, back_png, hint)))
+                pending.append((key, (front_png, back_png, hint)))
 
     if cfg.backend in ("openai", "transformers") and pending:
         from annotation.openai_backend import PairRequest
 
         run = runner or local_runner(cfg)
-        results = run([PairRequest(key, *payload) for _, key, payload in pending])
-        pending = [(ident, key, result) for (ident, key, _), result in zip(pending, results)]
+        results = run([PairRequest(key, *payload) for key, payload in pending])
+        pending = [(key, result) for (key, _), result in zip(pending, results)]
 
-    for ident, key, record in pending:
+    for key, record in pending:
         record = {**record, "backend": cfg.backend, "model": model_name(cfg), "prompt_version": cfg.prompt_version}
         cache.put(key, record)
-        records[ident] = record
-
+        for ident in waiting[key]:
+            records[ident] = record
     statuses = [r["status"] for r in records.values()]
-    fresh = [r for _, _, r in pending]
+    fresh = [r for _, r in pending]
     latencies = [r["latency_s"] for r in fresh if "latency_s" in r]
     seconds = time.perf_counter() - start
     metrics: dict[str, float] = {
         "annotate_s": seconds,
         "annotate.pairs": len(records),
         "annotate.cached": num_cached,
+        "annotate.requests": len(pending),
+        "annotate.shared": num_shared,
         "annotate.ok": statuses.count("ok"),
         "annotate.repaired": statuses.count("repaired"),
         "annotate.failed": statuses.count("annotation_failed"),

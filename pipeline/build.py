@@ -23,10 +23,14 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
+import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,8 +54,8 @@ from pipeline.shards import (
     write_shard,
 )
 from pipeline.tracking import make_tracker
-from rendering.assets import AssetError, AssetFiltered, asset_sha256, inspect_asset
-from rendering.process import read_asset, render_fingerprint
+from rendering.assets import AssetError, AssetFiltered, asset_sha256, describe_exception, inspect_asset
+from rendering.process import read_asset, render_fingerprint, usable_pairs
 from rendering.sources.base import AssetRecord, AssetSource, FetchError
 
 console = Console(stderr=True)
@@ -65,19 +69,24 @@ class BuildError(RuntimeError):
 
 
 def ingest_one(source: AssetSource, record: AssetRecord, load_cfg: LoadConfig) -> dict[str, Any]:
-    """Fetch, check and hash one asset. Pure per-asset stage (no Ray)."""
+    """Fetch, check and hash one asset. Pure per-asset stage (no Ray); never raises.
+
+    Whatever a malformed file triggers, only this asset fails, with a plain-text reason that
+    names the file and the kind of problem (never the file's content)."""
     start = time.perf_counter()
     out: dict[str, Any] = {"key": record.key}
+    name = Path(record.uri).name or record.key
     try:
         path = source.fetch(record)
+        name = path.name
         sidecars = inspect_asset(path, load_cfg)
         out.update(status="ok", path=str(path), sha256=asset_sha256(path, sidecars))
     except AssetFiltered as exc:
         out.update(status="filtered", filter=exc.filter, reason=str(exc))
     except (AssetError, FetchError) as exc:
         out.update(status="failed", reason=str(exc))
-    except OSError as exc:
-        out.update(status="failed", reason=f"{Path(record.uri).name}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - an unexpected error is still this asset's alone
+        out.update(status="failed", reason=f"{name}: {describe_exception(exc)}")
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -106,24 +115,106 @@ def _ray():
     return ray
 
 
+class ClusterUnreachable(RuntimeError):
+    """The configured Ray cluster cannot be reached in time; nothing was started or written."""
+
+
+def _bootstrap_target(address: str) -> tuple[str, int]:
+    """host and port that ``ray.init(address)`` would connect to first."""
+    if address.startswith("ray://"):
+        hostport = address[len("ray://"):].split("/", 1)[0]
+    elif address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            found = canonicalize_bootstrap_address(address)
+        except Exception:  # noqa: BLE001 - Ray says why in a long message; ours is one line
+            found = None
+        if not found:
+            raise ClusterUnreachable("address 'auto': no running Ray cluster found on this machine (start one "
+                                     "with `ray start --head`, or leave --address out for a local Ray)")
+        hostport = found
+    else:
+        hostport = address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"Ray address '{address}' is not host:port, 'auto' or ray://host:port")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast, in one line, when nothing answers at the cluster's address (``ray.init`` itself
+    would retry for minutes, logging "Failed to connect to GCS")."""
+    host, port = _bootstrap_target(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at {address} ({host}:{port}) within {timeout_s:g} s: {why}"
+        ) from None
+
+
+@contextmanager
+def _deadline(seconds: float, message: str) -> Iterator[None]:
+    """Raise ClusterUnreachable if the block runs longer than ``seconds`` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise ClusterUnreachable(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @contextmanager
 def ray_session(cfg: Any) -> Iterator[Any]:
-    """Join ``cfg.ray.address`` or start a local Ray (shut down again on exit if started here)."""
+    """Join ``cfg.ray.address`` or start a local Ray (shut down again on exit if started here).
+
+    A cluster that does not answer within ``cfg.ray.connect_timeout_s`` raises
+    :class:`ClusterUnreachable` before anything else happens."""
     ray = _ray()
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
-        if cfg.ray.address is None:
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+        timeout_s = cfg.ray.connect_timeout_s
+        if address is None:
             kwargs["num_cpus"] = getattr(cfg.ray, "num_cpus", None)
             if getattr(cfg.ray, "object_store_memory", None):
                 kwargs["object_store_memory"] = cfg.ray.object_store_memory
-        ray.init(address=cfg.ray.address, **kwargs)
+        else:
+            check_reachable(address, timeout_s)
+        message = f"the Ray cluster at {address} did not accept this driver within {timeout_s:g} s"
+        try:
+            with _deadline(timeout_s, message) if address else nullcontext():
+                ray.init(address=address, **kwargs)
+        except ClusterUnreachable:
+            ray.shutdown()
+            raise
+        except ConnectionError as exc:
+            ray.shutdown()
+            raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: {describe_exception(exc)}") from None
         started = True
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+def _task_error_kind(exc: BaseException) -> str:
+    """Plain name of what killed a Ray task (no Ray traceback, no colour codes)."""
+    cause = getattr(exc, "cause", None)
+    return type(cause).__name__ if isinstance(cause, BaseException) else type(exc).__name__
 
 
 def _ingest_batch(source: AssetSource, records: list[dict], load_cfg: LoadConfig) -> list[dict]:
@@ -202,15 +293,49 @@ class BuildSummary:
     mlflow_run_id: str | None = None
 
 
+def check_output(output: str | None) -> Path:
+    """The output folder, resolved; refused in one line when it cannot be a writable folder.
+    Writes nothing (a build that never starts leaves no trace)."""
+    if not output:
+        raise BuildError("no output folder (use --output DIR)")
+    try:
+        out = Path(output).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise BuildError(f"--output {output}: cannot be resolved ({describe_exception(exc)})") from None
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--output {out}: exists and is not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise BuildError(f"--output {out}: {existing} is not a folder")
+    try:  # os.access says yes to root on read-only or virtual file systems (/proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".know3d-probe-", dir=existing))
+    except OSError as exc:
+        raise BuildError(f"--output {out}: cannot create folders in {existing} "
+                         f"({exc.strerror or type(exc).__name__})") from None
+    return out
+
+
 @contextmanager
-def _output_lock(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as fh:
+def _output_folder(out: Path) -> Iterator[None]:
+    """Create and lock the output folder; a new folder is removed again if the build fails
+    before its first run record is written (``out/runs``)."""
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "w")
+    except OSError as exc:
+        raise BuildError(f"--output {out}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
+    with lock:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BuildError(f"another build is writing to {out} (lock {out / '.lock'})") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if not existed and not (out / "runs").exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -226,14 +351,16 @@ def _failure_file(work: Path, sha: str) -> Path:
 
 
 def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
-    if not cfg.output:
-        raise BuildError("no output folder (use --output DIR)")
-    out = Path(cfg.output).expanduser().resolve()
-    with _output_lock(out):
-        return _run_build(cfg, out, retry_failed)
+    """The whole build. Raises BuildError / ClusterUnreachable (usage problems, one line each)
+    before anything is written when the output or the cluster is unusable."""
+    out = check_output(cfg.output)
+    with ray_session(cfg) as ray, _output_folder(out):
+        source, records, filtered = _discover(cfg, out)
+        return _run_build(cfg, out, retry_failed, ray, source, records, filtered)
 
 
-def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool) -> BuildSummary:
+def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool, ray: Any, source: AssetSource,
+               records: list[AssetRecord], filtered: list) -> BuildSummary:
     t_start = time.perf_counter()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = out / "runs" / run_id
@@ -250,7 +377,8 @@ def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool) -> BuildSummary:
     tracker.log_artifact(run_dir / "config.yaml")
     status = "FAILED"
     try:
-        summary = _stages(cfg, out, work, run_id, run_dir, retry_failed, tracker, t_start)
+        run = _Run(cfg, out, work, run_id, {r.key: r for r in [*records, *(f.record for f in filtered)]})
+        summary = _stages(run, ray, source, records, filtered, run_dir, retry_failed, tracker, t_start)
         status = "FINISHED"
         return summary
     finally:
@@ -293,16 +421,28 @@ def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, 
     source_ref = ray.put(source)
     batches = [records[i : i + 16] for i in range(0, len(records), 16)]
     ingested: list[dict] = []
+    retry: list[list[AssetRecord]] = []
 
-    def on_ingest(batch: list[AssetRecord], result: Any) -> None:
-        if isinstance(result, Exception):
-            reason = f"ingest task error: {result}"[:500]
-            ingested.extend({"key": r.key, "status": "failed", "reason": reason} for r in batch)
-        else:
+    def on_batch(batch: list[AssetRecord], result: Any) -> None:
+        # ingest_one never raises, so a failed batch means its worker died (a segfault or the
+        # OOM killer on one file): every record of it is tried again on its own
+        (retry.extend([r] for r in batch) if isinstance(result, Exception) else ingested.extend(result))
+
+    def on_single(batch: list[AssetRecord], result: Any) -> None:
+        if not isinstance(result, Exception):
             ingested.extend(result)
+            return
+        record = batch[0]
+        ingested.append({"key": record.key, "status": "failed",
+                         "reason": f"{Path(record.uri).name or record.key}: ingest worker died ({_task_error_kind(result)})"})
 
-    run_bounded(ray, lambda b, _: ingest_remote.remote(source_ref, [r.to_json() for r in b], run.cfg.load),
-             batches, [None] * run.cfg.ray.fetch_concurrency, on_ingest, progress, "ingest")
+    def submit(batch: list[AssetRecord], _: Any) -> Any:
+        return ingest_remote.remote(source_ref, [r.to_json() for r in batch], run.cfg.load)
+
+    slots = [None] * run.cfg.ray.fetch_concurrency
+    run_bounded(ray, submit, batches, slots, on_batch, progress, "ingest")
+    if retry:
+        run_bounded(ray, submit, retry, slots, on_single, progress, "ingest (retry one by one)")
     kept, dupes = dedupe(ingested)
     for r in ingested:
         if r["status"] != "ok":
@@ -345,7 +485,8 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
         failure = _failure_file(work, r["sha256"])
         if isinstance(result, Exception):
             # the worker, not the asset, failed (after Ray's retries): not remembered
-            result = {"status": "failed", "reason": f"render worker died: {type(result).__name__}"}
+            result = {"status": "failed",
+                      "reason": f"{Path(r['path']).name}: render worker died ({_task_error_kind(result)})"}
         elif result["status"] != "ok":
             failure.parent.mkdir(parents=True, exist_ok=True)
             failure.write_text(json.dumps(result))
@@ -420,7 +561,8 @@ def _annotate_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dic
     from annotation.stage import annotate_assets
 
     runner = _vlm_runner(run, ray, progress) if run.cfg.annotate.backend == "transformers" else None
-    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner)
+    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner,
+                                       run.cfg.shard.min_view_coverage)
     run.metrics.update(metrics)
     return {annotation_id(sha, pair): record for (sha, pair), record in records.items()}
 
@@ -463,19 +605,31 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
                                        "seed": cfg.seed, "run_id": run.run_id})
     removed = remove_stale(out, {e["name"] for e in entries})
     samples_per_asset = Counter(sha for plan in plans for sha, _ in plan.members)
+    num_pairs_filtered = 0
     for a in ok_assets:
-        run.row(a["key"], "shard", "ok", sha256=a["sha256"], num_samples=samples_per_asset[a["sha256"]],
-                split=split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction))
+        dropped = usable_pairs(a, cfg.shard.min_view_coverage)[1]
+        for _, reason in dropped:
+            run.row(a["key"], "pairs", "filtered", sha256=a["sha256"], filter="min_view_coverage",
+                    reason=f"{Path(a['uri']).name}: {reason}")
+        num_pairs_filtered += len(dropped)
+        split = split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction)
+        if samples_per_asset[a["sha256"]]:
+            run.row(a["key"], "shard", "ok", sha256=a["sha256"], num_samples=samples_per_asset[a["sha256"]],
+                    split=split)
+        else:
+            run.row(a["key"], "shard", "filtered", sha256=a["sha256"], num_samples=0, split=split,
+                    filter="min_view_coverage", reason=f"{Path(a['uri']).name}: no pair with both views covered")
+    run.metrics["num_pairs_filtered_coverage"] = num_pairs_filtered
     run.metrics.update(shard_s=time.perf_counter() - t0, num_shards_rewritten=len(to_write),
                        num_shards_removed=len(removed))
     return index
 
 
 def _stages(
-    cfg: BuildConfig, out: Path, work: Path, run_id: str, run_dir: Path, retry_failed: bool, tracker: Any, t_start: float
+    run: _Run, ray: Any, source: AssetSource, records: list[AssetRecord], filtered: list, run_dir: Path,
+    retry_failed: bool, tracker: Any, t_start: float,
 ) -> BuildSummary:
-    source, records, filtered = _discover(cfg, out)
-    run = _Run(cfg, out, work, run_id, {r.key: r for r in [*records, *(f.record for f in filtered)]})
+    cfg, out, run_id = run.cfg, run.out, run.run_id
     for f in filtered:
         run.row(f.record.key, "discover", "filtered", filter=f.filter, reason=f.detail)
     for r in records:
@@ -483,7 +637,7 @@ def _stages(
     console.print(f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, "
                   f"{len(filtered)} filtered by metadata -> {out}")
 
-    with ray_session(cfg) as ray, _progress() as progress:
+    with _progress() as progress:
         kept = _ingest_stage(run, ray, progress, source, records)
         ok_assets = _render_stage(run, ray, progress, kept, retry_failed)
         annotations = _annotate_stage(run, ray, progress, ok_assets)

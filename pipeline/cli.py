@@ -71,11 +71,11 @@ def data_build(
     if input and cfg.source.kind != "local":
         err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
 
-    from pipeline.build import BuildError, run_build
+    from pipeline.build import BuildError, ClusterUnreachable, run_build
 
     try:
         summary = run_build(cfg, retry_failed=retry_failed)
-    except BuildError as exc:
+    except (BuildError, ClusterUnreachable) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     _print_counts(summary.counts)
@@ -185,11 +185,12 @@ def train_backview(
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2)
+    from pipeline.build import ClusterUnreachable
     from pipeline.train import run_train_backview
 
     try:
         metrics = run_train_backview(cfg, fresh=fresh)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ClusterUnreachable) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     except RuntimeError as exc:
@@ -205,7 +206,7 @@ def train_backview(
 @generate_app.command("backview")
 def generate_backview_cmd(
     image: Annotated[Path, typer.Option("--image", help="Front view (PNG/JPEG; alpha is composited on white).")],
-    lora: Annotated[Optional[Path], typer.Option("--lora", help="Exported LoRA folder (<run>/lora).")] = None,
+    lora: Annotated[Optional[Path], typer.Option("--lora", help="Exported LoRA folder (<run>/lora); without it, --model alone.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="A back-view component, e.g. 'two shoulder straps'.")] = None,
     output: Annotated[Path, typer.Option("--output", help="Where to write the back view.")] = Path("back.png"),
     model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
@@ -240,9 +241,11 @@ def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2)
+    from pipeline.build import ClusterUnreachable
+
     try:
         summary = run(cfg)
-    except EvalError as exc:
+    except (EvalError, ClusterUnreachable) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     _print_eval(summary, strict)

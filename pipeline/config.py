@@ -89,14 +89,17 @@ class SourceConfig(_Strict):
 
 class LoadConfig(_Strict):
     max_file_bytes: int = Field(default=512 * 2**20, description="Larger files are filtered.")
-    max_faces: int = Field(default=2_000_000, description="Assets with more faces are filtered.")
+    max_faces: int = Field(
+        default=2_000_000,
+        description="Assets with more faces are filtered (read from headers/accessors before parsing where possible).",
+    )
     max_texture_size: int = Field(default=2048, description="Textures above this are downsampled.")
     max_image_pixels: int = Field(
         default=8192 * 8192, description="Decoding bound per image; larger images fail the asset."
     )
     allow_relative_obj_indices: bool = Field(
-        default=False,
-        description="Accept OBJ faces with negative (relative) indices; refused by default.",
+        default=True,
+        description="Accept OBJ faces with negative (relative) indices (valid OBJ); out-of-range ones are always refused.",
     )
 
 
@@ -149,6 +152,10 @@ class RenderConfig(_Strict):
 
 
 class ShardConfig(_Strict):
+    min_view_coverage: float = Field(
+        default=0.002, ge=0.0, le=1.0,
+        description="A pair whose front or back view covers less of the image (mask fraction) is filtered.",
+    )
     max_samples: int = Field(default=1000, ge=1)
     max_bytes: int = Field(default=1 << 30, ge=1 << 16)
     val_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
@@ -159,6 +166,9 @@ class ShardConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
+    )
     num_cpus: int | None = Field(default=None, description="CPUs of the local Ray (None = all).")
     render_concurrency: int = Field(default=2, ge=1)
     fetch_concurrency: int = Field(default=4, ge=1)
@@ -322,6 +332,9 @@ class DeepSpeedConfig(_Strict):
 
 class TrainRayConfig(_Strict):
     address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
+    )
     num_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on if the cluster has GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -434,6 +447,9 @@ class EvalReportConfig(_Strict):
 
 class EvalRayConfig(_Strict):
     address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
+    )
     num_cpus: int | None = None
     object_store_memory: int | None = None
     concurrency: int = Field(default=2, ge=1, description="Meshes measured in parallel (one core each).")

@@ -1,7 +1,8 @@
 """The build manifest: one row per asset and stage, written as Parquet.
 
-Stages: ``discover`` (metadata filters), ``ingest`` (fetch, security checks, content hash,
-duplicates), ``render`` and ``shard``. Status is ``ok``, ``filtered`` (``filter`` names which)
+Stages: ``discover`` (metadata filters, unsupported files), ``ingest`` (fetch, security checks,
+header face counts, content hash, duplicates), ``render``, ``pairs`` (one ``filtered`` row per
+pair left out of the shards, e.g. a nearly blank view) and ``shard``. Status is ``ok``, ``filtered`` (``filter`` names which)
 or ``failed`` (``reason`` and a short ``traceback``). The manifest is a view rebuilt from the
 per-asset results at the end of every run, so a crash never leaves it half-written.
 """
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST_FILE = "manifest.parquet"
-STAGES = ("discover", "ingest", "render", "shard")
+STAGES = ("discover", "ingest", "render", "pairs", "shard")
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from typing import Iterator
 import webdataset as wds
 
 from pipeline.config import ShardConfig
-from rendering.process import asset_dir, read_asset
+from rendering.process import asset_dir, read_asset, usable_pairs
 
 INDEX_FILE = "shard_index.json"
 _EXTRAS = (("depth", "include_depth"), ("normal", "include_normal"), ("mask", "include_mask"))
@@ -97,8 +97,8 @@ def plan_shards(work: Path, assets: list[dict], cfg: ShardConfig, seed: int) -> 
         current: ShardPlan | None = None
         count = 0
         for summary in items:
-            for pair_index, views in enumerate(summary["pairs"]):
-                size = _pair_bytes(work, summary["sha256"], tuple(views), cfg)
+            for pair_index in usable_pairs(summary, cfg.min_view_coverage)[0]:
+                size = _pair_bytes(work, summary["sha256"], tuple(summary["pairs"][pair_index]), cfg)
                 if current is None or len(current.members) >= cfg.max_samples or (
                     current.members and current.est_bytes + size > cfg.max_bytes
                 ):

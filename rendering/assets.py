@@ -7,7 +7,13 @@ Assets come from the internet, so before trimesh parses anything:
 * every image (sidecar or embedded in a GLB) has its header read and its pixel count bounded
   before it is decoded (no decompression bombs);
 * OBJ text is checked for malformed faces, out-of-range indices and non-finite numbers, which
-  trimesh otherwise drops or turns into zeros silently.
+  trimesh otherwise drops or turns into zeros silently;
+* the glTF document's types are checked where the loader indexes it, and face counts are read
+  from headers/accessors (or counted in OBJ text) so an oversized asset is filtered unparsed.
+
+Every problem is an :class:`AssetError` (or :class:`AssetFiltered`) whose message names the file,
+the position (line, array index) and the kind of problem — never quoted file content, since a
+reason ends up in the manifest and in MLflow.
 
 After loading, the scene is validated (non-empty, triangles, finite vertices) and a
 normalization is computed that centres its bounding box at the origin and scales its longest
@@ -20,11 +26,14 @@ import hashlib
 import io
 import json
 import math
+import random
 import re
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote
 
 import numpy as np
@@ -75,18 +84,48 @@ def asset_sha256(main: Path, sidecars: list[Path]) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- reasons
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
+def describe_exception(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message`` in plain text for a manifest reason.
+
+    Parser messages often quote the offending text (``could not convert string to float:
+    'secret'``); an asset may be anything, so quoted text is replaced by ``'…'`` and only the
+    kind of error and positions survive. Control characters and ANSI colours are removed."""
+    message = _ANSI.sub("", str(exc))
+    message = _QUOTED.sub("'…'", message)
+    message = "".join(ch if ch.isprintable() else " " for ch in message)
+    message = " ".join(message.split())
+    if len(message) > limit:
+        message = message[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 # --------------------------------------------------------------------------- references
 
 
-def resolve_inside(root: Path, uri: str, owner: Path) -> Path:
-    """Resolve ``uri`` (relative, URL-quoted) against ``root``; refuse anything outside it."""
+def resolve_inside(root: Path, uri: object, owner: Path, what: str) -> Path:
+    """Resolve a reference found in ``owner`` against ``root``; refuse anything outside it.
+
+    ``what`` says where the reference sits (``buffers[0].uri``, ``line 3 (mtllib)``): reasons name
+    that position, never the reference's text, which is the asset's content."""
+    if not isinstance(uri, str) or not uri:
+        raise AssetError(f"{owner.name}: {what} is not a non-empty string")
     name = unquote(uri).replace("\\", "/")
+    if any(not ch.isprintable() for ch in name):
+        raise AssetError(f"{owner.name}: {what} contains control characters (refused)")
     if name.startswith("/") or re.match(r"^[a-zA-Z]:", name) or "://" in name:
-        raise AssetError(f"{owner.name}: refers to '{uri}', an absolute path or URL (refused)")
-    candidate = (root / name).resolve()
-    root_resolved = root.resolve()
-    if not candidate.is_relative_to(root_resolved):
-        raise AssetError(f"{owner.name}: refers to '{uri}', outside the asset's folder (refused)")
+        raise AssetError(f"{owner.name}: {what} is an absolute path or URL (refused)")
+    try:
+        candidate = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # symlink loops, overlong names
+        raise AssetError(f"{owner.name}: {what} cannot be resolved ({type(exc).__name__})") from None
+    if not candidate.is_relative_to(root.resolve()):
+        raise AssetError(f"{owner.name}: {what} points outside the asset's folder (refused)")
     return candidate
 
 
@@ -97,17 +136,29 @@ def _check_image_header(data: bytes | Path, what: str, cfg: LoadConfig) -> None:
     except Image.DecompressionBombError:
         raise AssetError(f"{what}: image too large to decode (decompression bomb guard)") from None
     except Exception as exc:  # noqa: BLE001 - any decoder error is the asset's fault
-        raise AssetError(f"{what}: unreadable image ({type(exc).__name__}: {exc})") from None
+        raise AssetError(f"{what}: unreadable image ({describe_exception(exc)})") from None
     if width * height > cfg.max_image_pixels:
         raise AssetError(
             f"{what}: image is {width}x{height}, above the decoding bound of {cfg.max_image_pixels} pixels"
         )
 
 
+def _parse_json(data: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise AssetError(f"{what} is nested too deeply to parse") from None
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise AssetError(f"{what} is not valid JSON ({describe_exception(exc)})") from None
+    if not isinstance(doc, dict):
+        raise AssetError(f"{what} is {_json_kind(doc)}, expected an object")
+    return doc
+
+
 def _read_glb(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
     if data[:4] != b"glTF":
-        raise AssetError(f"{path.name}: not a GLB file (bad magic {data[:4]!r})")
+        raise AssetError(f"{path.name}: not a GLB file (bad magic)")
     if len(data) < 20:
         raise AssetError(f"{path.name}: truncated GLB ({len(data)} bytes)")
     _, version, length = struct.unpack_from("<4sII", data, 0)
@@ -122,38 +173,110 @@ def _read_glb(path: Path) -> tuple[dict, bytes]:
         if len(body) != chunk_len:
             raise AssetError(f"{path.name}: truncated GLB chunk")
         if chunk_type == 0x4E4F534A:  # JSON
-            try:
-                doc = json.loads(body)
-            except ValueError as exc:
-                raise AssetError(f"{path.name}: GLB JSON chunk is invalid ({exc})") from None
+            doc = _parse_json(body, f"{path.name}: GLB JSON chunk")
         elif chunk_type == 0x004E4942:  # BIN
             binary = body
         offset += 8 + chunk_len
-    if not isinstance(doc, dict):
+    if doc is None:
         raise AssetError(f"{path.name}: GLB has no JSON chunk")
     return doc, binary
+
+
+# --------------------------------------------------------------------------- glTF structure
+# trimesh indexes the glTF document without checking types, so a wrong type anywhere
+# ("buffers": 5, an image uri that is a list) surfaces as an arbitrary exception deep in the
+# parser. The parts the loader walks are checked here first, with reasons that name the spot.
+
+_GLTF_ARRAYS = ("accessors", "bufferViews", "buffers", "images", "materials", "meshes", "nodes", "samplers",
+                "scenes", "textures")
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_gltf_structure(path: Path, doc: dict) -> None:
+    """Types of every array the loader indexes, and of the fields it reads from them."""
+    for key in _GLTF_ARRAYS:
+        value = doc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise AssetError(f"{path.name}: glTF '{key}' is {_json_kind(value)}, expected an array")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise AssetError(f"{path.name}: glTF {key}[{i}] is {_json_kind(item)}, expected an object")
+    accessors = doc.get("accessors") or []
+    for i, accessor in enumerate(accessors):
+        if not _is_index(accessor.get("count")):
+            raise AssetError(f"{path.name}: glTF accessors[{i}].count is not a non-negative integer")
+    for m, mesh in enumerate(doc.get("meshes") or []):
+        primitives = mesh.get("primitives")
+        if not isinstance(primitives, list):
+            raise AssetError(f"{path.name}: glTF meshes[{m}].primitives is {_json_kind(primitives)}, expected an array")
+        for p, prim in enumerate(primitives):
+            where = f"meshes[{m}].primitives[{p}]"
+            if not isinstance(prim, dict) or not isinstance(prim.get("attributes"), dict):
+                raise AssetError(f"{path.name}: glTF {where} has no attributes object")
+            if not _is_index(prim.get("mode", 4)):
+                raise AssetError(f"{path.name}: glTF {where}.mode is not a non-negative integer")
+            for field_name, refs in (("indices", [prim.get("indices")]), ("attributes", prim["attributes"].values())):
+                if any(ref is not None and not (_is_index(ref) and ref < len(accessors)) for ref in refs):
+                    raise AssetError(f"{path.name}: glTF {where}.{field_name} does not name an accessor")
+    for kind in ("buffers", "images"):
+        for i, item in enumerate(doc.get(kind) or []):
+            if "uri" in item and not isinstance(item["uri"], str):
+                raise AssetError(f"{path.name}: glTF {kind}[{i}].uri is {_json_kind(item['uri'])}, expected a string")
+
+
+def _gltf_face_count(doc: dict) -> int:
+    """Triangles the document declares (per mesh, not per instance — as the loader counts)."""
+    accessors = doc.get("accessors") or []
+    total = 0
+    for mesh in doc.get("meshes") or []:
+        for prim in mesh["primitives"]:
+            mode = prim.get("mode", 4)
+            if mode not in (4, 5, 6):  # points and lines have no faces
+                continue
+            ref = prim.get("indices", prim["attributes"].get("POSITION"))
+            count = accessors[ref]["count"] if ref is not None else 0
+            total += count // 3 if mode == 4 else max(count - 2, 0)
+    return total
 
 
 def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     root, files = path.parent, []
     for kind in ("buffers", "images"):
-        for item in doc.get(kind, []) or []:
-            uri = item.get("uri") if isinstance(item, dict) else None
-            if uri and not uri.startswith("data:"):
-                ref = resolve_inside(root, uri, path)  # refused outside the folder, even unused
-                if kind == "images" and geometry_only:
-                    continue
-                if not ref.is_file():
-                    raise AssetError(f"{path.name}: missing referenced file '{uri}'")
-                files.append(ref)
+        for i, item in enumerate(doc.get(kind) or []):
+            uri = item.get("uri")
+            if uri is None or uri.startswith("data:"):
+                continue
+            where = f"{kind}[{i}].uri"
+            ref = resolve_inside(root, uri, path, where)  # refused outside the folder, even unused
+            if kind == "images" and geometry_only:
+                continue
+            if not ref.is_file():
+                raise AssetError(f"{path.name}: {where} names a file that does not exist")
+            files.append(ref)
     if geometry_only:
         return files
-    views = doc.get("bufferViews", []) or []
-    for i, image in enumerate(doc.get("images", []) or []):
-        if not isinstance(image, dict):
-            continue
+    views = doc.get("bufferViews") or []
+    for i, image in enumerate(doc.get("images") or []):
         if image.get("uri") and not image["uri"].startswith("data:"):
-            _check_image_header(resolve_inside(root, image["uri"], path), f"{path.name} image {i}", cfg)
+            ref = resolve_inside(root, image["uri"], path, f"images[{i}].uri")
+            _check_image_header(ref, f"{path.name} image {i} ({ref.name})", cfg)
         elif "bufferView" in image and binary:
             try:
                 view = views[image["bufferView"]]
@@ -165,13 +288,22 @@ def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geom
     return files
 
 
+# --------------------------------------------------------------------------- OBJ and header counts
+
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+def _faces_filtered(path: Path, num_faces: int, cfg: LoadConfig, how: str) -> AssetFiltered:
+    return AssetFiltered("max_faces", f"{path.name}: {num_faces} faces ({how}) > {cfg.max_faces}")
+
+
 def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
-    """Validate OBJ text; return the referenced .mtl files and their textures."""
+    """Validate OBJ text and count its triangles; return the referenced .mtl files and textures.
+
+    Reasons give line numbers and kinds only — never the text of the line."""
     counts = {"v": 0, "vt": 0, "vn": 0}
-    mtl_names: list[str] = []
+    mtl_refs: list[tuple[int, str]] = []
+    num_triangles = 0
     with open(path, "r", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line or line[0] not in "vfm":
@@ -182,54 +314,133 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
             tag = parts[0]
             if tag in counts:
                 counts[tag] += 1
-                numbers = parts[1:]
-                for token in numbers:
+                for position, token in enumerate(parts[1:], 1):
                     if not _FLOAT.match(token):
-                        raise AssetError(f"{path.name}: line {lineno}: non-finite or invalid number '{token}'")
+                        raise AssetError(
+                            f"{path.name}: line {lineno}: non-finite or invalid number in '{tag}' field {position}"
+                        )
             elif tag == "f":
                 refs = parts[1:]
                 if len(refs) < 3:
                     raise AssetError(f"{path.name}: line {lineno}: face has {len(refs)} vertices (needs >= 3)")
-                for ref in refs:
+                num_triangles += len(refs) - 2
+                if num_triangles > cfg.max_faces:
+                    raise _faces_filtered(path, num_triangles, cfg, f"counted up to line {lineno}")
+                for corner, ref in enumerate(refs, 1):
                     for kind, token in zip(("v", "vt", "vn"), ref.split("/")):
                         if not token:
                             continue
                         try:
                             index = int(token)
                         except ValueError:
-                            raise AssetError(f"{path.name}: line {lineno}: bad face index '{token}'") from None
+                            raise AssetError(
+                                f"{path.name}: line {lineno}: face corner {corner} has a non-integer '{kind}' index"
+                            ) from None
                         if index < 0 and not cfg.allow_relative_obj_indices:
                             raise AssetError(
-                                f"{path.name}: line {lineno}: negative (relative) face index {index} "
-                                "is not supported (load.allow_relative_obj_indices=true accepts it)"
+                                f"{path.name}: line {lineno}: negative (relative) face index "
+                                "is not accepted (load.allow_relative_obj_indices=false)"
                             )
                         if index == 0 or index > counts[kind] or -index > counts[kind]:
                             raise AssetError(
-                                f"{path.name}: line {lineno}: face index {index} out of range "
+                                f"{path.name}: line {lineno}: face corner {corner} '{kind}' index out of range "
                                 f"({counts[kind]} '{kind}' defined so far)"
                             )
             elif tag == "mtllib":
-                mtl_names.extend(parts[1:])
+                mtl_refs.extend((lineno, name) for name in parts[1:])
     files: list[Path] = []
-    for name in mtl_names:
-        mtl = resolve_inside(path.parent, name, path)
+    for lineno, name in mtl_refs:
+        mtl = resolve_inside(path.parent, name, path, f"line {lineno} (mtllib)")
         if geometry_only or not mtl.is_file():
             continue  # a missing .mtl renders with the default material, like other tools
         files.append(mtl)
         with open(mtl, "r", errors="replace") as fh:
-            for line in fh:
+            for mtl_line, line in enumerate(fh, 1):
                 parts = line.split()
                 if parts and parts[0].lower().startswith(("map_", "bump", "disp", "norm")) and len(parts) > 1:
-                    texture = resolve_inside(mtl.parent, parts[-1], mtl)
+                    texture = resolve_inside(mtl.parent, parts[-1], mtl, f"line {mtl_line} ({parts[0].lower()[:12]})")
                     if texture.is_file():
-                        _check_image_header(texture, f"{mtl.name}: {parts[-1]}", cfg)
+                        _check_image_header(texture, f"{mtl.name}: line {mtl_line}: texture {texture.name}", cfg)
                         files.append(texture)
     return files
+
+
+_HEADER_BYTES = 1 << 16
+
+
+def _ply_face_count(path: Path) -> int | None:
+    """Faces declared by a PLY header (``element face N``); None when there is no usable header
+    (the parser then decides)."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER_BYTES)
+    end = head.find(b"end_header")
+    if not head.startswith(b"ply") or end < 0:
+        return None
+    for line in head[:end].split(b"\n"):
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == b"element" and parts[1] == b"face":
+            try:
+                return int(parts[2])
+            except ValueError:
+                raise AssetError(f"{path.name}: PLY header declares a non-integer face count") from None
+    return 0
+
+
+def _off_face_count(path: Path) -> int | None:
+    """Faces of an OFF file from its counts line (``nv nf ne``), after the ``[ST][C][N][4]OFF`` tag."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEADER_BYTES)
+    tokens: list[bytes] = []
+    for line in head.split(b"\n")[:64]:
+        tokens.extend(line.split(b"#", 1)[0].split())
+        if len(tokens) >= 4:
+            break
+    if not tokens or not tokens[0].upper().endswith(b"OFF"):
+        return None
+    try:
+        return int(tokens[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _stl_face_count(path: Path, limit: int) -> int | None:
+    """Binary STL: the header count (when the file size agrees); ASCII: ``endfacet`` keywords,
+    counted in chunks and only up to ``limit + 1``."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(84)
+        if len(head) == 84:
+            (count,) = struct.unpack_from("<I", head, 80)
+            if 84 + 50 * count == size:
+                return count
+        if not head.lstrip().lower().startswith(b"solid"):
+            return None
+        fh.seek(0)
+        count, tail, needle = 0, b"", b"endfacet"
+        while block := fh.read(1 << 20):
+            data = (tail + block).lower()
+            count += data.count(needle)
+            tail = data[-(len(needle) - 1):]
+            if count > limit:
+                break
+        return count
+
+
+def _declared_faces(path: Path, ext: str, cfg: LoadConfig) -> int | None:
+    if ext == "ply":
+        return _ply_face_count(path)
+    if ext == "off":
+        return _off_face_count(path)
+    if ext == "stl":
+        return _stl_face_count(path, cfg.max_faces)
+    return None
 
 
 def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     """Pre-parse checks; returns the sidecar files the asset uses (all inside its folder).
 
+    Face counts are read from headers (PLY, OFF, STL, glTF accessors) or counted (OBJ lines)
+    here, so an asset above ``max_faces`` is filtered before anything parses it.
     ``geometry_only``: materials are not going to be loaded, so texture images are neither
     required nor decoded (references outside the folder are still refused)."""
     if not path.is_file():
@@ -240,21 +451,23 @@ def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> l
     if size > cfg.max_file_bytes:
         raise AssetFiltered("max_file_bytes", f"{path.name}: {size} bytes > {cfg.max_file_bytes}")
     ext = path.suffix.lower().lstrip(".")
-    if ext == "glb":
-        doc, binary = _read_glb(path)
+    if ext in ("glb", "gltf"):
+        if ext == "glb":
+            doc, binary = _read_glb(path)
+        else:
+            doc, binary = _parse_json(path.read_bytes(), f"{path.name}: glTF"), b""
+        _check_gltf_structure(path, doc)
+        num_faces = _gltf_face_count(doc)
+        if num_faces > cfg.max_faces:
+            raise _faces_filtered(path, num_faces, cfg, "declared by its accessors")
         return _gltf_references(path, doc, binary, cfg, geometry_only)
-    if ext == "gltf":
-        try:
-            doc = json.loads(path.read_bytes())
-        except ValueError as exc:
-            raise AssetError(f"{path.name}: invalid glTF JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise AssetError(f"{path.name}: glTF top level is not an object")
-        return _gltf_references(path, doc, b"", cfg, geometry_only)
     if ext == "obj":
         return _check_obj(path, cfg, geometry_only)
     if ext not in MESH_EXTENSIONS:
         raise AssetError(f"{path.name}: unsupported file type '.{ext}'")
+    num_faces = _declared_faces(path, ext, cfg)
+    if num_faces is not None and num_faces > cfg.max_faces:
+        raise _faces_filtered(path, num_faces, cfg, "declared by its header")
     return []
 
 
@@ -295,7 +508,7 @@ def _prepare_textures(geometry: "object", max_size: int, owner: str) -> None:
         try:
             image.load()
         except Exception as exc:  # noqa: BLE001 - a broken texture is the asset's fault
-            raise AssetError(f"{owner}: texture '{key}' cannot be decoded ({type(exc).__name__}: {exc})") from None
+            raise AssetError(f"{owner}: texture '{key}' cannot be decoded ({describe_exception(exc)})") from None
         if max(image.size) > max_size:
             image = image.copy()
             image.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
@@ -346,60 +559,84 @@ def _fix_untextured(geometry: "object") -> None:
 
 
 def load_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> LoadedAsset:
-    """Parse, validate and normalize one asset. Raises AssetError / AssetFiltered.
+    """Parse, validate and normalize one asset. Raises AssetError / AssetFiltered only.
 
     ``geometry_only`` (evaluation): materials and textures are skipped entirely, so a broken or
     huge texture cannot fail a mesh whose geometry is fine."""
-    import trimesh
-
     inspect_asset(path, cfg, geometry_only)
+    try:
+        return _load_checked(path, cfg, geometry_only)
+    except (AssetError, AssetFiltered):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed file triggers is the asset's fault
+        raise AssetError(f"{path.name}: cannot load ({describe_exception(exc)})") from None
+
+
+@contextmanager
+def _bounded_images(max_pixels: int) -> Iterator[None]:
     previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                scene = trimesh.load_scene(
-                    str(path), resolver=trimesh.resolvers.FilePathResolver(str(path)), skip_materials=geometry_only
-                )
-            except AssetError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - parser errors are the asset's fault
-                raise AssetError(f"{path.name}: cannot parse ({type(exc).__name__}: {exc})") from None
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+@contextmanager
+def _fixed_random_state() -> Iterator[None]:
+    """trimesh names some scene nodes with ``random`` (e.g. the primitives of a multi-primitive
+    glTF mesh); a fixed state makes part names — and the shards that record them — the same in
+    every run and process."""
+    state = random.getstate()
+    random.seed(0)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _load_checked(path: Path, cfg: LoadConfig, geometry_only: bool) -> LoadedAsset:
+    import trimesh
+
+    with _bounded_images(cfg.max_image_pixels), _fixed_random_state():
+        try:
+            scene = trimesh.load_scene(
+                str(path), resolver=trimesh.resolvers.FilePathResolver(str(path)), skip_materials=geometry_only
+            )
+        except AssetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - parser errors are the asset's fault
+            raise AssetError(f"{path.name}: cannot parse ({describe_exception(exc)})") from None
 
     meshes = {name: g for name, g in scene.geometry.items() if isinstance(g, trimesh.Trimesh)}
     if not scene.geometry:
         raise AssetError(f"{path.name}: no geometry (empty scene)")
-    if not meshes:
-        kinds = sorted({type(g).__name__ for g in scene.geometry.values()})
-        raise AssetError(f"{path.name}: no triangle meshes (only {', '.join(kinds)})")
+    if not meshes or all(len(m.faces) == 0 for m in meshes.values()):
+        kinds = sorted({type(g).__name__ for g in scene.geometry.values() if not isinstance(g, trimesh.Trimesh)})
+        if kinds:  # a valid point cloud or line drawing: not an error, just not a surface to render
+            raise AssetFiltered("no_triangles", f"{path.name}: no triangle meshes (only {', '.join(kinds)})")
+        raise AssetError(f"{path.name}: no faces")
     num_faces = 0
     for name, mesh in meshes.items():
         if len(mesh.faces) == 0:
             continue
         if not np.isfinite(mesh.vertices).all():
-            raise AssetError(f"{path.name}: mesh '{name}' has non-finite vertex coordinates")
+            raise AssetError(f"{path.name}: a mesh has non-finite vertex coordinates")
         if mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
-            raise AssetError(f"{path.name}: mesh '{name}' has face indices out of range")
+            raise AssetError(f"{path.name}: a mesh has face indices out of range")
         num_faces += len(mesh.faces)
-    if num_faces == 0:
-        raise AssetError(f"{path.name}: no faces")
     if num_faces > cfg.max_faces:
         raise AssetFiltered("max_faces", f"{path.name}: {num_faces} faces > {cfg.max_faces}")
     # drop non-mesh geometry (points, paths) so the renderer sees triangles only
     for name in list(scene.geometry):
         if name not in meshes or len(meshes[name].faces) == 0:
             scene.delete_geometry(name)
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
-    try:
+    with _bounded_images(cfg.max_image_pixels):
         for mesh in scene.geometry.values() if not geometry_only else ():
             _prepare_textures(mesh, cfg.max_texture_size, path.name)
             _fix_untextured(mesh)
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
     bounds = scene.bounds
     if bounds is None or not np.isfinite(bounds).all():

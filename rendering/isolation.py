@@ -22,13 +22,17 @@ from pipeline.config import BuildConfig
 
 
 def short_traceback(exc: BaseException, limit: int = 6) -> str:
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-limit)
-    return "".join(lines)[-2000:]
+    """The last ``limit`` frames and the exception, its message redacted as in manifest reasons
+    (a parser's message may quote the file's content)."""
+    from rendering.assets import describe_exception
+
+    frames = traceback.format_list(traceback.extract_tb(exc.__traceback__)[-limit:])
+    return ("".join(frames) + describe_exception(exc, limit=300))[-2000:]
 
 
 def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
     """Child loop: one renderer, jobs in, result dicts out; None ends it."""
-    from rendering.assets import AssetError, AssetFiltered
+    from rendering.assets import AssetError, AssetFiltered, describe_exception
     from rendering.process import render_asset
     from rendering.render import ViewRenderer
 
@@ -57,7 +61,7 @@ def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
         except BaseException as exc:  # noqa: BLE001 - any other error fails this asset only
             result = {
                 "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}"[:500],
+                "reason": f"{Path(path).name}: {describe_exception(exc)}",
                 "traceback": short_traceback(exc),
             }
             # GL state may be broken after an unexpected error: start a clean child next time
@@ -116,7 +120,8 @@ class IsolatedRenderer:
             self._conn.send((str(path), sha, record))
             if not self._conn.poll(timeout_s):
                 self._kill()
-                return {"status": "failed", "reason": f"timeout: rendering took longer than {timeout_s:g} s"}
+                return {"status": "failed",
+                        "reason": f"{Path(path).name}: timeout: rendering took longer than {timeout_s:g} s"}
             result = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             self._proc.join(5)
@@ -130,7 +135,7 @@ class IsolatedRenderer:
                 why = f"render process crashed ({name})"
             else:
                 why = f"render process exited unexpectedly (exit code {code})"
-            return {"status": "failed", "reason": why}
+            return {"status": "failed", "reason": f"{Path(path).name}: {why}"}
         result["wall_s"] = time.monotonic() - start
         if not self._proc.is_alive() or result.get("traceback"):
             self._proc.join(5)

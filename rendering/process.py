@@ -147,3 +147,20 @@ def read_asset(work: Path, sha: str) -> dict | None:
     if not file.is_file():
         return None
     return json.loads(file.read_text())
+
+
+def usable_pairs(summary: dict, min_coverage: float) -> tuple[list[int], list[tuple[int, str]]]:
+    """Pair indices whose front and back views both cover at least ``min_coverage`` of the image,
+    and the others with the reason (a one-sided quad seen from behind, a plate edge-on)."""
+    coverage = summary.get("coverage") or []
+    kept: list[int] = []
+    dropped: list[tuple[int, str]] = []
+    for pair_index, views in enumerate(summary["pairs"]):
+        low = [(side, view, coverage[view]) for side, view in zip(("front", "back"), views)
+               if view < len(coverage) and coverage[view] < min_coverage]
+        if low:
+            detail = ", ".join(f"{side} view {view} covers {100 * c:.2f}%" for side, view, c in low)
+            dropped.append((pair_index, f"pair {pair_index}: {detail} of the image < {100 * min_coverage:.2f}%"))
+        else:
+            kept.append(pair_index)
+    return kept, dropped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator, MutableSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,46 @@ def configure_gl(backend: str) -> None:
     if not hasattr(np, "infty"):  # pyrender 0.1.45 uses np.infty, removed in NumPy 2
         np.infty = np.inf  # type: ignore[attr-defined]
     _GL_PLATFORM = backend
+
+
+class _InsertionOrderedSet(MutableSet):
+    """A set that iterates in insertion order (a dict underneath)."""
+
+    def __init__(self, items: Iterable[object] = ()) -> None:
+        self._items = dict.fromkeys(items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: object) -> None:
+        self._items[item] = None
+
+    def discard(self, item: object) -> None:
+        self._items.pop(item, None)
+
+
+_SCENE_NODE_SETS = ("_nodes", "_mesh_nodes", "_point_light_nodes", "_spot_light_nodes", "_directional_light_nodes",
+                    "_camera_nodes")
+
+
+def deterministic_scene(scene: "object") -> "object":
+    """Make a pyrender scene draw in the order its nodes were added.
+
+    pyrender keeps nodes in plain ``set``s, which iterate by object address — a different order
+    in every process. The draw order decides which of two coplanar surfaces wins the depth test,
+    and the light order the rounding of the shading sum, so renders differed by a pixel between
+    runs. With ordered sets the same asset gives the same bytes in every run."""
+    for name in _SCENE_NODE_SETS:
+        current = getattr(scene, name, None)
+        if isinstance(current, set):
+            setattr(scene, name, _InsertionOrderedSet(current))
+    return scene
 
 
 @dataclass(slots=True)
@@ -153,10 +194,10 @@ class ViewRenderer:
 
     def build_scene(self, asset: LoadedAsset) -> "object":
         pyrender = self._pyrender
-        scene = pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[self.ambient] * 3)
+        scene = deterministic_scene(pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[self.ambient] * 3))
         meshes: dict[str, object] = {}
         graph = asset.scene.graph
-        for node_name in graph.nodes_geometry:
+        for node_name in sorted(graph.nodes_geometry):
             transform, geometry_name = graph[node_name]
             if geometry_name not in meshes:
                 geometry = asset.scene.geometry[geometry_name]

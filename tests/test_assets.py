@@ -10,13 +10,12 @@ from PIL import Image
 
 from pipeline.config import LoadConfig
 from rendering.assets import AssetError, AssetFiltered, asset_sha256, file_sha256, inspect_asset, load_asset
-from tests.conftest import BAD_ASSETS, REAL_ASSETS
+from tests.conftest import ACCEPTED_FROM_BAD, BAD_ASSETS, REAL_ASSETS, REFUSED_BAD
 
 EXPECTED_BAD = {
     "empty.obj": "no geometry",
     "empty_nodes.glb": "no geometry",
-    "nancolor.obj": "non-finite or invalid number 'nan'",
-    "negative_indices.obj": "negative (relative) face index",
+    "nancolor.obj": "line 7: non-finite or invalid number in 'v' field 4",
     "not_a_mesh.glb": "not a GLB file",
     "notenoughindices.obj": "face has 2 vertices",
     "truncated_duck.glb": "truncated GLB",
@@ -25,7 +24,8 @@ EXPECTED_BAD = {
 
 
 def test_expected_table_covers_every_bad_file(bad_dir: Path):
-    assert sorted(p.name for p in bad_dir.iterdir()) == sorted(EXPECTED_BAD) == sorted(BAD_ASSETS)
+    assert sorted(p.name for p in bad_dir.iterdir()) == sorted([*EXPECTED_BAD, *ACCEPTED_FROM_BAD]) == sorted(BAD_ASSETS)
+    assert sorted(EXPECTED_BAD) == sorted(REFUSED_BAD)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_BAD))
@@ -36,9 +36,21 @@ def test_bad_assets_fail_with_a_reason_naming_the_file(bad_dir: Path, name: str)
     assert EXPECTED_BAD[name] in str(exc.value)
 
 
-def test_relative_obj_indices_can_be_allowed(bad_dir: Path):
-    asset = load_asset(bad_dir / "negative_indices.obj", LoadConfig(allow_relative_obj_indices=True))
+def test_relative_obj_indices_are_accepted_by_default(bad_dir: Path):
+    asset = load_asset(bad_dir / "negative_indices.obj", LoadConfig())
     assert asset.num_faces == 12  # the 6 quads of a cube
+    with pytest.raises(AssetError, match=r"negative_indices.obj: line \d+: negative \(relative\) face index"):
+        load_asset(bad_dir / "negative_indices.obj", LoadConfig(allow_relative_obj_indices=False))
+
+
+@pytest.mark.parametrize("face", ["f -1 -2 -4", "f 1 2 -4", "f -1 -2 -3/-1"])
+def test_out_of_range_relative_obj_indices_are_refused(tmp_path: Path, face: str):
+    (tmp_path / "m.obj").write_text(f"v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\n{face}\n")
+    if face.endswith("/-1"):
+        load_asset(tmp_path / "m.obj", LoadConfig())  # -1 'vt' is the one texture coordinate: valid
+        return
+    with pytest.raises(AssetError, match=r"m.obj: line 5: face corner 3 'v' index out of range \(3 'v' defined"):
+        load_asset(tmp_path / "m.obj", LoadConfig())
 
 
 @pytest.mark.parametrize("name", REAL_ASSETS)
@@ -111,7 +123,7 @@ def _gltf_with_image_uri(folder: Path, uri: str) -> Path:
 def test_gltf_image_outside_the_folder_is_refused(tmp_path: Path):
     Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
     path = _gltf_with_image_uri(tmp_path / "asset", "../secret.png")
-    with pytest.raises(AssetError, match=r"model.gltf: refers to '../secret.png', outside the asset's folder"):
+    with pytest.raises(AssetError, match=r"model.gltf: images\[0\].uri points outside the asset's folder \(refused\)"):
         load_asset(path, LoadConfig())
 
 
@@ -154,7 +166,7 @@ def test_obj_mtllib_outside_the_folder_is_refused(tmp_path: Path):
 
 def test_obj_index_out_of_range(tmp_path: Path):
     (tmp_path / "m.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n")
-    with pytest.raises(AssetError, match="face index 4 out of range"):
+    with pytest.raises(AssetError, match=r"line 4: face corner 3 'v' index out of range \(3 'v' defined so far\)"):
         load_asset(tmp_path / "m.obj", LoadConfig())
 
 
@@ -165,8 +177,9 @@ def test_degenerate_and_point_cloud_assets(tmp_path: Path):
     import trimesh
 
     trimesh.PointCloud(np.random.default_rng(0).random((50, 3))).export(tmp_path / "cloud.ply")
-    with pytest.raises(AssetError, match="no triangle meshes"):
+    with pytest.raises(AssetFiltered, match="cloud.ply: no triangle meshes \\(only PointCloud\\)") as exc:
         load_asset(tmp_path / "cloud.ply", LoadConfig())
+    assert exc.value.filter == "no_triangles"
 
 
 def test_unsupported_extension(tmp_path: Path):

@@ -112,7 +112,7 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
     with IsolatedRenderer(cfg, tmp_path) as iso:
         # a time limit far below the render time kills the child and fails only this asset
         result = iso.run(duck, sha, {}, timeout_s=0.05)
-        assert result["status"] == "failed" and result["reason"].startswith("timeout")
+        assert result["status"] == "failed" and result["reason"].startswith("Duck.glb: timeout")
         assert read_asset(tmp_path, sha) is None
 
         # a segfault in the child (as a broken C extension would cause) fails only this asset
@@ -128,7 +128,7 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
         killer.start()
         result = iso.run(duck, sha, {})
         killer.join()
-        assert result == {"status": "failed", "reason": "render process crashed (SIGSEGV)"}
+        assert result == {"status": "failed", "reason": "Duck.glb: render process crashed (SIGSEGV)"}
 
         # the next asset gets a fresh child and succeeds
         result = iso.run(duck, sha, {"key": "duck"})

@@ -77,11 +77,15 @@ def generate_backview(
     cfg_scale: float = 4.0,
     device: str | None = None,
 ) -> Path:
-    """CLI body: base model (from the LoRA's metadata unless given) + LoRA -> back view PNG."""
+    """CLI body: base model (from the LoRA's metadata unless given) + LoRA -> back view PNG.
+
+    Without a LoRA the base model alone generates (``model`` is then required)."""
     meta = read_lora_meta(lora) if lora else {}
     model = model or meta.get("model")
+    if not model and lora is None:
+        raise ValueError("give --lora DIR (a trained back-view LoRA) or --model NAME to generate with the base model alone")
     if not model:
-        raise ValueError("no base model: pass --model (the LoRA folder has no know3d_lora.json)")
+        raise ValueError(f"no base model: pass --model ({lora} has no {LORA_META} naming the model it was trained on)")
     size = image_size or int(meta.get("image_size", 512))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     front = load_front(image, size)
