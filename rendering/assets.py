@@ -256,6 +256,32 @@ def _gltf_face_count(doc: dict) -> int:
     return total
 
 
+def _check_gltf_buffers(path: Path, doc: dict, binary: bytes) -> None:
+    """Buffers hold what they declare and buffer views stay inside them (a truncated .bin or
+    BIN chunk otherwise fails deep in the parser, or not at all)."""
+    sizes: list[int] = []
+    for i, buffer in enumerate(doc.get("buffers") or []):
+        declared = buffer.get("byteLength")
+        if not _is_index(declared):
+            raise AssetError(f"{path.name}: glTF buffers[{i}].byteLength is not a non-negative integer")
+        uri = buffer.get("uri")
+        if uri is None:
+            actual = len(binary)
+        elif uri.startswith("data:"):
+            actual = declared  # decoded by the parser, which checks it
+        else:
+            actual = resolve_inside(path.parent, uri, path, f"buffers[{i}].uri").stat().st_size
+        if actual < declared:
+            raise AssetError(f"{path.name}: glTF buffers[{i}] is truncated ({actual} of {declared} bytes)")
+        sizes.append(declared)
+    for i, view in enumerate(doc.get("bufferViews") or []):
+        buffer, offset, length = view.get("buffer"), view.get("byteOffset", 0), view.get("byteLength")
+        if not (_is_index(buffer) and buffer < len(sizes)) or not _is_index(offset) or not _is_index(length):
+            raise AssetError(f"{path.name}: glTF bufferViews[{i}] has an invalid buffer, byteOffset or byteLength")
+        if offset + length > sizes[buffer]:
+            raise AssetError(f"{path.name}: glTF bufferViews[{i}] reaches past the end of buffers[{buffer}]")
+
+
 def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     root, files = path.parent, []
     for kind in ("buffers", "images"):
@@ -270,6 +296,7 @@ def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geom
             if not ref.is_file():
                 raise AssetError(f"{path.name}: {where} names a file that does not exist")
             files.append(ref)
+    _check_gltf_buffers(path, doc, binary)
     if geometry_only:
         return files
     views = doc.get("bufferViews") or []
@@ -368,22 +395,53 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
 _HEADER_BYTES = 1 << 16
 
 
-def _ply_face_count(path: Path) -> int | None:
-    """Faces declared by a PLY header (``element face N``); None when there is no usable header
+def _ply_header(path: Path) -> tuple[dict[str, int], bool, int] | None:
+    """(element counts, is_ascii, header length) of a PLY file; None without a usable header
     (the parser then decides)."""
     with open(path, "rb") as fh:
         head = fh.read(_HEADER_BYTES)
     end = head.find(b"end_header")
     if not head.startswith(b"ply") or end < 0:
         return None
-    for line in head[:end].split(b"\n"):
+    counts: dict[str, int] = {}
+    is_ascii = False
+    for lineno, line in enumerate(head[:end].split(b"\n"), 1):
         parts = line.split()
-        if len(parts) >= 3 and parts[0] == b"element" and parts[1] == b"face":
+        if len(parts) >= 2 and parts[0] == b"format":
+            is_ascii = parts[1] == b"ascii"
+        if len(parts) >= 3 and parts[0] == b"element":
             try:
-                return int(parts[2])
+                count = int(parts[2])
             except ValueError:
-                raise AssetError(f"{path.name}: PLY header declares a non-integer face count") from None
-    return 0
+                count = -1
+            if count < 0:
+                raise AssetError(f"{path.name}: PLY header line {lineno}: element count is not a non-negative integer")
+            counts[parts[1].decode("ascii", "replace")] = count
+    newline = head.find(b"\n", end)
+    return counts, is_ascii, (newline + 1 if newline >= 0 else len(head))
+
+
+def _check_ascii_ply_rows(path: Path, num_rows: int, start: int) -> None:
+    """trimesh reads an ASCII PLY whose data ends early as a smaller mesh, silently."""
+    found = 0
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        for line in fh:
+            found += bool(line.strip())
+            if found >= num_rows:
+                return
+    raise AssetError(f"{path.name}: PLY data ends early (header declares {num_rows} rows, file has {found})")
+
+
+def _ply_face_count(path: Path, cfg: LoadConfig) -> int | None:
+    header = _ply_header(path)
+    if header is None:
+        return None
+    counts, is_ascii, start = header
+    num_faces = counts.get("face", 0)
+    if num_faces <= cfg.max_faces and is_ascii:
+        _check_ascii_ply_rows(path, sum(counts.values()), start)
+    return num_faces
 
 
 def _off_face_count(path: Path) -> int | None:
@@ -428,7 +486,7 @@ def _stl_face_count(path: Path, limit: int) -> int | None:
 
 def _declared_faces(path: Path, ext: str, cfg: LoadConfig) -> int | None:
     if ext == "ply":
-        return _ply_face_count(path)
+        return _ply_face_count(path, cfg)
     if ext == "off":
         return _off_face_count(path)
     if ext == "stl":

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.build import run_build
 from pipeline.config import load_config
-from tests.conftest import BAD_ASSETS, REAL_ASSETS
+from tests.conftest import ACCEPTED_FROM_BAD, REAL_ASSETS, REFUSED_BAD
 from tests.test_assets import EXPECTED_BAD
 
 pytestmark = pytest.mark.slow
@@ -57,26 +57,26 @@ def test_manifest_has_one_failed_row_per_bad_file(built):
     rows = pq.read_table(built["out"] / "manifest.parquet").to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
     by_file = {r["key"].split("/", 1)[1]: r for r in failed}
-    assert sorted(by_file) == sorted([*BAD_ASSETS, "escape/model.gltf"])
+    assert sorted(by_file) == sorted([*REFUSED_BAD, "escape/model.gltf"])
     assert len(failed) == len(by_file)  # exactly one failed row per bad file
     for name, row in by_file.items():
         if name in EXPECTED_BAD:
             assert EXPECTED_BAD[name] in row["reason"] and row["reason"].startswith(name)
     assert "outside the asset's folder" in by_file["escape/model.gltf"]["reason"]
     rendered = [r for r in rows if r["stage"] == "render" and r["status"] == "ok"]
-    assert len(rendered) == len(REAL_ASSETS)
+    assert len(rendered) == len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD)  # relative OBJ indices are valid
     dupes = [r for r in rows if r["filter"] == "duplicate"]
     assert len(dupes) == 1 and dupes[0]["key"].endswith("Duck_copy.glb")
     assert "local:real/Duck.glb" in dupes[0]["reason"]
     shard_rows = [r for r in rows if r["stage"] == "shard"]
-    assert sum(r["num_samples"] for r in shard_rows) == 6 * len(REAL_ASSETS)
+    assert sum(r["num_samples"] for r in shard_rows) == 6 * (len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD))
     assert {r["split"] for r in shard_rows} <= {"train", "val"}
 
 
 def test_shards_read_back_with_webdataset_and_ray_data(built, ray_local):
     out = built["out"]
     index = json.loads((out / "shard_index.json").read_text())
-    assert index["num_samples"] == 6 * len(REAL_ASSETS)
+    assert index["num_samples"] == 6 * (len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD))
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(e["name"] for e in index["shards"])
     assert all(e["num_samples"] <= 25 for e in index["shards"])
     urls = [str(out / e["name"]) for e in index["shards"]]
@@ -119,8 +119,8 @@ def test_mlflow_run_has_config_counts_and_artifacts(built):
     run = client.get_run(built["first"].mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["render.resolution"] == str(RES)
-    assert run.data.metrics["num_samples"] == 6 * len(REAL_ASSETS)
-    assert run.data.metrics["render.ok"] == len(REAL_ASSETS)
+    assert run.data.metrics["num_samples"] == 6 * (len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD))
+    assert run.data.metrics["render.ok"] == len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD)
     assert run.data.metrics["render_views_per_s"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "manifest.parquet", "contact_sheet.png", "shard_index.json", "summary.json"} <= artifacts
@@ -174,7 +174,7 @@ def test_geometry_profile_has_clean_and_perturbed_pairs(tmp_path: Path, real_dir
 
 def test_annotations_land_in_shards_and_second_run_is_free(built):
     first, second = built["first"], built["second"]
-    pairs = 6 * len(REAL_ASSETS)
+    pairs = 6 * (len(REAL_ASSETS) + len(ACCEPTED_FROM_BAD))
     assert first.metrics["annotate.pairs"] == pairs and first.metrics["annotate.cached"] == 0
     assert second.metrics["annotate.cached"] == pairs  # same settings: nothing annotated again
     urls = sorted(str(p) for p in built["out"].glob("*.tar"))

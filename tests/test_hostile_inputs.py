@@ -1,0 +1,379 @@
+"""Hostile and odd inputs, without Ray: one regression test per defect of issue 10 that can be
+shown on a single file or function (the build-level ones are in test_build_hardening.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from pipeline.build import ClusterUnreachable, check_reachable, ingest_one
+from pipeline.config import AnnotateConfig, LoadConfig, LocalSourceConfig
+from rendering.assets import AssetError, AssetFiltered, describe_exception, inspect_asset, load_asset
+from rendering.process import usable_pairs
+from rendering.sources.base import AssetRecord
+from rendering.sources.local import LocalSource
+from tests.hostile import MUTATIONS, good_assets, malformed_assets, write_good
+
+SECRET = "TOPSECRET-4f1c"
+
+
+def _plain(reason: str) -> bool:
+    return "\n" not in reason and "\x1b" not in reason and "Traceback" not in reason and len(reason) < 300
+
+
+# --------------------------------------------------------------------------- 1. per-asset isolation
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_mutation_is_refused_with_one_plain_reason_naming_the_file(tmp_path: Path, seed: int):
+    """Property: good files load; each malformed file (type change, truncation, bad index, bad
+    URI, deep nesting) raises exactly the asset's own error, naming the file, in plain text."""
+    for path in good_assets(tmp_path, 4):
+        assert load_asset(path, LoadConfig()).num_faces > 0
+    bad = malformed_assets(tmp_path, 2 * len(MUTATIONS), seed)
+    assert {m.name for _, m in bad} == {m.name for m in MUTATIONS}
+    for path, mutation in bad:
+        with pytest.raises((AssetError, AssetFiltered)) as exc:
+            load_asset(path, LoadConfig())
+        reason = str(exc.value)
+        assert reason.startswith(f"{path.name}: "), (mutation.name, reason)
+        assert _plain(reason), (mutation.name, reason)
+
+
+class _Source:
+    """A source whose fetch raises whatever it is told to (the kinds a hub client can raise)."""
+
+    name = "test"
+
+    def __init__(self, error: BaseException | None, path: Path) -> None:
+        self.error, self.path = error, path
+
+    def discover(self):
+        return [], []
+
+    def fetch(self, record: AssetRecord) -> Path:
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+
+@pytest.mark.parametrize("error", [KeyError("x"), TypeError("unhashable"), RecursionError(), IndexError(3),
+                                   UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), AttributeError("no")])
+def test_ingest_one_turns_any_exception_into_this_assets_failure(tmp_path: Path, error: BaseException):
+    record = AssetRecord("hub:abc", "test", "https://example.org/files/abc.glb")
+    out = ingest_one(_Source(error, tmp_path), record, LoadConfig())
+    assert out["status"] == "failed" and out["key"] == "hub:abc"
+    assert out["reason"].startswith(f"abc.glb: {type(error).__name__}") and _plain(out["reason"])
+
+
+def test_wrong_types_in_a_gltf_fail_that_asset_only(tmp_path: Path):
+    """The reported case: ``"buffers": 5``, an image URI that is a list, a NUL byte in a URI and
+    JSON nested 200k deep each give one failed row; the good asset beside them is ok."""
+    good = write_good(tmp_path, 0, "glb")
+    cases = {"buffers": 5, "images": [{"uri": ["a.png"]}], "nul": None, "deep": None}
+    rows = [ingest_one(_Source(None, good), AssetRecord("local:good", "local", str(good)), LoadConfig())]
+    for name, value in cases.items():
+        path = write_good(tmp_path, 1, "gltf").parent.rename(tmp_path / name) / "model.gltf"
+        doc = json.loads(path.read_text())
+        if name == "nul":
+            doc["buffers"][0]["uri"] = "model\x00.bin"
+        elif name != "deep":
+            doc[name] = value
+        text = json.dumps(doc)
+        if name == "deep":
+            text = text[:-1] + ', "extras": ' + "[" * 200_000 + "]" * 200_000 + "}"
+        path.write_text(text)
+        rows.append(ingest_one(_Source(None, path), AssetRecord(f"local:{name}", "local", str(path)), LoadConfig()))
+    assert rows[0]["status"] == "ok"
+    reasons = {r["key"]: r["reason"] for r in rows[1:]}
+    assert all(r["status"] == "failed" for r in rows[1:])
+    assert reasons["local:buffers"] == "model.gltf: glTF 'buffers' is a number, expected an array"
+    assert reasons["local:images"] == "model.gltf: glTF images[0].uri is an array, expected a string"
+    assert reasons["local:nul"] == "model.gltf: buffers[0].uri contains control characters (refused)"
+    assert reasons["local:deep"] == "model.gltf: glTF is nested too deeply to parse"
+
+
+def test_describe_exception_keeps_kind_and_positions_but_no_quoted_content():
+    exc = ValueError(f"could not convert string to float: '{SECRET}' \x1b[31mat line 3\x1b[0m\n\"{SECRET}\"")
+    text = describe_exception(exc)
+    assert SECRET not in text and "\x1b" not in text and "\n" not in text
+    assert text == "ValueError: could not convert string to float: '…' at line 3 '…'"
+    assert len(describe_exception(RuntimeError("x" * 1000))) < 200
+
+
+# --------------------------------------------------------------------------- 4. symlinks and secrets
+
+
+def test_main_file_symlink_out_of_the_input_is_refused_and_its_content_never_quoted(tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.obj").write_text(f"v {SECRET} 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    inputs = tmp_path / "inputs"
+    (inputs / "ok").mkdir(parents=True)
+    (inputs / "evil.obj").symlink_to(outside / "secret.obj")
+    good = write_good(inputs / "ok", 0, "obj")
+    (inputs / "ok" / "alias.obj").symlink_to(good)  # a link that stays inside is fine
+    source = LocalSource(LocalSourceConfig(input=[str(inputs)]))
+    records, filtered = source.discover()
+    by_key = {r.key: r for r in records}
+    assert sorted(by_key) == ["local:inputs/evil.obj", "local:inputs/ok/alias.obj",
+                              "local:inputs/ok/good_00_obj/model.obj"]
+    rows = {k: ingest_one(source, r, LoadConfig()) for k, r in by_key.items()}
+    assert rows["local:inputs/evil.obj"] == {
+        "key": "local:inputs/evil.obj", "status": "failed",
+        "reason": "evil.obj: symlink to a file outside the input folder (refused)",
+        "seconds": rows["local:inputs/evil.obj"]["seconds"],
+    }
+    assert rows["local:inputs/ok/alias.obj"]["status"] == "ok"
+    # the OBJ check itself never quotes the offending token
+    with pytest.raises(AssetError) as exc:
+        load_asset(outside / "secret.obj", LoadConfig())
+    assert SECRET not in str(exc.value) and "line 1" in str(exc.value)
+
+
+@pytest.mark.parametrize("uri", ["../" + SECRET + ".bin", "/" + SECRET, f"file:///{SECRET}", "missing-" + SECRET])
+def test_reference_reasons_name_the_position_not_the_uri(tmp_path: Path, uri: str):
+    path = write_good(tmp_path, 0, "gltf")
+    doc = json.loads(path.read_text())
+    doc["buffers"][0]["uri"] = uri
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AssetError) as exc:
+        load_asset(path, LoadConfig())
+    assert SECRET not in str(exc.value) and str(exc.value).startswith("model.gltf: buffers[0].uri ")
+
+
+# --------------------------------------------------------------------------- 5. blank views
+
+
+def test_pairs_with_a_nearly_blank_view_are_left_out_with_the_reason():
+    summary = {"pairs": [[0, 2], [1, 3]], "coverage": [0.2, 0.0005, 0.3, 0.25]}
+    kept, dropped = usable_pairs(summary, 0.002)
+    assert kept == [0]
+    assert dropped == [(1, "pair 1: front view 1 covers 0.05% of the image < 0.20%")]
+    assert usable_pairs(summary, 0.0)[0] == [0, 1]
+
+
+# --------------------------------------------------------------------------- 6. determinism
+
+
+def _multi_primitive_gltf(folder: Path) -> Path:
+    """An unnamed node whose mesh has two primitives: trimesh names the second frame with
+    ``random`` — the source of the random part names in shards."""
+    scene = trimesh.Scene()
+    a, b = trimesh.creation.box(), trimesh.creation.icosphere()
+    b.apply_translation([2, 0, 0])
+    scene.add_geometry(a, geom_name="a")
+    scene.add_geometry(b, geom_name="b")
+    files = scene.export(file_type="gltf")
+    doc = json.loads(files["model.gltf"])
+    doc["meshes"] = [{"primitives": [p for m in doc["meshes"] for p in m["primitives"]]}]
+    doc["nodes"] = [{"mesh": 0}]
+    doc["scenes"] = [{"nodes": [0]}]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "model.gltf").write_text(json.dumps(doc))
+    return folder / "model.gltf"
+
+
+def test_part_names_are_the_same_in_every_process(tmp_path: Path):
+    path = _multi_primitive_gltf(tmp_path / "multi")
+    code = ("import json, sys; from pathlib import Path; from pipeline.config import LoadConfig; "
+            "from rendering.assets import load_asset; "
+            "print(json.dumps(load_asset(Path(sys.argv[1]), LoadConfig()).part_names))")
+    runs = [subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1] for _ in range(3)]
+    assert len(json.loads(runs[0])) == 2
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_pyrender_scene_nodes_iterate_in_insertion_order():
+    from rendering.render import configure_gl, deterministic_scene
+
+    configure_gl(os.environ.get("PYOPENGL_PLATFORM", "egl"))
+    import pyrender
+
+    scene = deterministic_scene(pyrender.Scene())
+    meshes = [pyrender.Mesh.from_trimesh(trimesh.creation.box()) for _ in range(50)]
+    nodes = [scene.add(m, name=f"n{i}") for i, m in enumerate(meshes)]
+    lights = [scene.add(pyrender.DirectionalLight()) for _ in range(5)]
+    assert list(scene.mesh_nodes) == nodes
+    assert list(scene.directional_light_nodes) == lights
+    scene.remove_node(nodes[3])
+    assert list(scene.mesh_nodes) == nodes[:3] + nodes[4:]
+
+
+# --------------------------------------------------------------------------- 7. annotation cache
+
+
+def test_identical_pairs_make_one_request_and_identical_records_on_rerun(tmp_path: Path):
+    from annotation.stage import annotate_assets
+    from rendering.process import asset_dir
+
+    sha = "ab" * 32
+    folder = asset_dir(tmp_path / "work", sha) / "rgba"
+    folder.mkdir(parents=True)
+    from PIL import Image
+
+    for view in range(4):  # a symmetric asset: every view looks the same
+        Image.new("RGBA", (8, 8), (200, 10, 10, 255)).save(folder / f"{view:03d}.png")
+    summary = {"sha256": sha, "pairs": [[0, 2], [1, 3]], "coverage": [0.5] * 4}
+    calls: list[int] = []
+
+    def runner(requests: list) -> list[dict]:
+        calls.append(len(requests))
+        return [{"components": [f"answer {len(calls)}"], "status": "ok"} for _ in requests]
+
+    cfg = AnnotateConfig(backend="openai")
+    first, m1 = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, runner)
+    assert calls == [1] and m1["annotate.requests"] == 1 and m1["annotate.shared"] == 1
+    assert first[(sha, 0)] == first[(sha, 1)] and first[(sha, 0)]["components"] == ["answer 1"]
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    again, m2 = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, runner)
+    assert calls == [1] and again == first and m2["annotate.cached"] == 2
+
+
+# --------------------------------------------------------------------------- 8. explicit outcomes
+
+
+def test_unsupported_files_are_explicit_filtered_rows(tmp_path: Path):
+    root = tmp_path / "in"
+    good = write_good(root, 0, "obj")
+    (root / "scene.dae").write_text("<COLLADA/>")
+    (root / "pack.zip").write_bytes(b"PK\x03\x04")
+    (root / "notes").write_text("x")
+    (good.parent / "texture.png").write_bytes(b"")  # a sidecar: belongs to its asset
+    (root / ".DS_Store").write_bytes(b"")
+    records, filtered = LocalSource(LocalSourceConfig(input=[str(root)])).discover()
+    assert [r.key for r in records] == [f"local:in/{good.parent.name}/model.obj"]
+    reasons = {f.record.key: (f.filter, f.detail) for f in filtered}
+    assert sorted(reasons) == ["local:in/notes", "local:in/pack.zip", "local:in/scene.dae"]
+    assert reasons["local:in/scene.dae"][0] == "unsupported_format"
+    assert reasons["local:in/scene.dae"][1].startswith("scene.dae: '.dae' is not a supported mesh format (supported: glb")
+    assert "archives ('.zip') are not unpacked" in reasons["local:in/pack.zip"][1]
+
+
+def test_point_cloud_is_filtered_not_failed(tmp_path: Path):
+    trimesh.PointCloud(np.random.default_rng(0).random((40, 3))).export(tmp_path / "cloud.ply")
+    record = AssetRecord("local:cloud", "local", str(tmp_path / "cloud.ply"))
+    with pytest.raises(AssetFiltered) as exc:
+        load_asset(tmp_path / "cloud.ply", LoadConfig())
+    assert exc.value.filter == "no_triangles"
+    assert ingest_one(_Source(None, tmp_path / "cloud.ply"), record, LoadConfig())["status"] == "ok"  # header: 0 faces
+
+
+# --------------------------------------------------------------------------- 9. face caps before parsing
+
+
+def _huge_headers(folder: Path) -> dict[str, Path]:
+    """Files that *declare* 8M faces but hold almost nothing: filtered from the header, so the
+    parser (which would fail, or allocate gigabytes for the real thing) never runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["ply"] = folder / "big.ply"
+    files["ply"].write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\n"
+                             b"property float y\nproperty float z\nelement face 8000000\n"
+                             b"property list uchar int vertex_indices\nend_header\n" + b"\0" * 64)
+    files["off"] = folder / "big.off"
+    files["off"].write_text("OFF\n# comment\n3 8000000 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    files["stl"] = folder / "big.stl"
+    n = 300
+    files["stl"].write_bytes(b"\0" * 80 + struct.pack("<I", n) + b"\0" * (50 * n))
+    files["stl_ascii"] = folder / "big_ascii.stl"
+    facet = "facet normal 0 0 1\nouter loop\nvertex 0 0 0\nvertex 1 0 0\nvertex 0 1 0\nendloop\nendfacet\n"
+    files["stl_ascii"].write_text("solid x\n" + facet * n + "endsolid x\n")
+    gltf = write_good(folder, 1, "gltf")
+    doc = json.loads(gltf.read_text())
+    doc["accessors"][doc["meshes"][0]["primitives"][0]["indices"]]["count"] = 24_000_000
+    gltf.write_text(json.dumps(doc))
+    files["gltf"] = gltf
+    files["obj"] = folder / "big.obj"
+    files["obj"].write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\n" + "f 1 2 3 4\n" * 200)
+    return files
+
+
+@pytest.mark.parametrize("kind", ["ply", "off", "stl", "stl_ascii", "gltf", "obj"])
+def test_face_cap_is_applied_from_the_header_before_parsing(tmp_path: Path, kind: str, monkeypatch):
+    path = _huge_headers(tmp_path)[kind]
+    cfg = LoadConfig(max_faces=8_000_000 if kind in ("ply", "off", "gltf") else 250)
+    cfg.max_faces -= 1
+    monkeypatch.setattr(trimesh, "load_scene", lambda *a, **k: pytest.fail("parsed despite the header"))
+    with pytest.raises(AssetFiltered) as exc:
+        load_asset(path, cfg)
+    assert exc.value.filter == "max_faces"
+    declared = {"obj": 400, "stl": 300, "stl_ascii": 300}.get(kind, 8_000_000)
+    if kind == "obj":
+        assert str(exc.value).startswith(f"big.obj: {cfg.max_faces + 1} faces (counted up to line")
+    else:
+        assert str(exc.value).startswith(f"{path.name}: {declared} faces (")
+
+
+def test_header_counts_below_the_cap_still_parse(tmp_path: Path):
+    for path in good_assets(tmp_path, 4):
+        assert inspect_asset(path, LoadConfig(max_faces=10_000)) is not None
+        load_asset(path, LoadConfig(max_faces=10_000))
+
+
+# --------------------------------------------------------------------------- 2/3/10. usage errors
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_cluster_is_one_clear_error(tmp_path: Path):
+    port = _closed_port()
+    with pytest.raises(ClusterUnreachable, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port} .*within 2 s"):
+        check_reachable(f"127.0.0.1:{port}", 2.0)
+    with pytest.raises(ClusterUnreachable, match="not host:port"):
+        check_reachable("nonsense", 2.0)
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_cli_address_pointing_at_nothing_fails_fast_and_leaves_nothing(tmp_path: Path):
+    asset = write_good(tmp_path / "in", 0, "glb")
+    res = _cli("data", "build", "--source", "local", "--input", str(asset), "--output", str(tmp_path / "out"),
+               "--address", f"127.0.0.1:{_closed_port()}", "--set", "ray.connect_timeout_s=3", cwd=tmp_path, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster at 127.0.0.1:")
+    assert "Traceback" not in res.stderr and "Failed to connect to GCS" not in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("file", "exists and is not a folder"),
+    ("/proc/know3d-x", "cannot create folders in /proc"),
+    ("file/sub", "is not a folder"),
+])
+def test_cli_bad_output_is_a_short_error(tmp_path: Path, target: str, message: str):
+    (tmp_path / "file").write_text("x")
+    asset = write_good(tmp_path / "in", 0, "glb")
+    output = str(tmp_path / target) if not target.startswith("/") else target
+    res = _cli("data", "build", "--source", "local", "--input", str(asset), "--output", output, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_generate_without_lora_says_what_to_give(tmp_path: Path):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "front.png")
+    res = _cli("generate", "backview", "--image", str(tmp_path / "front.png"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "give --lora DIR (a trained back-view LoRA) or --model NAME" in res.stderr
