@@ -142,23 +142,37 @@ def _bootstrap_target(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
 def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast, in one line, when nothing answers at the cluster's address (``ray.init`` itself
-    would retry for minutes, logging "Failed to connect to GCS")."""
+    """Fail fast, in one line, unless a gRPC server (Ray's GCS or client server) answers at the
+    cluster's address within ``timeout_s``. ``ray.init`` itself retries for minutes, logging
+    "Failed to connect to GCS", when nothing — or something else — listens there."""
     host, port = _bootstrap_target(address)
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS handshake comes first; Ray checks the rest
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            conn.sendall(_HTTP2_PREFACE)
+            head = conn.recv(9)
     except OSError as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
         raise ClusterUnreachable(
             f"cannot reach the Ray cluster at {address} ({host}:{port}) within {timeout_s:g} s: {why}"
         ) from None
+    if len(head) < 4 or head[3] != 0x04:  # a gRPC server answers the preface with SETTINGS
+        raise ClusterUnreachable(f"{address} ({host}:{port}) answers, but not as a Ray cluster (no gRPC)")
 
 
 @contextmanager
 def _deadline(seconds: float, message: str) -> Iterator[None]:
-    """Raise ClusterUnreachable if the block runs longer than ``seconds`` (main thread only)."""
+    """Raise ClusterUnreachable if the block runs longer than ``seconds`` (main thread only).
+
+    Best effort: it interrupts Ray's Python-level retry loops, not a wait inside Ray's C++ core —
+    which is why :func:`check_reachable` runs first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -342,12 +356,28 @@ def _remove_leftovers(out: Path) -> None:
     """Temporary files of an interrupted run (we hold the output lock, so none is live)."""
     for tmp in out.glob("work/*/*/.*.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in out.glob(".*.tmp"):
+    for tmp in [*out.glob(".*.tmp"), *out.glob("work/*/_failed/.*.tmp")]:
         tmp.unlink(missing_ok=True)
 
 
 def _failure_file(work: Path, sha: str) -> Path:
     return work / "_failed" / f"{sha}.json"
+
+
+def _read_failure(path: Path) -> dict | None:
+    """A remembered render failure; None if absent or torn (the asset is then tried again)."""
+    try:
+        failure = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return failure if isinstance(failure, dict) and failure.get("status") in ("failed", "filtered") else None
+
+
+def _write_failure(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
 
 
 def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
@@ -465,13 +495,13 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     summaries: dict[str, dict] = {}  # asset.json of rendered assets, read once
     todo: list[dict] = []
     for r in kept:
-        failure = _failure_file(work, r["sha256"])
+        failure = None if retry_failed else _read_failure(_failure_file(work, r["sha256"]))
         done = read_asset(work, r["sha256"])
         if done is not None:
             summaries[r["sha256"]] = done
             results[r["sha256"]] = {"status": "ok", "skipped": True}
-        elif failure.is_file() and not retry_failed:
-            results[r["sha256"]] = {**json.loads(failure.read_text()), "skipped": True}
+        elif failure is not None:
+            results[r["sha256"]] = {**failure, "skipped": True}
         else:
             todo.append(r)
     actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
@@ -488,8 +518,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
             result = {"status": "failed",
                       "reason": f"{Path(r['path']).name}: render worker died ({_task_error_kind(result)})"}
         elif result["status"] != "ok":
-            failure.parent.mkdir(parents=True, exist_ok=True)
-            failure.write_text(json.dumps(result))
+            _write_failure(failure, result)
         else:
             failure.unlink(missing_ok=True)
         results[r["sha256"]] = result

@@ -61,10 +61,18 @@ SCHEMA = pa.schema(
 )
 
 
+def safe_text(value: object) -> object:
+    """File names are bytes: one that is not UTF-8 reaches Python with lone surrogates, which
+    Parquet (and most tools) refuse. Such bytes are written as ``\\xff`` escapes instead."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def write_manifest(out_dir: Path, rows: list[ManifestRow]) -> Path:
     order = {stage: i for i, stage in enumerate(STAGES)}
     rows = sorted(rows, key=lambda r: (r.key, order.get(r.stage, 99)))
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{k: safe_text(v) for k, v in asdict(r).items()} for r in rows], schema=SCHEMA)
     final = out_dir / MANIFEST_FILE
     tmp = out_dir / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}.tmp"
     pq.write_table(table, tmp)

@@ -16,6 +16,7 @@ import trimesh
 
 from pipeline.build import run_build
 from pipeline.config import load_config
+from pipeline.manifest import safe_text
 from tests.hostile import MUTATIONS, CrashingSource, good_assets, malformed_assets, one_sided_quad, write_good
 from tests.test_hostile_inputs import SECRET, _multi_primitive_gltf
 
@@ -44,6 +45,9 @@ def mixed(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("mixed")
     inputs = root / "in"
     good = good_assets(inputs, 8)
+    # file names are bytes: one that is not UTF-8, one with a line break
+    good.append(write_good(inputs, 60, "glb").rename(inputs / "good_60_glb" / "not-utf8-\udcff.glb"))
+    good.append(write_good(inputs, 61, "obj").rename(inputs / "good_61_obj" / "line\nbreak.obj"))
     bad = malformed_assets(inputs, len(MUTATIONS) + 8, seed=10)
     pair = inputs / "reported"
     write_good(pair, 50, "glb").rename(pair / "Duck.glb")
@@ -66,7 +70,7 @@ def mixed(tmp_path_factory, ray_local):
 
 
 def _key(inputs: Path, path: Path) -> str:
-    return f"local:{inputs.name}/{path.relative_to(inputs).as_posix()}"
+    return safe_text(f"local:{inputs.name}/{path.relative_to(inputs).as_posix()}")
 
 
 def test_every_good_asset_completes_beside_malformed_ones(mixed):
@@ -101,6 +105,7 @@ def test_odd_inputs_are_explicit_rows(mixed):
     assert by_key["pack.zip"][0]["filter"] == "unsupported_format"
     cloud = [r for r in by_key["cloud/cloud.ply"] if r["status"] != "ok"]
     assert [(r["stage"], r["status"], r["filter"]) for r in cloud] == [("render", "filtered", "no_triangles")]
+    assert "good_60_glb/not-utf8-\\xff.glb" in by_key  # escaped, so the manifest can be written
     link = [r for r in by_key["link.obj"] if r["status"] != "ok"]
     assert link[0]["reason"] == "link.obj: symlink to a file outside the input folder (refused)"
 

@@ -340,6 +340,36 @@ def test_unreachable_cluster_is_one_clear_error(tmp_path: Path):
         check_reachable("nonsense", 2.0)
 
 
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_something_else_listening_is_not_taken_for_a_cluster(reply: bytes | None):
+    """A port that accepts but stays silent (ray.init would hang there for minutes) or answers
+    in another protocol fails within the connect timeout."""
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        if reply is not None:
+            conn.recv(64)
+            conn.sendall(reply)
+        time.sleep(3)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    message = "timed out" if reply is None else "answers, but not as a Ray cluster"
+    with pytest.raises(ClusterUnreachable, match=message):
+        check_reachable(f"127.0.0.1:{port}", 1.0)
+    assert time.monotonic() - start < 2.5
+    server.close()
+
+
 def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
@@ -377,3 +407,28 @@ def test_generate_without_lora_says_what_to_give(tmp_path: Path):
     res = _cli("generate", "backview", "--image", str(tmp_path / "front.png"), cwd=tmp_path)
     assert res.returncode == 2
     assert "give --lora DIR (a trained back-view LoRA) or --model NAME" in res.stderr
+
+
+def test_generate_with_the_base_model_alone(tmp_path: Path):
+    from PIL import Image
+
+    from training.generate import generate_backview
+
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "front.png")
+    path = generate_backview(tmp_path / "front.png", tmp_path / "back.png", None, model="debug:tiny-qwen-image-edit",
+                             image_size=32, steps=2, device="cpu")
+    with Image.open(path) as img:
+        assert img.size == (32, 32)
+        assert np.asarray(img).std() > 0  # an actual image, not a blank
+
+
+def test_a_torn_failure_record_means_render_again(tmp_path: Path):
+    from pipeline.build import _read_failure, _write_failure
+
+    path = tmp_path / "_failed" / "x.json"
+    _write_failure(path, {"status": "failed", "reason": "x.glb: no faces"})
+    assert _read_failure(path) == {"status": "failed", "reason": "x.glb: no faces"}
+    path.write_text('{"status": "fail')  # killed mid-write by an older version
+    assert _read_failure(path) is None
+    assert _read_failure(tmp_path / "missing.json") is None
+    assert not list(path.parent.glob(".*.tmp"))
