@@ -264,3 +264,16 @@ def one_sided_quad(folder: Path) -> Path:
         (folder / name).write_bytes(data)
     (folder / "model.gltf").write_text(json.dumps(doc))
     return folder / "model.gltf"
+
+
+def coincident_boxes(folder: Path) -> Path:
+    """Four boxes of different colours in the same place: which one shows is decided by draw
+    order alone (equal depths), so any run-to-run change of draw order changes the pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scene = trimesh.Scene()
+    for i, color in enumerate([[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255], [255, 255, 0, 255]]):
+        box = trimesh.creation.box(extents=(1, 1, 1))
+        box.visual.face_colors = np.tile(color, (len(box.faces), 1))
+        scene.add_geometry(box, geom_name=f"box_{i}", node_name=f"box_{i}")
+    scene.export(folder / "coincident.glb")
+    return folder / "coincident.glb"
