@@ -23,14 +23,10 @@ import fcntl
 import json
 import os
 import shutil
-import signal
-import socket
-import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +49,7 @@ from pipeline.shards import (
     write_index,
     write_shard,
 )
+from pipeline.runtime import OutputUnusable, UsageError, check_output, ray_session
 from pipeline.tracking import make_tracker
 from rendering.assets import AssetError, AssetFiltered, asset_sha256, describe_exception, inspect_asset
 from rendering.process import read_asset, render_fingerprint, usable_pairs
@@ -61,7 +58,7 @@ from rendering.sources.base import AssetRecord, AssetSource, FetchError
 console = Console(stderr=True)
 
 
-class BuildError(RuntimeError):
+class BuildError(UsageError):
     """The build as a whole cannot run (bad source, output locked); not an asset's fault."""
 
 
@@ -106,123 +103,6 @@ def dedupe(results: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # --------------------------------------------------------------------------- Ray adapters
-
-
-def _ray():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    return ray
-
-
-class ClusterUnreachable(RuntimeError):
-    """The configured Ray cluster cannot be reached in time; nothing was started or written."""
-
-
-def _bootstrap_target(address: str) -> tuple[str, int]:
-    """host and port that ``ray.init(address)`` would connect to first."""
-    if address.startswith("ray://"):
-        hostport = address[len("ray://"):].split("/", 1)[0]
-    elif address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address
-
-        try:
-            found = canonicalize_bootstrap_address(address)
-        except Exception:  # noqa: BLE001 - Ray says why in a long message; ours is one line
-            found = None
-        if not found:
-            raise ClusterUnreachable("address 'auto': no running Ray cluster found on this machine (start one "
-                                     "with `ray start --head`, or leave --address out for a local Ray)")
-        hostport = found
-    else:
-        hostport = address
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterUnreachable(f"Ray address '{address}' is not host:port, 'auto' or ray://host:port")
-    return host.strip("[]"), int(port)
-
-
-_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
-
-
-def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast, in one line, unless a gRPC server (Ray's GCS or client server) answers at the
-    cluster's address within ``timeout_s``. ``ray.init`` itself retries for minutes, logging
-    "Failed to connect to GCS", when nothing — or something else — listens there."""
-    host, port = _bootstrap_target(address)
-    deadline = time.monotonic() + timeout_s
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as conn:
-            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-                return  # a TLS handshake comes first; Ray checks the rest
-            conn.settimeout(max(0.1, deadline - time.monotonic()))
-            conn.sendall(_HTTP2_PREFACE)
-            head = conn.recv(9)
-    except OSError as exc:
-        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise ClusterUnreachable(
-            f"cannot reach the Ray cluster at {address} ({host}:{port}) within {timeout_s:g} s: {why}"
-        ) from None
-    if len(head) < 4 or head[3] != 0x04:  # a gRPC server answers the preface with SETTINGS
-        raise ClusterUnreachable(f"{address} ({host}:{port}) answers, but not as a Ray cluster (no gRPC)")
-
-
-@contextmanager
-def _deadline(seconds: float, message: str) -> Iterator[None]:
-    """Raise ClusterUnreachable if the block runs longer than ``seconds`` (main thread only).
-
-    Best effort: it interrupts Ray's Python-level retry loops, not a wait inside Ray's C++ core —
-    which is why :func:`check_reachable` runs first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise ClusterUnreachable(message)
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextmanager
-def ray_session(cfg: Any) -> Iterator[Any]:
-    """Join ``cfg.ray.address`` or start a local Ray (shut down again on exit if started here).
-
-    A cluster that does not answer within ``cfg.ray.connect_timeout_s`` raises
-    :class:`ClusterUnreachable` before anything else happens."""
-    ray = _ray()
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-        timeout_s = cfg.ray.connect_timeout_s
-        if address is None:
-            kwargs["num_cpus"] = getattr(cfg.ray, "num_cpus", None)
-            if getattr(cfg.ray, "object_store_memory", None):
-                kwargs["object_store_memory"] = cfg.ray.object_store_memory
-        else:
-            check_reachable(address, timeout_s)
-        message = f"the Ray cluster at {address} did not accept this driver within {timeout_s:g} s"
-        try:
-            with _deadline(timeout_s, message) if address else nullcontext():
-                ray.init(address=address, **kwargs)
-        except ClusterUnreachable:
-            ray.shutdown()
-            raise
-        except ConnectionError as exc:
-            ray.shutdown()
-            raise ClusterUnreachable(f"cannot join the Ray cluster at {address}: {describe_exception(exc)}") from None
-        started = True
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _task_error_kind(exc: BaseException) -> str:
@@ -307,28 +187,6 @@ class BuildSummary:
     mlflow_run_id: str | None = None
 
 
-def check_output(output: str | None) -> Path:
-    """The output folder, resolved; refused in one line when it cannot be a writable folder.
-    Writes nothing (a build that never starts leaves no trace)."""
-    if not output:
-        raise BuildError("no output folder (use --output DIR)")
-    try:
-        out = Path(output).expanduser().resolve()
-    except (OSError, RuntimeError) as exc:
-        raise BuildError(f"--output {output}: cannot be resolved ({describe_exception(exc)})") from None
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--output {out}: exists and is not a folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise BuildError(f"--output {out}: {existing} is not a folder")
-    try:  # os.access says yes to root on read-only or virtual file systems (/proc): try it
-        os.rmdir(tempfile.mkdtemp(prefix=".know3d-probe-", dir=existing))
-    except OSError as exc:
-        raise BuildError(f"--output {out}: cannot create folders in {existing} "
-                         f"({exc.strerror or type(exc).__name__})") from None
-    return out
-
-
 @contextmanager
 def _output_folder(out: Path) -> Iterator[None]:
     """Create and lock the output folder; a new folder is removed again if the build fails
@@ -338,7 +196,7 @@ def _output_folder(out: Path) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "w")
     except OSError as exc:
-        raise BuildError(f"--output {out}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
+        raise OutputUnusable(f"--output {out}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -71,11 +71,12 @@ def data_build(
     if input and cfg.source.kind != "local":
         err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
 
-    from pipeline.build import BuildError, ClusterUnreachable, run_build
+    from pipeline.build import run_build
+    from pipeline.runtime import UsageError
 
     try:
         summary = run_build(cfg, retry_failed=retry_failed)
-    except (BuildError, ClusterUnreachable) as exc:
+    except UsageError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     _print_counts(summary.counts)
@@ -185,12 +186,12 @@ def train_backview(
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2)
-    from pipeline.build import ClusterUnreachable
+    from pipeline.runtime import UsageError
     from pipeline.train import run_train_backview
 
     try:
         metrics = run_train_backview(cfg, fresh=fresh)
-    except (ValueError, FileNotFoundError, ClusterUnreachable) as exc:
+    except (ValueError, FileNotFoundError, UsageError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     except RuntimeError as exc:
@@ -241,11 +242,11 @@ def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2)
-    from pipeline.build import ClusterUnreachable
+    from pipeline.runtime import UsageError
 
     try:
         summary = run(cfg)
-    except (EvalError, ClusterUnreachable) as exc:
+    except (EvalError, UsageError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     _print_eval(summary, strict)

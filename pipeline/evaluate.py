@@ -39,7 +39,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
-from pipeline.build import ray_session, run_bounded
+from pipeline.build import run_bounded
+from pipeline.runtime import check_output, ray_session
 from pipeline.config import EvalConfig, dump_config
 from pipeline.tracking import check_uri, make_tracker
 from rendering.assets import MESH_EXTENSIONS
@@ -314,7 +315,7 @@ def _prepare_output(output: Path, cfg: EvalConfig, fresh: bool) -> tuple[Path, R
             check_uri(cfg.mlflow.tracking_uri)  # refused before any work, not after
         except ValueError as exc:
             raise EvalError(str(exc)) from None
-    output = Path(output)
+    output = check_output(str(output))
     store = ResultStore(output, cfg, fresh)
     (output / "config.yaml").write_text(dump_config(cfg))
     return output, store

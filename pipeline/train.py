@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.build import ray_session
+from pipeline.runtime import check_output, ray_session
 from pipeline.config import TrainBackviewConfig
 from pipeline.tracking import check_uri, default_tracking_uri
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
     """Absolute paths, so workers (other cwd, other nodes) see the same places."""
     cfg = cfg.model_copy(deep=True)
-    cfg.output = str(Path(cfg.output).resolve())
+    cfg.output = str(check_output(cfg.output))
     cfg.data.shards = [s if "://" in s else str(Path(s).resolve()) for s in cfg.data.shards]
     cfg.data.val_shards = [s if "://" in s else str(Path(s).resolve()) for s in cfg.data.val_shards]
     if cfg.mlflow.enabled:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipeline.build import ClusterUnreachable, check_reachable, ingest_one
+from pipeline.build import ingest_one
+from pipeline.runtime import ClusterUnreachable, check_reachable
 from pipeline.config import AnnotateConfig, LoadConfig, LocalSourceConfig
 from rendering.assets import AssetError, AssetFiltered, describe_exception, inspect_asset, load_asset
 from rendering.process import usable_pairs
@@ -398,6 +399,23 @@ def test_cli_bad_output_is_a_short_error(tmp_path: Path, target: str, message: s
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_train_and_eval_refuse_a_file_as_output_too(tmp_path: Path, command: str):
+    (tmp_path / "file").write_text("x")
+    if command == "train":
+        args = ["train", "backview", str(Path(__file__).resolve().parents[1] / "configs" / "backview_debug.yaml"),
+                "--shards", str(tmp_path), "--output", str(tmp_path / "file")]
+    else:
+        write_good(tmp_path / "pred", 0, "obj").parent.rename(tmp_path / "pred" / "uid0")
+        (tmp_path / "pred" / "uid0" / "model.obj").rename(tmp_path / "pred" / "uid0" / "000.obj")
+        args = ["eval", "shapes", "--pred", str(tmp_path / "pred"), "--no-semantic", "--output", str(tmp_path / "file"),
+                "--set", "mlflow.enabled=false"]
+    res = _cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert res.stderr.strip().splitlines()[-1] == f"error: --output {tmp_path / 'file'}: exists and is not a folder"
+    assert "Traceback" not in res.stderr
 
 
 def test_generate_without_lora_says_what_to_give(tmp_path: Path):
