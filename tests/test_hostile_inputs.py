@@ -261,6 +261,9 @@ def test_unsupported_files_are_explicit_filtered_rows(tmp_path: Path):
     assert reasons["local:in/scene.dae"][0] == "unsupported_format"
     assert reasons["local:in/scene.dae"][1].startswith("scene.dae: '.dae' is not a supported mesh format (supported: glb")
     assert "archives ('.zip') are not unpacked" in reasons["local:in/pack.zip"][1]
+    # a file named on the command line always gets a row, even a texture
+    records, filtered = LocalSource(LocalSourceConfig(input=[str(good.parent / "texture.png")])).discover()
+    assert records == [] and [f.filter for f in filtered] == ["unsupported_format"]
 
 
 def test_point_cloud_is_filtered_not_failed(tmp_path: Path):

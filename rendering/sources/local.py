@@ -74,9 +74,10 @@ class LocalSource:
                 # the path as found (not resolved): fetch checks where a symlink leads
                 record = AssetRecord(key, "local", os.path.abspath(file), None,
                                      {"name": file.stem, "root": os.path.abspath(root)})
+                named = Path(item).expanduser().is_file()  # a file given by name always gets a row
                 if suffix in self.extensions:
                     records.setdefault(key, record)
-                elif suffix not in SIDECAR_SUFFIXES:
+                elif named or suffix not in SIDECAR_SUFFIXES:
                     filtered.setdefault(key, FilteredRecord(record, "unsupported_format", self._unsupported(rel, suffix)))
         return list(records.values()), list(filtered.values())
 
