@@ -21,6 +21,7 @@ import numpy as np
 
 from annotation.parts import describe_pair
 from pipeline.config import AnnotateConfig
+from rendering.assets import describe_exception
 from rendering.process import asset_dir, usable_pairs
 
 
@@ -80,6 +81,25 @@ def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, byt
     return (folder / f"{front:03d}.png").read_bytes(), (folder / f"{back:03d}.png").read_bytes()
 
 
+def _prepare_pair(summary: dict, pair_index: int, work: Path, cfg: AnnotateConfig) -> tuple[str, Callable[[], Any]]:
+    """The pair's cache key, and what to do for it if it is not cached: the parts backend's
+    record, or the VLM request payload (images + optional parts hint)."""
+    front_png, back_png = _pair_images(work, summary, pair_index)
+    key = cache_key(_sha(front_png), _sha(back_png), cfg)
+
+    def parts() -> list[str]:
+        return describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio, cfg.max_items,
+                             cfg.parts_skip_body)
+
+    def job() -> Any:
+        if cfg.backend == "parts":
+            components = parts()
+            return {"components": components, "status": "ok" if components else "no_parts"}
+        return front_png, back_png, parts() if cfg.parts_hint else []
+
+    return key, job
+
+
 def annotate_assets(
     assets: list[dict],
     work: Path,
@@ -106,28 +126,22 @@ def annotate_assets(
     for summary in assets:
         for pair_index in usable_pairs(summary, min_view_coverage)[0]:
             ident = (summary["sha256"], pair_index)
-            front_png, back_png = _pair_images(work, summary, pair_index)
-            key = cache_key(_sha(front_png), _sha(back_png), cfg)
-            if key in waiting:
-                waiting[key].append(ident)
-                num_shared += 1
-                continue
-            cached = cache.get(key)
-            if cached is not None:
-                records[ident] = cached
-                num_cached += 1
-                continue
-            waiting[key] = [ident]
-            if cfg.backend == "parts":
-                components = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
-                                           cfg.max_items, cfg.parts_skip_body)
-                pending.append((key, {"components": components, "status": "ok" if components else "no_parts"}))
-            else:
-                hint: list[str] = []
-                if cfg.parts_hint:
-                    hint = describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio,
-                                         cfg.max_items, cfg.parts_skip_body)
-                pending.append((key, (front_png, back_png, hint)))
+            try:  # one pair's problem (an unreadable view, odd part data) never costs the others
+                key, job = _prepare_pair(summary, pair_index, work, cfg)
+                if key in waiting:
+                    waiting[key].append(ident)
+                    num_shared += 1
+                    continue
+                cached = cache.get(key)
+                if cached is not None:
+                    records[ident] = cached
+                    num_cached += 1
+                    continue
+                pending.append((key, job()))
+                waiting[key] = [ident]
+            except Exception as exc:  # noqa: BLE001
+                records[ident] = {"components": [], "status": "annotation_failed", "backend": cfg.backend,
+                                  "error": f"pair {pair_index}: {describe_exception(exc)}"}
 
     if cfg.backend in ("openai", "transformers") and pending:
         from annotation.openai_backend import PairRequest

@@ -254,8 +254,12 @@ def test_unsupported_files_are_explicit_filtered_rows(tmp_path: Path):
     (root / "notes").write_text("x")
     (good.parent / "texture.png").write_bytes(b"")  # a sidecar: belongs to its asset
     (root / ".DS_Store").write_bytes(b"")
-    records, filtered = LocalSource(LocalSourceConfig(input=[str(root)])).discover()
-    assert [r.key for r in records] == [f"local:in/{good.parent.name}/model.obj"]
+    (root / "gone.glb").symlink_to(root / "deleted.glb")  # dangling
+    source = LocalSource(LocalSourceConfig(input=[str(root)]))
+    records, filtered = source.discover()
+    assert [r.key for r in records] == ["local:in/gone.glb", f"local:in/{good.parent.name}/model.obj"]
+    gone = ingest_one(source, records[0], LoadConfig())
+    assert (gone["status"], gone["reason"]) == ("failed", "gone.glb: file not found")
     reasons = {f.record.key: (f.filter, f.detail) for f in filtered}
     assert sorted(reasons) == ["local:in/notes", "local:in/pack.zip", "local:in/scene.dae"]
     assert reasons["local:in/scene.dae"][0] == "unsupported_format"
@@ -453,3 +457,24 @@ def test_a_torn_failure_record_means_render_again(tmp_path: Path):
     assert _read_failure(path) is None
     assert _read_failure(tmp_path / "missing.json") is None
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_one_broken_pair_does_not_stop_the_annotation_of_the_others(tmp_path: Path):
+    from PIL import Image
+
+    from annotation.stage import annotate_assets
+    from rendering.process import asset_dir
+
+    summaries = []
+    for n, sha in enumerate(("cd" * 32, "ef" * 32)):
+        folder = asset_dir(tmp_path / "work", sha) / "rgba"
+        folder.mkdir(parents=True)
+        for view in range(2):
+            Image.new("RGBA", (8, 8), (n * 100, view * 100, 10, 255)).save(folder / f"{view:03d}.png")
+        summaries.append({"sha256": sha, "pairs": [[0, 1]], "coverage": [0.5, 0.5], "resolution": 8,
+                          "part_pixels": [{"body": 10}, {"body": 10, "strap": 5}]})
+    (asset_dir(tmp_path / "work", summaries[0]["sha256"]) / "rgba" / "001.png").unlink()  # a lost view
+    records, metrics = annotate_assets(summaries, tmp_path / "work", tmp_path / "cache", AnnotateConfig(backend="parts"))
+    broken, fine = records[(summaries[0]["sha256"], 0)], records[(summaries[1]["sha256"], 0)]
+    assert broken["status"] == "annotation_failed" and broken["error"].startswith("pair 0: FileNotFoundError")
+    assert fine["status"] in ("ok", "no_parts") and metrics["annotate.failed"] == 1

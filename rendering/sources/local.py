@@ -41,7 +41,8 @@ class LocalSource:
         path = Path(item).expanduser()
         if path.is_dir():
             pattern = "**/*" if self.cfg.recursive else "*"
-            return [(p, path) for p in path.glob(pattern) if p.is_file()]
+            # dangling symlinks are kept: they become a "file not found" row, not nothing
+            return [(p, path) for p in path.glob(pattern) if p.is_file() or (p.is_symlink() and not p.exists())]
         if path.is_file():
             return [(path, path.parent)]
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
