@@ -98,8 +98,9 @@ def summarize(rows: list[dict]) -> dict:
             filters[(r["stage"], r["filter"] or "?")] += 1
         elif r["status"] == "failed":
             reasons[(r["stage"], reason_class(r["reason"] or "?"))] += 1
+    order = {stage: i for i, stage in enumerate(STAGES)}
     return {
-        "stages": {s: dict(c) for s, c in per_stage.items()},
+        "stages": {s: dict(per_stage[s]) for s in sorted(per_stage, key=lambda s: order.get(s, len(order)))},
         "filters": {f"{stage}/{name}": n for (stage, name), n in sorted(filters.items())},
         "reasons": {f"{stage}: {name}": n for (stage, name), n in reasons.most_common()},
     }
