@@ -320,7 +320,7 @@ class ScheduleConfig(_Strict):
     keep_checkpoints: int = Field(default=3, ge=1)
     validate_every: int = Field(default=500, ge=0, description="0 = no validation grids.")
     num_validation: int = Field(default=4, ge=1, description="Validation pairs per grid.")
-    validation_steps: int = Field(default=28, ge=1, description="Sampling steps of validation generations.")
+    validation_steps: int = Field(default=28, ge=2, description="Sampling steps of validation generations (>= 2).")
 
 
 class DeepSpeedConfig(_Strict):

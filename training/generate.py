@@ -55,6 +55,11 @@ def generate(
     cfg_scale: float = 4.0,
 ) -> np.ndarray:
     """One back view, [3, H, W] in [-1, 1]. ``cfg_scale > 1`` uses true CFG with an empty negative."""
+    if steps < 2 and pipe.scheduler.config.get("shift_terminal"):
+        # diffusers stretches the schedule so its last sigma is shift_terminal: with one step that
+        # divides 0 by 0 and the whole image is NaN (Qwen-Image's scheduler sets shift_terminal)
+        raise ValueError(f"steps must be at least 2 for this scheduler (shift_terminal="
+                         f"{pipe.scheduler.config['shift_terminal']} makes a 1-step schedule NaN)")
     kwargs = {"true_cfg_scale": cfg_scale, "negative_prompt": " "} if cfg_scale > 1 else {"true_cfg_scale": 1.0}
     with vae_image_size(image_size * image_size):
         out = pipe(
