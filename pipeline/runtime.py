@@ -40,9 +40,12 @@ def check_output(output: str | None) -> Path:
         out = Path(output).expanduser().resolve()
     except (OSError, RuntimeError) as exc:
         raise OutputUnusable(f"--output {output}: cannot be resolved ({describe_exception(exc)})") from None
-    if out.exists() and not out.is_dir():
-        raise OutputUnusable(f"--output {out}: exists and is not a folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputUnusable(f"--output {out}: exists and is not a folder")
+        existing = next(p for p in (out, *out.parents) if p.exists())
+    except OSError as exc:  # a name too long, a folder we may not look into
+        raise OutputUnusable(f"--output {out}: cannot be used ({exc.strerror or type(exc).__name__})") from None
     if not existing.is_dir():
         raise OutputUnusable(f"--output {out}: {existing} is not a folder")
     try:  # os.access says yes to root on read-only or virtual file systems (/proc): try it

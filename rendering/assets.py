@@ -26,9 +26,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import re
 import struct
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,32 +82,52 @@ def asset_sha256(main: Path, sidecars: list[Path]) -> str:
         return file_sha256(main)
     digest = hashlib.sha256()
     for path in [main, *sorted(sidecars)]:
-        digest.update(path.name.encode() + b"\0" + bytes.fromhex(file_sha256(path)))
+        digest.update(os.fsencode(path.name) + b"\0" + bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- reasons
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+_QUOTES = "'\"`"
+_PATHLIKE = re.compile(r"\S*[:/\\%]\S+")  # URIs, paths, data: payloads glued to their scheme
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 def describe_exception(exc: BaseException, limit: int = 160) -> str:
-    """``Type: message`` in plain text for a manifest reason.
+    """``Type: message`` in plain text for a manifest reason, without the asset's content.
 
     Parser messages often quote the offending text (``could not convert string to float:
-    'secret'``); an asset may be anything, so quoted text is replaced by ``'…'`` and only the
-    kind of error and positions survive. Control characters and ANSI colours are removed."""
-    message = _ANSI.sub("", str(exc))
-    message = _QUOTED.sub("'…'", message)
-    message = "".join(ch if ch.isprintable() else " " for ch in message)
-    message = " ".join(message.split())
+    'secret'``) or name a file (``FileNotFoundError: data:...``); an asset may be anything. So:
+    OS errors keep their errno text only; JSON errors keep line and column; other messages are cut
+    at the first quote or backtick, path- and URI-like tokens and memory addresses are replaced by
+    ``…``, and control characters and ANSI colours are removed."""
+    if isinstance(exc, json.JSONDecodeError):
+        message = f"invalid JSON at line {exc.lineno} column {exc.colno}"
+    elif isinstance(exc, OSError):
+        message = exc.strerror or ""
+    else:
+        message = _ANSI.sub("", str(exc))
+        cut = min((i for i in (message.find(q) for q in _QUOTES) if i >= 0), default=-1)
+        if cut >= 0:
+            message = message[:cut] + "'…'"
+        message = _ADDRESS.sub("0x…", _PATHLIKE.sub("…", message))
+    message = " ".join("".join(ch if ch.isprintable() else " " for ch in message).split())
     if len(message) > limit:
         message = message[: limit - 1] + "…"
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- references
+
+
+_EMBEDDED = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
+
+
+def is_embedded(uri: str) -> bool:
+    """A base64 data URI (decoded by the parser); any other ``data:`` text would be read as a
+    file name, so it is treated as a reference and checked like one."""
+    return bool(_EMBEDDED.match(uri))
 
 
 def resolve_inside(root: Path, uri: object, owner: Path, what: str) -> Path:
@@ -116,9 +138,9 @@ def resolve_inside(root: Path, uri: object, owner: Path, what: str) -> Path:
     if not isinstance(uri, str) or not uri:
         raise AssetError(f"{owner.name}: {what} is not a non-empty string")
     name = unquote(uri).replace("\\", "/")
-    if any(not ch.isprintable() for ch in name):
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):  # not spaces such as U+3000
         raise AssetError(f"{owner.name}: {what} contains control characters (refused)")
-    if name.startswith("/") or re.match(r"^[a-zA-Z]:", name) or "://" in name:
+    if name.startswith("/") or re.match(r"^[a-zA-Z]+:", name) or "://" in name:
         raise AssetError(f"{owner.name}: {what} is an absolute path or URL (refused)")
     try:
         candidate = (root / name).resolve()
@@ -166,19 +188,21 @@ def _read_glb(path: Path) -> tuple[dict, bytes]:
         raise AssetError(f"{path.name}: GLB version {version} is not supported (needs 2)")
     if length != len(data):
         raise AssetError(f"{path.name}: truncated GLB (header says {length} bytes, file has {len(data)})")
-    offset, doc, binary = 12, None, b""
+    # the parser reads chunk 0 as the document and chunk 1 as the binary buffer: check exactly those
+    offset, chunks = 12, []
     while offset + 8 <= len(data):
         chunk_len, chunk_type = struct.unpack_from("<II", data, offset)
         body = data[offset + 8 : offset + 8 + chunk_len]
         if len(body) != chunk_len:
             raise AssetError(f"{path.name}: truncated GLB chunk")
-        if chunk_type == 0x4E4F534A:  # JSON
-            doc = _parse_json(body, f"{path.name}: GLB JSON chunk")
-        elif chunk_type == 0x004E4942:  # BIN
-            binary = body
+        chunks.append((chunk_type, body))
         offset += 8 + chunk_len
-    if doc is None:
-        raise AssetError(f"{path.name}: GLB has no JSON chunk")
+    if not chunks or chunks[0][0] != 0x4E4F534A:  # JSON
+        raise AssetError(f"{path.name}: GLB does not start with a JSON chunk")
+    if any(kind == 0x4E4F534A for kind, _ in chunks[1:]):
+        raise AssetError(f"{path.name}: GLB has more than one JSON chunk")
+    doc = _parse_json(chunks[0][1], f"{path.name}: GLB JSON chunk")
+    binary = chunks[1][1] if len(chunks) > 1 and chunks[1][0] == 0x004E4942 else b""  # BIN
     return doc, binary
 
 
@@ -219,9 +243,13 @@ def _check_gltf_structure(path: Path, doc: dict) -> None:
             if not isinstance(item, dict):
                 raise AssetError(f"{path.name}: glTF {key}[{i}] is {_json_kind(item)}, expected an object")
     accessors = doc.get("accessors") or []
+    views = doc.get("bufferViews") or []
     for i, accessor in enumerate(accessors):
         if not _is_index(accessor.get("count")):
             raise AssetError(f"{path.name}: glTF accessors[{i}].count is not a non-negative integer")
+        view = accessor.get("bufferView")
+        if view is not None and not (_is_index(view) and view < len(views)):
+            raise AssetError(f"{path.name}: glTF accessors[{i}].bufferView does not name a buffer view")
     for m, mesh in enumerate(doc.get("meshes") or []):
         primitives = mesh.get("primitives")
         if not isinstance(primitives, list):
@@ -267,7 +295,7 @@ def _check_gltf_buffers(path: Path, doc: dict, binary: bytes) -> None:
         uri = buffer.get("uri")
         if uri is None:
             actual = len(binary)
-        elif uri.startswith("data:"):
+        elif is_embedded(uri):
             actual = declared  # decoded by the parser, which checks it
         else:
             actual = resolve_inside(path.parent, uri, path, f"buffers[{i}].uri").stat().st_size
@@ -287,7 +315,7 @@ def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geom
     for kind in ("buffers", "images"):
         for i, item in enumerate(doc.get(kind) or []):
             uri = item.get("uri")
-            if uri is None or uri.startswith("data:"):
+            if uri is None or is_embedded(uri):
                 continue
             where = f"{kind}[{i}].uri"
             ref = resolve_inside(root, uri, path, where)  # refused outside the folder, even unused
@@ -301,7 +329,7 @@ def _gltf_references(path: Path, doc: dict, binary: bytes, cfg: LoadConfig, geom
         return files
     views = doc.get("bufferViews") or []
     for i, image in enumerate(doc.get("images") or []):
-        if image.get("uri") and not image["uri"].startswith("data:"):
+        if image.get("uri") and not is_embedded(image["uri"]):
             ref = resolve_inside(root, image["uri"], path, f"images[{i}].uri")
             _check_image_header(ref, f"{path.name} image {i} ({ref.name})", cfg)
         elif "bufferView" in image and binary:
@@ -324,6 +352,13 @@ def _faces_filtered(path: Path, num_faces: int, cfg: LoadConfig, how: str) -> As
     return AssetFiltered("max_faces", f"{path.name}: {num_faces} faces ({how}) > {cfg.max_faces}")
 
 
+def _names(line: str, keyword: str) -> list[str]:
+    """File names a reader may take from ``keyword rest``: the whole rest of the line (trimesh,
+    names with spaces) and each token (several names, options before the name)."""
+    rest = line.strip()[len(keyword) :].strip()
+    return list(dict.fromkeys([rest, *rest.split()])) if rest else []
+
+
 def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list[Path]:
     """Validate OBJ text and count its triangles; return the referenced .mtl files and textures.
 
@@ -333,6 +368,9 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
     num_triangles = 0
     with open(path, "r", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
+            if not mtl_refs and "mtllib" in line:
+                # trimesh loads the rest of the line after the first "mtllib" anywhere in the text
+                mtl_refs.append((lineno, line[line.find("mtllib") + 6 :].strip()))
             if not line or line[0] not in "vfm":
                 continue
             parts = line.split()
@@ -373,20 +411,25 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
                                 f"{path.name}: line {lineno}: face corner {corner} '{kind}' index out of range "
                                 f"({counts[kind]} '{kind}' defined so far)"
                             )
-            elif tag == "mtllib":
-                mtl_refs.extend((lineno, name) for name in parts[1:])
+            elif tag == "mtllib":  # one name with spaces, or several names
+                mtl_refs.extend((lineno, name) for name in _names(line, "mtllib"))
     files: list[Path] = []
+    seen: set[Path] = set()  # an OBJ may name one .mtl (and an .mtl one texture) thousands of times
     for lineno, name in mtl_refs:
         mtl = resolve_inside(path.parent, name, path, f"line {lineno} (mtllib)")
-        if geometry_only or not mtl.is_file():
+        if geometry_only or mtl in seen or not mtl.is_file():
             continue  # a missing .mtl renders with the default material, like other tools
+        seen.add(mtl)
         files.append(mtl)
         with open(mtl, "r", errors="replace") as fh:
             for mtl_line, line in enumerate(fh, 1):
                 parts = line.split()
-                if parts and parts[0].lower().startswith(("map_", "bump", "disp", "norm")) and len(parts) > 1:
-                    texture = resolve_inside(mtl.parent, parts[-1], mtl, f"line {mtl_line} ({parts[0].lower()[:12]})")
-                    if texture.is_file():
+                if not (parts and parts[0].lower().startswith(("map_", "bump", "disp", "norm")) and len(parts) > 1):
+                    continue
+                for name in _names(line, parts[0]):  # trimesh: the rest of the line; others: the last token
+                    texture = resolve_inside(mtl.parent, name, mtl, f"line {mtl_line} ({parts[0].lower()[:12]})")
+                    if texture not in seen and texture.is_file():
+                        seen.add(texture)
                         _check_image_header(texture, f"{mtl.name}: line {mtl_line}: texture {texture.name}", cfg)
                         files.append(texture)
     return files
@@ -518,6 +561,11 @@ def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> l
         num_faces = _gltf_face_count(doc)
         if num_faces > cfg.max_faces:
             raise _faces_filtered(path, num_faces, cfg, "declared by its accessors")
+        # an accessor without data is allocated as zeros of its count: bound every one of them
+        largest = max((a["count"] for a in doc.get("accessors") or []), default=0)
+        if largest > 3 * cfg.max_faces:
+            raise AssetFiltered("max_faces", f"{path.name}: an accessor declares {largest} elements "
+                                             f"> 3 x load.max_faces ({3 * cfg.max_faces})")
         return _gltf_references(path, doc, binary, cfg, geometry_only)
     if ext == "obj":
         return _check_obj(path, cfg, geometry_only)
@@ -621,8 +669,8 @@ def load_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> Load
 
     ``geometry_only`` (evaluation): materials and textures are skipped entirely, so a broken or
     huge texture cannot fail a mesh whose geometry is fine."""
-    inspect_asset(path, cfg, geometry_only)
     try:
+        inspect_asset(path, cfg, geometry_only)
         return _load_checked(path, cfg, geometry_only)
     except (AssetError, AssetFiltered):
         raise
@@ -673,6 +721,8 @@ def _load_checked(path: Path, cfg: LoadConfig, geometry_only: bool) -> LoadedAss
         raise AssetError(f"{path.name}: no geometry (empty scene)")
     if not meshes or all(len(m.faces) == 0 for m in meshes.values()):
         kinds = sorted({type(g).__name__ for g in scene.geometry.values() if not isinstance(g, trimesh.Trimesh)})
+        if any(len(m.vertices) for m in meshes.values()):
+            kinds.append("vertices without faces")
         if kinds:  # a valid point cloud or line drawing: not an error, just not a surface to render
             raise AssetFiltered("no_triangles", f"{path.name}: no triangle meshes (only {', '.join(kinds)})")
         raise AssetError(f"{path.name}: no faces")

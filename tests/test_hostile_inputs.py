@@ -105,9 +105,25 @@ def test_wrong_types_in_a_gltf_fail_that_asset_only(tmp_path: Path):
 
 def test_describe_exception_keeps_kind_and_positions_but_no_quoted_content():
     exc = ValueError(f"could not convert string to float: '{SECRET}' \x1b[31mat line 3\x1b[0m\n\"{SECRET}\"")
-    text = describe_exception(exc)
-    assert SECRET not in text and "\x1b" not in text and "\n" not in text
-    assert text == "ValueError: could not convert string to float: '…' at line 3 '…'"
+    assert describe_exception(exc) == "ValueError: could not convert string to float: '…'"
+    cases = [
+        ValueError(f"could not convert string to float: '{SECRET}\\'\"LEAK'"),  # mixed quotes
+        NotImplementedError(f"only GLTF 2 is supported not `1.0 {SECRET}`"),  # backticks
+        FileNotFoundError(2, "No such file or directory", f"data:{SECRET}"),  # OS errors: errno text only
+        KeyError(SECRET),
+        ValueError(f"bad uri data:{SECRET} in buffer"),  # unquoted URI-like tokens
+    ]
+    for exc in cases:
+        text = describe_exception(exc)
+        assert SECRET not in text and "LEAK" not in text, text
+    assert describe_exception(cases[2]) == "FileNotFoundError: No such file or directory"
+    assert describe_exception(OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2b>")) == "OSError"
+    assert describe_exception(ValueError("cannot identify image file <_io.BytesIO object at 0x7f3a2b>")).endswith(
+        "at 0x…>")  # no memory address: the same file gives the same reason in every run
+    try:
+        json.loads('{"a": [1, 2')
+    except ValueError as exc:
+        assert describe_exception(exc) == "JSONDecodeError: invalid JSON at line 1 column 12"
     assert len(describe_exception(RuntimeError("x" * 1000))) < 200
 
 
@@ -478,3 +494,119 @@ def test_one_broken_pair_does_not_stop_the_annotation_of_the_others(tmp_path: Pa
     broken, fine = records[(summaries[0]["sha256"], 0)], records[(summaries[1]["sha256"], 0)]
     assert broken["status"] == "annotation_failed" and broken["error"].startswith("pair 0: FileNotFoundError")
     assert fine["status"] in ("ok", "no_parts") and metrics["annotate.failed"] == 1
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def _glb(chunks: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(struct.pack("<II", len(data), kind) + data for kind, data in chunks)
+    return struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
+
+
+def test_glb_chunks_are_checked_as_the_parser_reads_them(tmp_path: Path):
+    """The parser takes chunk 0 as the document: a decoy second JSON chunk must not hide it."""
+    real = json.dumps({"asset": {"version": "2.0"}, "buffers": [{"uri": "../outside.bin", "byteLength": 4}]}).encode()
+    decoy = json.dumps({"asset": {"version": "2.0"}}).encode()
+    pad = lambda b: b + b" " * (-len(b) % 4)  # noqa: E731
+    (tmp_path / "two.glb").write_bytes(_glb([(0x4E4F534A, pad(real)), (0x4E4F534A, pad(decoy))]))
+    (tmp_path / "bin_first.glb").write_bytes(_glb([(0x004E4942, b"\0" * 8), (0x4E4F534A, pad(decoy))]))
+    with pytest.raises(AssetError, match="two.glb: GLB has more than one JSON chunk"):
+        inspect_asset(tmp_path / "two.glb", LoadConfig())
+    with pytest.raises(AssetError, match="bin_first.glb: GLB does not start with a JSON chunk"):
+        inspect_asset(tmp_path / "bin_first.glb", LoadConfig())
+
+
+def test_repeated_material_references_cost_one_check(tmp_path: Path):
+    import time
+
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "t.png")
+    (tmp_path / "a.mtl").write_text("newmtl a\n" + "map_Kd t.png\n" * 2000)
+    (tmp_path / "m.obj").write_text("mtllib a.mtl\n" * 2000 + "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    start = time.perf_counter()
+    sidecars = inspect_asset(tmp_path / "m.obj", LoadConfig())
+    assert sorted(p.name for p in sidecars) == ["a.mtl", "t.png"]
+    assert time.perf_counter() - start < 2.0  # was quadratic: minutes for a few KB
+
+
+def test_names_with_spaces_are_part_of_the_identity(tmp_path: Path):
+    from PIL import Image
+
+    from rendering.assets import asset_sha256
+
+    shas = []
+    for color in ("red", "blue"):
+        folder = tmp_path / color
+        folder.mkdir()
+        Image.new("RGB", (4, 4), color).save(folder / "my tex.png")
+        (folder / "my mat.mtl").write_text("newmtl a\nmap_Kd my tex.png\n")
+        (folder / "m.obj").write_text("mtllib my mat.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nusemtl a\nf 1/1 2/1 3/1\n")
+        sidecars = inspect_asset(folder / "m.obj", LoadConfig())
+        assert sorted(p.name for p in sidecars) == ["my mat.mtl", "my tex.png"]
+        shas.append(asset_sha256(folder / "m.obj", sidecars))
+    assert shas[0] != shas[1]  # different textures: not duplicates
+
+
+def test_data_uris_unicode_names_and_bad_accessors(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    path = write_good(tmp_path / "a", 0, "gltf")
+    doc = json.loads(path.read_text())
+    doc["buffers"][0]["uri"] = f"data:{SECRET}"  # not base64: a parser would read it as a file name
+    path.write_text(json.dumps(doc))
+    with pytest.raises(AssetError) as exc:
+        load_asset(path, LoadConfig())
+    assert SECRET not in str(exc.value) and "buffers[0].uri is an absolute path or URL" in str(exc.value)
+    embedded = tmp_path / "b"
+    embedded.mkdir()
+    (embedded / "m.gltf").write_bytes(trimesh.Scene(trimesh.creation.box()).export(file_type="gltf", embed_buffers=True)
+                                      ["model.gltf"])
+    assert load_asset(embedded / "m.gltf", LoadConfig()).num_faces == 12  # base64 data URIs are fine
+    cjk = tmp_path / "c"
+    from tests.test_assets import _gltf_with_image_uri
+
+    cjk.mkdir()
+    Image.new("RGB", (8, 8), "blue").save(cjk / "テクスチャ\u30001.png")
+    assert load_asset(_gltf_with_image_uri(cjk, "テクスチャ\u30001.png"), LoadConfig()).num_faces == 12
+    for name, change in {"nodata": {"count": 30_000_000}, "view": {"bufferView": -1}, "bool": {"bufferView": True}}.items():
+        path = write_good(tmp_path / name, 1, "gltf")
+        doc = json.loads(path.read_text())
+        doc["accessors"].append({"componentType": 5126, "type": "VEC3", "count": 3, **change})
+        path.write_text(json.dumps(doc))
+        monkeypatch.setattr(trimesh, "load_scene", lambda *a, **k: pytest.fail("parsed"))
+        with pytest.raises((AssetError, AssetFiltered)) as exc:
+            load_asset(path, LoadConfig())
+        if name == "nodata":  # would be allocated as 30M zeros
+            assert exc.value.filter == "max_faces" and "an accessor declares 30000000 elements" in str(exc.value)
+        else:
+            assert "accessors[" in str(exc.value) and "bufferView does not name a buffer view" in str(exc.value)
+        monkeypatch.undo()
+
+
+def test_off_point_cloud_is_filtered(tmp_path: Path):
+    (tmp_path / "pc.off").write_text("OFF\n3 0 0\n0 0 0\n1 0 0\n0 1 0\n")
+    with pytest.raises(AssetFiltered) as exc:
+        load_asset(tmp_path / "pc.off", LoadConfig())
+    assert exc.value.filter == "no_triangles"
+
+
+def test_odd_names_and_globs_in_the_local_source(tmp_path: Path):
+    good = write_good(tmp_path / "set1", 0, "gltf")
+    (good.parent / "model.gltf").rename(good.parent / "caf\udce9.gltf")  # not UTF-8, with a .bin sidecar
+    source = LocalSource(LocalSourceConfig(input=[str(tmp_path / "set?" / "*" / "*.gltf")]))
+    records, _ = source.discover()
+    assert len(records) == 1
+    row = ingest_one(source, records[0], LoadConfig())
+    assert row["status"] == "ok", row  # glob root without wildcards: not mistaken for a symlink out
+    hidden = write_good(tmp_path / "h", 1, "glb").rename(tmp_path / "h" / ".hidden.glb")
+    records, _ = LocalSource(LocalSourceConfig(input=[str(hidden)])).discover()
+    assert [r.key for r in records] == ["local:.hidden.glb/.hidden.glb"]
+
+
+def test_output_name_too_long_is_a_usage_error(tmp_path: Path):
+    from pipeline.runtime import OutputUnusable, check_output
+
+    with pytest.raises(OutputUnusable, match="cannot be used"):
+        check_output(str(tmp_path / ("a" * 300) / "out"))

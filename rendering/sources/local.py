@@ -26,6 +26,17 @@ SIDECAR_SUFFIXES = {
 _ARCHIVES = {".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz"}
 
 
+def _static_prefix(pattern: Path) -> Path:
+    """The folder a glob pattern cannot leave: its leading components without wildcards
+    (``/data/set?/*.glb`` -> ``/data``)."""
+    static: list[str] = []
+    for part in pattern.parts[:-1]:
+        if glob.has_magic(part):
+            break
+        static.append(part)
+    return Path(*static) if static else Path(".")
+
+
 class LocalSource:
     name = "local"
 
@@ -48,8 +59,7 @@ class LocalSource:
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
         if not matches:
             raise FileNotFoundError(f"input '{item}' matches no file or folder")
-        root = Path(glob.escape(str(path)).split("*", 1)[0]).parent if "*" in item else path.parent
-        return [(p, root) for p in matches if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES]
+        return [(p, _static_prefix(path)) for p in matches if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES]
 
     def _unsupported(self, rel: str, suffix: str) -> str:
         supported = ", ".join(sorted(e.lstrip(".") for e in self.extensions))
@@ -68,14 +78,14 @@ class LocalSource:
                     rel = file.relative_to(root).as_posix()
                 except ValueError:
                     rel = file.name
-                if any(part.startswith(".") for part in Path(rel).parts):
+                named = Path(item).expanduser().is_file()  # a file given by name always gets a row
+                if not named and any(part.startswith(".") for part in Path(rel).parts):
                     continue
                 key = f"local:{root_name}/{rel}"
                 suffix = file.suffix.lower()
                 # the path as found (not resolved): fetch checks where a symlink leads
                 record = AssetRecord(key, "local", os.path.abspath(file), None,
                                      {"name": file.stem, "root": os.path.abspath(root)})
-                named = Path(item).expanduser().is_file()  # a file given by name always gets a row
                 if suffix in self.extensions:
                     records.setdefault(key, record)
                 elif named or suffix not in SIDECAR_SUFFIXES:
