@@ -152,7 +152,8 @@ def annotate_assets(
 
     for key, record in pending:
         record = {**record, "backend": cfg.backend, "model": model_name(cfg), "prompt_version": cfg.prompt_version}
-        cache.put(key, record)
+        if not record.get("transient"):  # a worker that died says nothing about the pair: ask again next run
+            cache.put(key, record)
         for ident in waiting[key]:
             records[ident] = record
     statuses = [r["status"] for r in records.values()]

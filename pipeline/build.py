@@ -191,7 +191,7 @@ class BuildSummary:
 def _output_folder(out: Path) -> Iterator[None]:
     """Create and lock the output folder; a new folder is removed again if the build fails
     before its first run record is written (``out/runs``)."""
-    existed = out.exists()
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # topmost new folder
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "w")
@@ -205,8 +205,8 @@ def _output_folder(out: Path) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if not existed and not (out / "runs").exists():
-                shutil.rmtree(out, ignore_errors=True)
+            if created is not None and not (out / "runs").exists():
+                shutil.rmtree(created, ignore_errors=True)
             raise
 
 
@@ -415,6 +415,13 @@ class VLMActor:
         return self.annotator.annotate(requests)
 
 
+def worker_failure(kind: str) -> dict:
+    """The record of a pair whose VLM worker failed: transient, so it is not cached and the next
+    run asks again."""
+    return {"components": [], "status": "annotation_failed", "error": f"annotation worker failed: {kind}",
+            "transient": True}
+
+
 def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
     """Spread VLM requests over Ray actors, with GPUs when the cluster has them."""
     tcfg = run.cfg.annotate.transformers
@@ -429,8 +436,7 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
 
         def on_done(ids: list[int], result: Any) -> None:
             if isinstance(result, Exception):
-                result = [{"components": [], "status": "annotation_failed",
-                           "error": f"annotation worker failed: {type(result).__name__}"}] * len(ids)
+                result = [worker_failure(_task_error_kind(result))] * len(ids)
             for i, r in zip(ids, result):
                 results[i] = r
 
@@ -438,7 +444,8 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
                  on_done, progress, "annotate")
         for actor in actors:
             ray.kill(actor)
-        return [r for r in results if r is not None]
+        # one result per request, in order: a missing one must not shift the others onto other pairs
+        return [r if r is not None else worker_failure("no answer") for r in results]
 
     return runner
 

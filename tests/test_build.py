@@ -222,7 +222,9 @@ def test_transformers_backend_runs_on_ray_actors(tmp_path: Path, real_dir: Path,
     ],
 )
 def test_cli_build_errors_are_short_and_clear(tmp_path: Path, args: list[str], message: str):
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "build", *args, "--output", str(tmp_path / "o"),
-                          "--set", "mlflow.enabled=false"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "build", *args,
+                          "--output", str(tmp_path / "new" / "o"), "--set", "mlflow.enabled=false"],
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) <= 3
+    assert not (tmp_path / "new").exists()  # a build that never started leaves no folders behind

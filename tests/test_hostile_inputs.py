@@ -610,3 +610,33 @@ def test_output_name_too_long_is_a_usage_error(tmp_path: Path):
 
     with pytest.raises(OutputUnusable, match="cannot be used"):
         check_output(str(tmp_path / ("a" * 300) / "out"))
+
+
+def test_inputs_with_the_same_folder_name_do_not_collide(tmp_path: Path):
+    a = write_good(tmp_path / "a" / "models", 0, "glb")
+    b = write_good(tmp_path / "b" / "models", 0, "glb")
+    records, _ = LocalSource(LocalSourceConfig(input=[str(a.parents[1]), str(b.parents[1])])).discover()
+    assert sorted(r.key for r in records) == ["local:models/good_00_glb/model.glb", "local:models~2/good_00_glb/model.glb"]
+    assert {r.uri for r in records} == {str(a), str(b)}
+
+
+def test_a_dead_vlm_worker_is_not_cached(tmp_path: Path):
+    from PIL import Image
+
+    from annotation.stage import annotate_assets
+    from pipeline.build import worker_failure
+    from rendering.process import asset_dir
+
+    sha = "12" * 32
+    folder = asset_dir(tmp_path / "work", sha) / "rgba"
+    folder.mkdir(parents=True)
+    for view in range(2):
+        Image.new("RGBA", (8, 8), (view * 90, 0, 0, 255)).save(folder / f"{view:03d}.png")
+    summary = {"sha256": sha, "pairs": [[0, 1]], "coverage": [0.5, 0.5]}
+    answers = [lambda reqs: [worker_failure("ActorDiedError")] * len(reqs),
+               lambda reqs: [{"components": ["a handle"], "status": "ok"}] * len(reqs)]
+    cfg = AnnotateConfig(backend="openai")
+    first, _ = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, answers[0])
+    assert first[(sha, 0)]["status"] == "annotation_failed"
+    second, metrics = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, answers[1])
+    assert second[(sha, 0)]["components"] == ["a handle"] and metrics["annotate.cached"] == 0

@@ -71,8 +71,13 @@ class LocalSource:
     def discover(self) -> tuple[list[AssetRecord], list[FilteredRecord]]:
         records: dict[str, AssetRecord] = {}
         filtered: dict[str, FilteredRecord] = {}
+        roots: dict[str, str] = {}  # key prefix -> input: two inputs named alike must not collide
         for item in self.cfg.input:
-            root_name = Path(item).name or "input"
+            root_name = base = Path(item).name or "input"
+            for n in range(2, len(self.cfg.input) + 2):
+                if roots.setdefault(root_name, os.path.abspath(item)) == os.path.abspath(item):
+                    break
+                root_name = f"{base}~{n}"
             for file, root in sorted(self._expand(item)):
                 try:
                     rel = file.relative_to(root).as_posix()
