@@ -640,3 +640,18 @@ def test_a_dead_vlm_worker_is_not_cached(tmp_path: Path):
     assert first[(sha, 0)]["status"] == "annotation_failed"
     second, metrics = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, answers[1])
     assert second[(sha, 0)]["components"] == ["a handle"] and metrics["annotate.cached"] == 0
+
+
+def test_the_image_bound_is_the_configured_one(tmp_path: Path):
+    """PIL refuses headers above twice its default (~179 M pixels) by itself; the check must
+    apply load.max_image_pixels instead, in both directions."""
+    from PIL import Image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("1", (20000, 10000)).save(folder / "tex.png")  # 200 M pixels, a few KB on disk
+    (folder / "m.mtl").write_text("newmtl a\nmap_Kd tex.png\n")
+    (folder / "m.obj").write_text("mtllib m.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nusemtl a\nf 1/1 2/1 3/1\n")
+    assert [p.name for p in inspect_asset(folder / "m.obj", LoadConfig(max_image_pixels=250_000_000))] == ["m.mtl", "tex.png"]
+    with pytest.raises(AssetError, match=r"tex.png: image is 20000x10000, above the decoding bound"):
+        inspect_asset(folder / "m.obj", LoadConfig())
