@@ -65,6 +65,11 @@ class BuildError(UsageError):
 # --------------------------------------------------------------------------- stage functions
 
 
+def _file_name(record: AssetRecord) -> str:
+    """How a reason names an asset before its file is fetched."""
+    return Path(record.uri).name or record.key
+
+
 def ingest_one(source: AssetSource, record: AssetRecord, load_cfg: LoadConfig) -> dict[str, Any]:
     """Fetch, check and hash one asset. Pure per-asset stage (no Ray); never raises.
 
@@ -72,7 +77,7 @@ def ingest_one(source: AssetSource, record: AssetRecord, load_cfg: LoadConfig) -
     names the file and the kind of problem (never the file's content)."""
     start = time.perf_counter()
     out: dict[str, Any] = {"key": record.key}
-    name = Path(record.uri).name or record.key
+    name = _file_name(record)
     try:
         path = source.fetch(record)
         name = path.name
@@ -322,7 +327,7 @@ def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, 
             return
         record = batch[0]
         ingested.append({"key": record.key, "status": "failed",
-                         "reason": f"{Path(record.uri).name or record.key}: ingest worker died ({_task_error_kind(result)})"})
+                         "reason": f"{_file_name(record)}: ingest worker died ({_task_error_kind(result)})"})
 
     def submit(batch: list[AssetRecord], _: Any) -> Any:
         return ingest_remote.remote(source_ref, [r.to_json() for r in batch], run.cfg.load)

@@ -164,11 +164,16 @@ class ShardConfig(_Strict):
     include_mask: bool = True
 
 
-class RayConfig(_Strict):
+class RayConnectionConfig(_Strict):
+    """Where a stage's Ray runs (shared by the data build, training and evaluation)."""
+
     address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
     connect_timeout_s: float = Field(
         default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
     )
+
+
+class RayConfig(RayConnectionConfig):
     num_cpus: int | None = Field(default=None, description="CPUs of the local Ray (None = all).")
     render_concurrency: int = Field(default=2, ge=1)
     fetch_concurrency: int = Field(default=4, ge=1)
@@ -330,11 +335,7 @@ class DeepSpeedConfig(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed config.")
 
 
-class TrainRayConfig(_Strict):
-    address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
-    connect_timeout_s: float = Field(
-        default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
-    )
+class TrainRayConfig(RayConnectionConfig):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on if the cluster has GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -445,11 +446,7 @@ class EvalReportConfig(_Strict):
     max_rows: int = Field(default=200, ge=0, description="uids shown with renders in the HTML report.")
 
 
-class EvalRayConfig(_Strict):
-    address: str | None = Field(default=None, description="None = start a local Ray; 'auto' or ray://...")
-    connect_timeout_s: float = Field(
-        default=30.0, gt=0, description="Give up joining the cluster at `address` after this long (one-line error)."
-    )
+class EvalRayConfig(RayConnectionConfig):
     num_cpus: int | None = None
     object_store_memory: int | None = None
     concurrency: int = Field(default=2, ge=1, description="Meshes measured in parallel (one core each).")

@@ -2,9 +2,10 @@
 
 Stages: ``discover`` (metadata filters, unsupported files), ``ingest`` (fetch, security checks,
 header face counts, content hash, duplicates), ``render``, ``pairs`` (one ``filtered`` row per
-pair left out of the shards, e.g. a nearly blank view) and ``shard``. Status is ``ok``, ``filtered`` (``filter`` names which)
-or ``failed`` (``reason`` and a short ``traceback``). The manifest is a view rebuilt from the
-per-asset results at the end of every run, so a crash never leaves it half-written.
+pair left out of the shards, e.g. a nearly blank view) and ``shard``. Status is ``ok``,
+``filtered`` (``filter`` names which) or ``failed`` (``reason`` and a short ``traceback``). The
+manifest is a view rebuilt from the per-asset results at the end of every run, so a crash never
+leaves it half-written.
 """
 
 from __future__ import annotations

@@ -595,11 +595,13 @@ def test_off_point_cloud_is_filtered(tmp_path: Path):
 def test_odd_names_and_globs_in_the_local_source(tmp_path: Path):
     good = write_good(tmp_path / "set1", 0, "gltf")
     (good.parent / "model.gltf").rename(good.parent / "caf\udce9.gltf")  # not UTF-8, with a .bin sidecar
+    (good.parent / "gone.gltf").symlink_to(tmp_path / "deleted.gltf")  # dangling, found by the glob too
     source = LocalSource(LocalSourceConfig(input=[str(tmp_path / "set?" / "*" / "*.gltf")]))
     records, _ = source.discover()
-    assert len(records) == 1
-    row = ingest_one(source, records[0], LoadConfig())
-    assert row["status"] == "ok", row  # glob root without wildcards: not mistaken for a symlink out
+    assert len(records) == 2
+    rows = {Path(r.uri).name: ingest_one(source, r, LoadConfig()) for r in records}
+    assert rows["caf\udce9.gltf"]["status"] == "ok", rows  # glob root without wildcards: not a symlink out
+    assert rows["gone.gltf"]["reason"] == "gone.gltf: file not found"
     hidden = write_good(tmp_path / "h", 1, "glb").rename(tmp_path / "h" / ".hidden.glb")
     records, _ = LocalSource(LocalSourceConfig(input=[str(hidden)])).discover()
     assert [r.key for r in records] == ["local:.hidden.glb/.hidden.glb"]

@@ -19,11 +19,16 @@ from pipeline.config import LocalSourceConfig
 from rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
 # Files that belong to another asset (materials, textures, buffers) are never assets themselves.
-SIDECAR_SUFFIXES = {
+_SIDECAR_SUFFIXES = {
     ".mtl", ".bin", ".png", ".jpg", ".jpeg", ".ktx2", ".webp", ".tga", ".bmp", ".tif", ".tiff", ".gif",
     ".exr", ".hdr", ".dds", ".basis",
 }
 _ARCHIVES = {".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz"}
+
+
+def _is_candidate(path: Path) -> bool:
+    """A file, or a dangling symlink (it becomes a "file not found" row, not nothing)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def _static_prefix(pattern: Path) -> Path:
@@ -52,14 +57,13 @@ class LocalSource:
         path = Path(item).expanduser()
         if path.is_dir():
             pattern = "**/*" if self.cfg.recursive else "*"
-            # dangling symlinks are kept: they become a "file not found" row, not nothing
-            return [(p, path) for p in path.glob(pattern) if p.is_file() or (p.is_symlink() and not p.exists())]
+            return [(p, path) for p in path.glob(pattern) if _is_candidate(p)]
         if path.is_file():
             return [(path, path.parent)]
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
         if not matches:
             raise FileNotFoundError(f"input '{item}' matches no file or folder")
-        return [(p, _static_prefix(path)) for p in matches if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES]
+        return [(p, _static_prefix(path)) for p in matches if _is_candidate(p) and p.suffix.lower() not in _SIDECAR_SUFFIXES]
 
     def _unsupported(self, rel: str, suffix: str) -> str:
         supported = ", ".join(sorted(e.lstrip(".") for e in self.extensions))
@@ -93,7 +97,7 @@ class LocalSource:
                                      {"name": file.stem, "root": os.path.abspath(root)})
                 if suffix in self.extensions:
                     records.setdefault(key, record)
-                elif named or suffix not in SIDECAR_SUFFIXES:
+                elif named or suffix not in _SIDECAR_SUFFIXES:
                     filtered.setdefault(key, FilteredRecord(record, "unsupported_format", self._unsupported(rel, suffix)))
         return list(records.values()), list(filtered.values())
 
