@@ -206,10 +206,14 @@ def train_backview(
 
 @generate_app.command("backview")
 def generate_backview_cmd(
-    image: Annotated[Path, typer.Option("--image", help="Front view (PNG/JPEG; alpha is composited on white).")],
+    image: Annotated[list[Path], typer.Option("--image", help="Front view (PNG/JPEG; alpha is composited on white); "
+                                              "repeat for several (the model loads once).")],
     lora: Annotated[Optional[Path], typer.Option("--lora", help="Exported LoRA folder (<run>/lora); without it, --model alone.")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="A back-view component, e.g. 'two shoulder straps'.")] = None,
-    output: Annotated[Path, typer.Option("--output", help="Where to write the back view.")] = Path("back.png"),
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="A back-view component, e.g. 'two shoulder straps': one for all images, or one per --image "
+        "in order ('' = none).")] = None,
+    output: Annotated[Path, typer.Option("--output", help="Where to write the back view; with several --image, a "
+                                         "folder receiving <front name>.png.")] = Path("back.png"),
     model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
     cfg_scale: Annotated[float, typer.Option(help="True CFG scale (1 = off).")] = 4.0,
@@ -218,15 +222,30 @@ def generate_backview_cmd(
 ) -> None:
     """Generate the back view of an object from its front view (+ an optional description)."""
     _quiet_libraries()
-    from training.generate import generate_backview
+    from training.generate import generate_backviews
 
+    prompts = [p or None for p in (prompt or [None])]
+    if len(prompts) == 1:
+        prompts = prompts * len(image)
+    if len(prompts) != len(image):
+        err.print(f"[red]error:[/] {len(prompt or [])} --prompt for {len(image)} --image: give one, or one per image")
+        raise typer.Exit(2)
+    if len(image) == 1:
+        outputs = [output]
+    else:
+        names = [p.stem for p in image]
+        if len(set(names)) != len(names):
+            err.print("[red]error:[/] several --image share a file name; their back views would overwrite each other")
+            raise typer.Exit(2)
+        outputs = [output / f"{name}.png" for name in names]
     try:
-        path = generate_backview(image, output, lora, prompt=prompt, model=model, image_size=size, steps=steps,
-                                 seed=seed, cfg_scale=cfg_scale)
+        paths = generate_backviews(image, outputs, lora, prompts, model=model, image_size=size, steps=steps,
+                                   seed=seed, cfg_scale=cfg_scale)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
-    out.print(f"back view -> {path}")
+    for path in paths:
+        out.print(f"back view -> {path}")
 
 
 def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str], address: Optional[str],

@@ -298,6 +298,19 @@ class TrainDataConfig(_Strict):
         default=0.5, ge=0, le=1, description="p: chance that a description is appended to the instruction."
     )
     instruction: str = DEFAULT_INSTRUCTION
+    keys: list[str] = Field(
+        default_factory=list, description="Train only on these sample keys ('<asset>/<pair>'); empty = all."
+    )
+    max_pairs: int | None = Field(
+        default=None, ge=1, description="Train only on the first N pairs (shard order, after `keys`); overfit checks."
+    )
+    max_pairs_per_asset: int | None = Field(
+        default=None, ge=1, description="At most N pairs of each asset (applied before max_pairs): 1 = distinct objects."
+    )
+    validation_split: Literal["val", "train"] = Field(
+        default="val", description="Where validation pairs come from; 'train' = the training selection itself "
+        "(overfit checks: the grid shows what the model memorized)."
+    )
 
 
 class FlowConfig(_Strict):
@@ -313,6 +326,10 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = Field(default=100, ge=0)
+    decay: Literal["constant", "cosine"] = Field(
+        default="constant", description="After warmup: keep lr, or cosine-decay it to min_lr_ratio·lr at max_steps."
+    )
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
 
 

@@ -489,7 +489,10 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
 # --------------------------------------------------------------------------- back views
 
 
-def _backview_task(uid: str, pred: str, gt: str, cfg_json: str) -> dict:
+def _backview_task(uid: str, pred: str, gt: str, cfg_json: str, front: str | None = None) -> dict:
+    """Metrics of one generated back view; with the front view (``--images``) also the
+    front-as-prediction baseline (``baseline_front_psnr``/``_ssim``): what a model that
+    learned nothing about backs, and returned its input, would score."""
     from evaluation.images import ImageError, compare_images, load_rgb
 
     cfg = EvalConfig.model_validate_json(cfg_json)
@@ -498,8 +501,12 @@ def _backview_task(uid: str, pred: str, gt: str, cfg_json: str) -> dict:
     try:
         p = load_rgb(Path(pred), cfg.images.background, cfg.images.max_pixels)
         g = load_rgb(Path(gt), cfg.images.background, cfg.images.max_pixels)
+        f = load_rgb(Path(front), cfg.images.background, cfg.images.max_pixels) if front else None
         stage = "metrics"
         result["backview"] = compare_images(p, g, _lpips_for(cfg))
+        if f is not None:
+            baseline = compare_images(f, g)
+            result["backview"].update(baseline_front_psnr=baseline["psnr"], baseline_front_ssim=baseline["ssim"])
         result["status"] = "ok"
     except ImageError as exc:
         result.update(status="error", stage=stage, error=str(exc))
@@ -551,7 +558,8 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
         skipped["lpips"] = "disabled (images.lpips=false)"
     output, store = _prepare_output(output, cfg, fresh)
     results: list[dict] = []
-    keys = {uid: inputs_key(str(preds[uid]), str(gts[uid])) for uid in sorted(set(preds) & set(gts))}
+    keys = {uid: inputs_key(str(preds[uid]), str(gts[uid]), str(conds[uid]) if uid in conds else None)
+            for uid in sorted(set(preds) & set(gts))}
     queue = []
     for uid in sorted(keys):
         previous = store.reusable(uid, keys[uid])
@@ -576,7 +584,8 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
     with ray_session(cfg) as ray, _progress() as progress:
         task = ray.remote(num_cpus=1)(_backview_task)
         measure_start = time.perf_counter()
-        run_bounded(ray, lambda uid, _slot: task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json), queue,
+        run_bounded(ray, lambda uid, _slot: task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json,
+                                                       str(conds[uid]) if uid in conds else None), queue,
                  list(range(cfg.ray.concurrency)), finished, progress, "comparing back views")
         measure_seconds = time.perf_counter() - measure_start
     for uid in unmatched["prediction_without_gt"]:

@@ -214,7 +214,7 @@ def test_backviews(tmp_path: Path, ray_local):
                       ("c", (rng.random((48, 48, 3)) * 255).astype(np.uint8))):
         Image.fromarray(gt).save(tmp_path / "gt" / uid / "000.png")
         Image.fromarray(pred).save(tmp_path / "pred" / uid / "000.png")
-        Image.fromarray(gt).save(tmp_path / "front" / uid / "000.png")
+        Image.fromarray(np.ascontiguousarray(gt[:, ::-1])).save(tmp_path / "front" / uid / "000.png")
     Image.fromarray(gt).save(tmp_path / "pred" / "only_pred" / "000.png")
     Image.fromarray(gt).save(tmp_path / "gt" / "corrupt" / "000.png")
     (tmp_path / "pred" / "corrupt" / "000.png").write_bytes(b"\x89PNG broken")
@@ -229,7 +229,15 @@ def test_backviews(tmp_path: Path, ray_local):
     assert 15 < res["b"]["backview"]["psnr"] < 25 and res["c"]["backview"]["ssim"] < res["b"]["backview"]["ssim"] < 1
     assert res["corrupt"]["status"] == "error" and "cannot decode" in res["corrupt"]["error"]
     assert res["only_pred"]["status"] == "missing"
+    # the front view (--images) as the prediction: the baseline a back-view model must beat
+    from evaluation.images import psnr, ssim
+
+    flipped = gt[:, ::-1].astype(np.float64) / 255
+    for uid in ("a", "b", "c"):
+        assert res[uid]["backview"]["baseline_front_psnr"] == pytest.approx(psnr(flipped, gt / 255))
+        assert res[uid]["backview"]["baseline_front_ssim"] == pytest.approx(ssim(flipped, gt / 255))
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["baseline_front_psnr"]["count"] == 3
     assert "no-alexnet.pth" in summary["skipped_metrics"]["lpips"] and "lpips" not in summary["metrics"]
     assert summary["metrics"]["psnr"]["count"] == 3 and summary["errors"] == 1 and summary["missing"] == 1
     html = (out / "report.html").read_text()

@@ -76,3 +76,42 @@ def _png(rgba) -> bytes:
 def test_no_shards_is_an_error():
     with pytest.raises(ValueError, match="no shards"):
         PairStream([], seed=0)
+
+
+def test_keys_select_exactly_those_pairs_every_epoch(shards):
+    wanted = ["s0_3", "s2_7", "s5_0"]
+    stream = PairStream(shards, seed=0, shuffle_buffer=4, keys=wanted)
+    for epoch in range(3):
+        assert sorted(stream.keys(epoch)) == sorted(wanted)
+    # split over ranks: disjoint, complete
+    parts = [list(PairStream(shards, seed=0, rank=r, world_size=2, keys=wanted).keys(0)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(wanted) and not set(parts[0]) & set(parts[1])
+
+
+def test_max_pairs_takes_the_first_pairs_in_shard_order(shards):
+    stream = PairStream(shards, seed=9, shuffle_buffer=8, max_pairs=4)
+    assert sorted(stream.keys(0)) == ["s0_0", "s0_1", "s0_2", "s0_3"] == sorted(stream.keys(7))
+    both = PairStream(shards, seed=0, keys=["s4_1", "s1_2", "s3_3"], max_pairs=2)
+    assert sorted(both.keys(0)) == ["s1_2", "s3_3"]  # keys first, then the first 2 of them in shard order
+    state = StreamState()
+    decoded = list(stream.iterate(state))
+    assert len(decoded) == 4 and decoded[0]["front"].shape == (3, 16, 16) and state.consumed == 4
+
+
+def test_bad_selection_is_a_clear_error(shards):
+    with pytest.raises(ValueError, match="s9_9"):
+        list(PairStream(shards, seed=0, keys=["s0_1", "s9_9"]).keys(0))
+    with pytest.raises(ValueError, match="2 selected pairs cannot feed 3 workers"):
+        list(PairStream(shards, seed=0, rank=0, world_size=3, max_pairs=2).keys(0))
+
+
+def test_max_pairs_per_asset_picks_distinct_objects(tmp_path):
+    url = str(tmp_path / "train-000000.tar")
+    with wds.TarWriter(url) as w:
+        for asset in ("a", "b", "c"):
+            for pair in range(3):
+                w.write({"__key__": f"{asset}_{pair}", "front.png": _png((0, 0, 0, 255)),
+                         "back.png": _png((0, 0, 0, 255)),
+                         "json": json.dumps({"asset_id": asset, "pair_index": pair}).encode()})
+    assert sorted(PairStream([url], seed=0, max_pairs_per_asset=1).keys(0)) == ["a_0", "b_0", "c_0"]
+    assert sorted(PairStream([url], seed=0, max_pairs_per_asset=2, max_pairs=3).keys(0)) == ["a_0", "a_1", "b_0"]

@@ -210,6 +210,44 @@ def test_generate_cli_rejects_bad_inputs(tmp_path: Path):
     assert res.exit_code == 2 and "pytorch_lora_weights.safetensors" in res.output
 
 
+def test_generate_cli_several_images_load_the_model_once(tmp_path: Path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    fronts = []
+    for i, color in enumerate(("red", "blue")):
+        fronts += ["--image", str(tmp_path / f"f{i}.png")]
+        Image.new("RGB", (40, 40), color).save(tmp_path / f"f{i}.png")
+    runner = CliRunner()
+    common = ["generate", "backview", "--model", DEBUG_EDIT_MODEL, "--size", str(SIZE), "--steps", "2",
+              "--output", str(tmp_path / "out"), *fronts]
+    res = runner.invoke(app, [*common, "--prompt", "a handle", "--prompt", ""])
+    assert res.exit_code == 0, res.output
+    backs = sorted((tmp_path / "out").glob("*.png"))
+    assert [b.name for b in backs] == ["f0.png", "f1.png"]
+    assert all(Image.open(b).size == (SIZE, SIZE) for b in backs)
+    res = runner.invoke(app, [*common, "--prompt", "a", "--prompt", "b", "--prompt", "c"])
+    assert res.exit_code == 2 and "3 --prompt for 2 --image" in res.output
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "sub" / "f0.png")
+    res = runner.invoke(app, [*common, "--image", str(tmp_path / "sub" / "f0.png")])
+    assert res.exit_code == 2 and "share a file name" in res.output
+
+
+def test_lr_warmup_then_cosine_decay():
+    from training.backview_train import lr_lambda
+
+    constant = lr_lambda(4)
+    assert [constant(s) for s in (0, 1, 3, 4, 1000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = lr_lambda(4, "cosine", total=104, min_ratio=0.1)
+    assert cosine(0) == 0.25 and cosine(4) == pytest.approx(1.0)
+    assert cosine(54) == pytest.approx(0.55) and cosine(104) == pytest.approx(0.1) == cosine(500)
+    values = [cosine(s) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
 def test_stochastic_prompts_in_training_follow_p():
     """The per-step prompt generators of training give descriptions at rate p."""
     from training.prompting import stochastic_prompt
@@ -270,3 +308,20 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
                                                        cache=folder)
     assert used == used_cached and used[1] in comps[1]
     torch.testing.assert_close(per_cached, per_direct, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_cache_folder_follows_the_weights_not_just_the_name(tmp_path: Path):
+    """A rebuilt or edited model behind the same name must not reuse stale latents/prompt embeddings."""
+    from training.latent_cache import cache_folder
+
+    model = tmp_path / "model"
+    (model / "vae").mkdir(parents=True)
+    (model / "model_index.json").write_text('{"a": 1}')
+    (model / "vae" / "config.json").write_text('{"z_dim": 16}')
+    cfg = _cfg(model__name=str(model))
+    first = cache_folder(cfg)
+    assert cache_folder(cfg) == first
+    (model / "vae" / "config.json").write_text('{"z_dim": 8}')
+    assert cache_folder(cfg) != first
+    tiny = cache_folder(_cfg(model__name=DEBUG_EDIT_MODEL))
+    assert tiny != cache_folder(_cfg(model__name="debug:small-qwen-image-edit")) and tiny != first

@@ -99,8 +99,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def warmup_lambda(warmup: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_lambda(warmup: int, decay: str = "constant", total: int = 1, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """The lr multiplier of optimizer step ``step``: linear warmup, then constant or cosine decay
+    to ``min_ratio`` at step ``total``."""
+    import math
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 class Batcher:
@@ -212,9 +224,14 @@ def validation_grid(model: EditModel, samples: list[dict], cfg: TrainBackviewCon
 
 
 def _load_validation(cfg: TrainBackviewConfig, urls: list[str]) -> list[dict]:
+    """The first ``num_validation`` pairs of the validation shards, or of the training selection
+    when ``data.validation_split`` is 'train'."""
     if not urls:
         return []
-    stream = PairStream(urls, seed=cfg.seed, shuffle_buffer=1, image_size=cfg.data.image_size)
+    d = cfg.data
+    selection = ({"keys": d.keys, "max_pairs": d.max_pairs, "max_pairs_per_asset": d.max_pairs_per_asset}
+                 if d.validation_split == "train" else {})
+    stream = PairStream(urls, seed=cfg.seed, shuffle_buffer=1, image_size=d.image_size, **selection)
     out = []
     for sample in stream.iterate(StreamState()):
         out.append(sample)
@@ -281,7 +298,8 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
 
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        cfg.optim.warmup_steps, cfg.optim.decay, cfg.schedule.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(
         model=transformer, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, env.world_size, bf16), dist_init_required=False,
@@ -290,10 +308,15 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     train_urls, data_digest = resolve_shards(cfg.data.shards, "train")
     if not train_urls:
         raise ValueError(f"no training shards in {cfg.data.shards}")
-    val_urls = (resolve_shards(cfg.data.val_shards, "val")[0] if cfg.data.val_shards
-                else resolve_shards(cfg.data.shards, "val")[0])
+    if cfg.data.validation_split == "train":
+        val_urls = train_urls
+    else:
+        val_urls = (resolve_shards(cfg.data.val_shards, "val")[0] if cfg.data.val_shards
+                    else resolve_shards(cfg.data.shards, "val")[0])
     stream = PairStream(train_urls, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                        shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size, decode=cache is None)
+                        shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size, decode=cache is None,
+                        keys=cfg.data.keys, max_pairs=cfg.data.max_pairs,
+                        max_pairs_per_asset=cfg.data.max_pairs_per_asset)
 
     step, state, run_id = 0, StreamState(), None
     if env.resume_from is not None:
@@ -398,6 +421,9 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                     "model": cfg.model.name, "revision": cfg.model.revision, "image_size": cfg.data.image_size,
                     "instruction": cfg.data.instruction, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                     "steps": step, "data_digest": data_digest,
+                    # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
+                    "trained_on": ([s["__key__"] for s in stream.selection()]
+                                   if stream.selective else None),
                 })
                 tracker.log_artifact(lora_dir, "lora")
         status = "FINISHED"

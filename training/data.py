@@ -82,6 +82,9 @@ class PairStream:
         self, urls: list[str], seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256,
         image_size: int | None = None,
         decode: bool = True,
+        keys: list[str] | None = None,
+        max_pairs: int | None = None,
+        max_pairs_per_asset: int | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -90,14 +93,48 @@ class PairStream:
         self.shuffle_buffer = shuffle_buffer
         self.image_size = image_size
         self.decode = decode  # False: keys and descriptions only (training from a latent cache)
+        self.keys_wanted = set(keys or ())
+        self.max_pairs = max_pairs
+        self.max_pairs_per_asset = max_pairs_per_asset
+
+    @property
+    def selective(self) -> bool:
+        return bool(self.keys_wanted or self.max_pairs or self.max_pairs_per_asset)
 
     def keys(self, epoch: int) -> Iterator[str]:
         """Sample keys in this rank's order for ``epoch`` (no image decoding)."""
         for sample in self._ordered(epoch):
             yield sample["__key__"]
 
+    def selection(self) -> list[dict]:
+        """The selected pairs, in shard order, undecoded: those in ``keys`` (all when empty), at
+        most ``max_pairs_per_asset`` per asset, then the first ``max_pairs``. Computed once."""
+        if getattr(self, "_selection", None) is None:
+            found = [s for s in _raw_samples(sorted(self.urls))
+                     if not self.keys_wanted or s["__key__"] in self.keys_wanted]
+            missing = self.keys_wanted - {s["__key__"] for s in found}
+            if missing:
+                raise ValueError(f"data.keys not in the training shards: {', '.join(sorted(missing)[:5])}")
+            if self.max_pairs_per_asset:
+                per_asset: dict[str, int] = {}
+                kept = []
+                for s in found:
+                    asset = json.loads(s["json"])["asset_id"]
+                    per_asset[asset] = per_asset.get(asset, 0) + 1
+                    if per_asset[asset] <= self.max_pairs_per_asset:
+                        kept.append(s)
+                found = kept
+            self._selection = found[: self.max_pairs] if self.max_pairs else found
+        return self._selection
+
     def _ordered(self, epoch: int) -> Iterator[dict]:
         rng = random.Random(f"samples:{self.seed}:{epoch}:{self.rank}")
+        if self.selective:  # a small selection, held in memory
+            chosen = self.selection()
+            if len(chosen) < self.world_size:
+                raise ValueError(f"{len(chosen)} selected pairs cannot feed {self.world_size} workers")
+            mine = chosen[self.rank::self.world_size]
+            return _shuffled(iter(mine), self.shuffle_buffer, rng)
         if len(self.urls) >= self.world_size:
             urls = shards_for(self.urls, self.seed, epoch, self.rank, self.world_size)
             return _shuffled(_raw_samples(urls), self.shuffle_buffer, rng)

@@ -70,21 +70,29 @@ def generate(
     return (np.asarray(out, np.float32).transpose(2, 0, 1) * 2.0) - 1.0
 
 
-def generate_backview(
-    image: Path,
-    output: Path,
+def generate_backview(image: Path, output: Path, lora: Path | None, prompt: str | None = None, **options) -> Path:
+    """One front view -> one back view PNG; ``options`` as in :func:`generate_backviews`."""
+    return generate_backviews([image], [output], lora, [prompt], **options)[0]
+
+
+def generate_backviews(
+    images: list[Path],
+    outputs: list[Path],
     lora: Path | None,
-    prompt: str | None = None,
+    prompts: list[str | None],
     model: str | None = None,
     image_size: int | None = None,
     steps: int = 28,
     seed: int = 0,
     cfg_scale: float = 4.0,
     device: str | None = None,
-) -> Path:
-    """CLI body: base model (from the LoRA's metadata unless given) + LoRA -> back view PNG.
-
-    Without a LoRA the base model alone generates (``model`` is then required)."""
+) -> list[Path]:
+    """CLI body: base model (from the LoRA's metadata unless given) + LoRA, loaded once -> one
+    back view PNG per front view (``prompts[i]`` describes image i's back; None = no description).
+    Every input is checked before the model loads. Without a LoRA the base model alone generates
+    (``model`` is then required)."""
+    if not (len(images) == len(outputs) == len(prompts)) or not images:
+        raise ValueError(f"{len(images)} images, {len(outputs)} outputs and {len(prompts)} prompts: need equal, >= 1")
     meta = read_lora_meta(lora) if lora else {}
     model = model or meta.get("model")
     if not model and lora is None:
@@ -93,14 +101,18 @@ def generate_backview(
         raise ValueError(f"no base model: pass --model ({lora} has no {LORA_META} naming the model it was trained on)")
     size = image_size or int(meta.get("image_size", 512))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    front = load_front(image, size)
+    fronts = [load_front(image, size) for image in images]
     pipe = load_pipeline(model, dtype=torch_dtype("auto", dev)).to(dev)
     pipe.set_progress_bar_config(disable=True)
     if lora:
         pipe.load_lora_weights(str(lora))
     instruction = meta.get("instruction", DEFAULT_INSTRUCTION)
-    back = generate(pipe, front, build_prompt(prompt, instruction), size, steps=steps, seed=seed, cfg_scale=cfg_scale)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(back).save(output)
-    return output
+    written = []
+    for front, prompt, output in zip(fronts, prompts, outputs):
+        back = generate(pipe, front, build_prompt(prompt, instruction), size, steps=steps, seed=seed,
+                        cfg_scale=cfg_scale)
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(back).save(output)
+        written.append(output)
+    return written

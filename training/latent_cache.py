@@ -25,8 +25,29 @@ from training.data import decode_image
 from training.prompting import prompt_variants
 
 
+def model_identity(name: str) -> str:
+    """What identifies the encoders' weights behind a model name: for ``debug:`` models the cached
+    build folder (its name carries the build tag), for local folders the bytes of every config
+    file and the size and mtime of every weight file; hub ids are identified by name + revision."""
+    from training.edit_model import resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return name
+    parts = [str(path.resolve())]
+    for f in sorted(path.rglob("*")):
+        if f.suffix == ".json":
+            parts.append(f"{f.relative_to(path)}:{hashlib.sha256(f.read_bytes()).hexdigest()}")
+        elif f.suffix == ".safetensors":
+            st = f.stat()
+            parts.append(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
 def cache_folder(cfg: TrainBackviewConfig) -> Path:
-    tag = hashlib.sha256(json.dumps([cfg.model.name, cfg.model.revision, cfg.data.image_size,
+    """Keyed by the encoders' identity, resolution and instruction: a rebuilt debug model or
+    changed local weights get a new folder instead of stale latents."""
+    tag = hashlib.sha256(json.dumps([model_identity(cfg.model.name), cfg.model.revision, cfg.data.image_size,
                                      cfg.data.instruction]).encode()).hexdigest()[:12]
     root = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output) / "latent_cache"
     return root / tag
@@ -109,6 +130,13 @@ def build_cache(cfg: TrainBackviewConfig, urls: list[str], ray) -> dict[str, int
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = cfg.cache.num_gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items([{"url": u} for u in urls]).flat_map(_shard_rows)
+    if cfg.data.keys or cfg.data.max_pairs or cfg.data.max_pairs_per_asset:  # a subset trains: encode only it
+        from training.data import PairStream
+
+        stream = PairStream(urls, cfg.seed, keys=cfg.data.keys, max_pairs=cfg.data.max_pairs,
+                            max_pairs_per_asset=cfg.data.max_pairs_per_asset)
+        wanted = {s["__key__"] for s in stream.selection()}
+        ds = ds.filter(lambda row: row["key"] in wanted)
     ds = ds.map_batches(LatentEncoder, fn_constructor_args=(cfg.model_dump_json(),), batch_size=cfg.cache.batch_size,
                         concurrency=cfg.cache.concurrency, num_gpus=gpus, batch_format="numpy")
     counts: dict[str, int] = {}
