@@ -96,6 +96,7 @@ class PairStream:
         self.keys_wanted = set(keys or ())
         self.max_pairs = max_pairs
         self.max_pairs_per_asset = max_pairs_per_asset
+        self._selection: list[dict] | None = None
 
     @property
     def selective(self) -> bool:
@@ -108,23 +109,26 @@ class PairStream:
 
     def selection(self) -> list[dict]:
         """The selected pairs, in shard order, undecoded: those in ``keys`` (all when empty), at
-        most ``max_pairs_per_asset`` per asset, then the first ``max_pairs``. Computed once."""
-        if getattr(self, "_selection", None) is None:
-            found = [s for s in _raw_samples(sorted(self.urls))
-                     if not self.keys_wanted or s["__key__"] in self.keys_wanted]
-            missing = self.keys_wanted - {s["__key__"] for s in found}
-            if missing:
-                raise ValueError(f"data.keys not in the training shards: {', '.join(sorted(missing)[:5])}")
-            if self.max_pairs_per_asset:
-                per_asset: dict[str, int] = {}
-                kept = []
-                for s in found:
+        most ``max_pairs_per_asset`` per asset, then the first ``max_pairs``. One streaming pass
+        that stops once the selection is complete; computed once."""
+        if self._selection is None:
+            kept: list[dict] = []
+            per_asset: dict[str, int] = {}
+            for s in _raw_samples(sorted(self.urls)):
+                if self.keys_wanted and s["__key__"] not in self.keys_wanted:
+                    continue
+                if self.max_pairs_per_asset:
                     asset = json.loads(s["json"])["asset_id"]
                     per_asset[asset] = per_asset.get(asset, 0) + 1
-                    if per_asset[asset] <= self.max_pairs_per_asset:
-                        kept.append(s)
-                found = kept
-            self._selection = found[: self.max_pairs] if self.max_pairs else found
+                    if per_asset[asset] > self.max_pairs_per_asset:
+                        continue
+                kept.append(s)
+                if self.max_pairs and len(kept) == self.max_pairs:
+                    break
+            missing = self.keys_wanted - {s["__key__"] for s in kept}
+            if missing and not (self.max_pairs and len(kept) == self.max_pairs):
+                raise ValueError(f"data.keys not in the training shards: {', '.join(sorted(missing)[:5])}")
+            self._selection = kept
         return self._selection
 
     def _ordered(self, epoch: int) -> Iterator[dict]:
