@@ -21,8 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
-from pipeline.config import AnnotateConfig
+from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
+from know3d.pipeline.config import AnnotateConfig
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -60,7 +60,9 @@ class OpenAIAnnotator:
         self.max_in_flight = 0
         self._in_flight = 0
 
-    async def _post(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, messages: list[dict]) -> tuple[str, int]:
+    async def _post(
+        self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, messages: list[dict]
+    ) -> tuple[str, int]:
         payload = {
             "model": self.api.model,
             "messages": messages,
@@ -85,7 +87,7 @@ class OpenAIAnnotator:
                             raise RequestFailed(f"{last}: {(await resp.text())[:200]}")
                         header = resp.headers.get("Retry-After")
                         retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
-                except (asyncio.TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                     last = f"{type(exc).__name__}"
                 except (KeyError, IndexError, TypeError, ValueError) as exc:
                     last = f"malformed response ({type(exc).__name__})"
@@ -96,16 +98,20 @@ class OpenAIAnnotator:
                 await asyncio.sleep(min(delay, 60.0) * (1.0 + 0.1 * random.random()))
         raise RequestFailed(f"{last} after {self.api.max_attempts} attempts")
 
-    async def _annotate_one(self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, req: PairRequest) -> dict[str, Any]:
+    async def _annotate_one(
+        self, session: aiohttp.ClientSession, sem: asyncio.Semaphore, req: PairRequest
+    ) -> dict[str, Any]:
         start = time.perf_counter()
-        messages: list[dict] = [{
-            "role": "user",
-            "content": [
-                {"type": "text", "text": build_prompt(self.cfg, req.hint)},
-                {"type": "image_url", "image_url": {"url": _data_url(req.front_png)}},
-                {"type": "image_url", "image_url": {"url": _data_url(req.back_png)}},
-            ],
-        }]
+        messages: list[dict] = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": build_prompt(self.cfg, req.hint)},
+                    {"type": "image_url", "image_url": {"url": _data_url(req.front_png)}},
+                    {"type": "image_url", "image_url": {"url": _data_url(req.back_png)}},
+                ],
+            }
+        ]
         tokens, raw, error, attempts = 0, "", "", 0
         for attempt in range(self.cfg.max_retries + 1):
             try:

@@ -101,6 +101,7 @@ def describe_pair(
     front, back = summary["pairs"][pair_index]
     num_pixels = summary["resolution"] ** 2
     body = main_body(pixels) if skip_body else None
-    names = back_parts(pixels[front], pixels[back], num_pixels, min_fraction, back_ratio,
-                       frozenset([body]) if body else frozenset())
+    names = back_parts(
+        pixels[front], pixels[back], num_pixels, min_fraction, back_ratio, frozenset([body]) if body else frozenset()
+    )
     return part_phrases(names)[:max_items]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.shards import iter_samples, iter_shard_keys
+from know3d.pipeline.shards import iter_samples, iter_shard_keys
 
 _STATUS_COLOUR = {"ok": "#2e7d32", "repaired": "#f9a825", "annotation_failed": "#c62828", "no_parts": "#757575"}
 
@@ -49,10 +49,10 @@ def write_gallery(shards: list[Path], out: Path, num_samples: int, seed: int = 0
             f'<div class="card"><div class="imgs"><img src="{_thumb(s["front.png"], thumb)}" title="front">'
             f'<img src="{_thumb(s["back.png"], thumb)}" title="back"></div>'
             f'<div class="meta"><b>{title}</b> pair {meta["pair_index"]} '
-            f'(front {meta["front_camera"]["azimuth_deg"]:.0f}°, back {meta["back_camera"]["azimuth_deg"]:.0f}°)'
+            f"(front {meta['front_camera']['azimuth_deg']:.0f}°, back {meta['back_camera']['azimuth_deg']:.0f}°)"
             f'<br><span class="status" style="background:{_STATUS_COLOUR.get(status, "#555")}">{html.escape(status)}</span> '
-            f'{html.escape(str(annotation.get("backend", "")))} {html.escape(str(annotation.get("model", "")))} '
-            f'{html.escape(str(annotation.get("prompt_version", "")))}<ul>{items}</ul>{raw_html}</div></div>'
+            f"{html.escape(str(annotation.get('backend', '')))} {html.escape(str(annotation.get('model', '')))} "
+            f"{html.escape(str(annotation.get('prompt_version', '')))}<ul>{items}</ul>{raw_html}</div></div>"
         )
     summary = ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(counts.items()))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>know3d annotation review</title>
@@ -62,7 +62,7 @@ def write_gallery(shards: list[Path], out: Path, num_samples: int, seed: int = 0
 .imgs img{{width:{thumb}px;height:{thumb}px;object-fit:contain;border:1px solid #eee;margin-right:4px}}
 .status{{color:#fff;border-radius:3px;padding:1px 6px;font-size:12px}} ul{{margin:4px 0 0 18px}}
 pre{{white-space:pre-wrap;font-size:11px}}</style></head><body>
-<h2>Annotation review — {len(samples)} pairs</h2><p>{summary}</p><div class="grid">{''.join(cards)}</div></body></html>"""
+<h2>Annotation review — {len(samples)} pairs</h2><p>{summary}</p><div class="grid">{"".join(cards)}</div></body></html>"""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return len(samples)

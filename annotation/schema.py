@@ -60,7 +60,7 @@ def parse_components(raw: str, max_chars: int = 20_000) -> Parsed:
         value, _ = _load_list(cleaned)
         if value is not None:
             return Parsed(_strings(value), repaired=True)
-    raise AnnotationError("the answer must be a JSON list of strings, e.g. [\"a curved handle\"]")
+    raise AnnotationError('the answer must be a JSON list of strings, e.g. ["a curved handle"]')
 
 
 def _strings(value: list) -> list[str]:
@@ -84,9 +84,7 @@ def validate_components(items: list[str], max_items: int, max_words: int) -> lis
         if len(phrase.split()) > max_words:
             raise AnnotationError(f"'{phrase}' has {len(phrase.split())} words; use at most {max_words} words")
         if _FORBIDDEN.search(phrase):
-            raise AnnotationError(
-                f"'{phrase}' talks about the picture; describe only parts of the object itself"
-            )
+            raise AnnotationError(f"'{phrase}' talks about the picture; describe only parts of the object itself")
         out.append(phrase)
     if not out:
         raise AnnotationError("the list is empty; name at least one component")

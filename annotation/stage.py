@@ -14,15 +14,16 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from annotation.parts import describe_pair
-from pipeline.config import AnnotateConfig
-from rendering.assets import describe_exception
-from rendering.process import asset_dir, usable_pairs
+from know3d.annotation.parts import describe_pair
+from know3d.pipeline.config import AnnotateConfig
+from know3d.rendering.assets import describe_exception
+from know3d.rendering.process import asset_dir, usable_pairs
 
 
 def _sha(data: bytes) -> str:
@@ -36,10 +37,10 @@ def model_name(cfg: AnnotateConfig) -> str:
 def local_runner(cfg: AnnotateConfig) -> Callable[[list], list[dict]]:
     """The VLM backend in this process (the build distributes it over Ray actors instead)."""
     if cfg.backend == "openai":
-        from annotation.openai_backend import OpenAIAnnotator
+        from know3d.annotation.openai_backend import OpenAIAnnotator
 
         return OpenAIAnnotator(cfg).annotate
-    from annotation.transformers_backend import TransformersAnnotator
+    from know3d.annotation.transformers_backend import TransformersAnnotator
 
     return TransformersAnnotator(cfg).annotate
 
@@ -88,8 +89,9 @@ def _prepare_pair(summary: dict, pair_index: int, work: Path, cfg: AnnotateConfi
     key = cache_key(_sha(front_png), _sha(back_png), cfg)
 
     def parts() -> list[str]:
-        return describe_pair(summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio, cfg.max_items,
-                             cfg.parts_skip_body)
+        return describe_pair(
+            summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio, cfg.max_items, cfg.parts_skip_body
+        )
 
     def job() -> Any:
         if cfg.backend == "parts":
@@ -140,11 +142,15 @@ def annotate_assets(
                 pending.append((key, job()))
                 waiting[key] = [ident]
             except Exception as exc:  # noqa: BLE001
-                records[ident] = {"components": [], "status": "annotation_failed", "backend": cfg.backend,
-                                  "error": f"pair {pair_index}: {describe_exception(exc)}"}
+                records[ident] = {
+                    "components": [],
+                    "status": "annotation_failed",
+                    "backend": cfg.backend,
+                    "error": f"pair {pair_index}: {describe_exception(exc)}",
+                }
 
     if cfg.backend in ("openai", "transformers") and pending:
-        from annotation.openai_backend import PairRequest
+        from know3d.annotation.openai_backend import PairRequest
 
         run = runner or local_runner(cfg)
         results = run([PairRequest(key, *payload) for key, payload in pending])
@@ -177,4 +183,3 @@ def annotate_assets(
         tokens = sum(r.get("completion_tokens", 0) for r in fresh)
         metrics["annotate.tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
     return records, metrics
-

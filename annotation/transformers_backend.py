@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from annotation.openai_backend import PairRequest, build_prompt
-from annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
-from pipeline.config import AnnotateConfig
+from know3d.annotation.openai_backend import PairRequest, build_prompt
+from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
+from know3d.pipeline.config import AnnotateConfig
 
 
 def _rgb(png: bytes) -> Image.Image:
@@ -42,13 +42,18 @@ class TransformersAnnotator:
             from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
             cuda = torch.cuda.is_available()
-            dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-                     "float16": torch.float16, "float32": torch.float32}[self.tcfg.dtype]
+            dtype = {
+                "auto": torch.bfloat16 if cuda else torch.float32,
+                "bfloat16": torch.bfloat16,
+                "float16": torch.float16,
+                "float32": torch.float32,
+            }[self.tcfg.dtype]
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 self.tcfg.model, revision=self.tcfg.revision, dtype=dtype, use_safetensors=True
             ).to("cuda" if cuda else "cpu")
             processor = AutoProcessor.from_pretrained(
-                self.tcfg.model, revision=self.tcfg.revision,
+                self.tcfg.model,
+                revision=self.tcfg.revision,
                 size={"shortest_edge": self.tcfg.min_pixels, "longest_edge": self.tcfg.max_pixels},
             )
         self.model = model.eval()
@@ -58,7 +63,9 @@ class TransformersAnnotator:
     def _generate(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> tuple[list[str], int]:
         import torch
 
-        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        texts = [
+            self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
+        ]
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.tcfg.max_new_tokens, do_sample=False)
@@ -72,8 +79,16 @@ class TransformersAnnotator:
         start = time.perf_counter()
         images = [[_rgb(r.front_png), _rgb(r.back_png)] for r in requests]
         conversations: list[list[dict]] = [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                          {"type": "text", "text": build_prompt(self.cfg, r.hint)}]}]
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "image"},
+                        {"type": "text", "text": build_prompt(self.cfg, r.hint)},
+                    ],
+                }
+            ]
             for r in requests
         ]
         results: list[dict[str, Any] | None] = [None] * len(requests)

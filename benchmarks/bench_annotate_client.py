@@ -18,7 +18,7 @@ import socket
 import time
 
 
-def serve(port: int, ready: "mp.synchronize.Event") -> None:
+def serve(port: int, ready: mp.synchronize.Event) -> None:
     from aiohttp import web
 
     async def handle(request: web.Request) -> web.Response:
@@ -48,8 +48,8 @@ def main() -> None:
 
     from PIL import Image
 
-    from annotation.openai_backend import OpenAIAnnotator, PairRequest
-    from pipeline.config import AnnotateConfig
+    from know3d.annotation.openai_backend import OpenAIAnnotator, PairRequest
+    from know3d.pipeline.config import AnnotateConfig
 
     port = free_port()
     ready = mp.get_context("spawn").Event()
@@ -72,16 +72,19 @@ def main() -> None:
     try:
         print(f"# {args.requests} requests per setting, local server answering instantly, 2 x {len(png)} B PNG each")
         for concurrency in args.concurrency:
-            cfg = AnnotateConfig(backend="openai", openai={"base_url": f"http://127.0.0.1:{port}/v1",
-                                                           "concurrency": concurrency})
+            cfg = AnnotateConfig(
+                backend="openai", openai={"base_url": f"http://127.0.0.1:{port}/v1", "concurrency": concurrency}
+            )
             annotator = OpenAIAnnotator(cfg)
             requests = [PairRequest(f"k{i}", png, png) for i in range(args.requests)]
             start = time.perf_counter()
             results = annotator.annotate(requests)
             elapsed = time.perf_counter() - start
             assert all(r["status"] == "ok" for r in results)
-            print(f"concurrency {concurrency:>3}: {args.requests / elapsed:8.1f} requests/s "
-                  f"(max in flight {annotator.max_in_flight})")
+            print(
+                f"concurrency {concurrency:>3}: {args.requests / elapsed:8.1f} requests/s "
+                f"(max in flight {annotator.max_in_flight})"
+            )
     finally:
         server.terminate()
         server.join(5)

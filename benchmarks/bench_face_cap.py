@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = {
     "ingest": (
-        "from pipeline.config import LoadConfig\n"
-        "from rendering.assets import AssetFiltered, inspect_asset\n"
+        "from know3d.pipeline.config import LoadConfig\n"
+        "from know3d.rendering.assets import AssetFiltered, inspect_asset\n"
         "try:\n    inspect_asset(path, LoadConfig())\n    outcome = 'kept'\n"
         "except AssetFiltered as exc:\n    outcome = str(exc)\n"
     ),
@@ -49,9 +49,11 @@ def write_ply(path: Path, num_faces: int) -> None:
     tris = tris[:num_faces]
     face = np.zeros(len(tris), dtype=[("n", "u1"), ("i", "<i4", (3,))])
     face["n"], face["i"] = 3, tris
-    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\nproperty float x\n"
-              f"property float y\nproperty float z\nelement face {len(tris)}\n"
-              "property list uchar int vertex_indices\nend_header\n")
+    header = (
+        f"ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\nproperty float x\n"
+        f"property float y\nproperty float z\nelement face {len(tris)}\n"
+        "property list uchar int vertex_indices\nend_header\n"
+    )
     with open(path, "wb") as fh:
         fh.write(header.encode())
         fh.write(verts.astype("<f4").tobytes())
@@ -65,9 +67,18 @@ def measure(mode: str, path: Path) -> dict:
         "print(json.dumps({'seconds': time.perf_counter() - start, 'outcome': outcome,"
         " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
-    base = subprocess.run([sys.executable, "-c", "import resource, trimesh, pipeline.config, rendering.assets;"
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+    base = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource, trimesh, know3d.pipeline.config, know3d.rendering.assets;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["imports_rss_mb"] = float(base.stdout.strip().splitlines()[-1])
@@ -84,11 +95,15 @@ def main() -> None:
     path = folder / f"plane_{args.faces}.ply"
     t0 = time.perf_counter()
     write_ply(path, args.faces)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, {args.faces} faces) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, {args.faces} faces) in {time.perf_counter() - t0:.1f} s"
+    )
     for mode in ("ingest", "parse"):
         r = measure(mode, path)
-        print(f"{mode:>6}: {r['seconds']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
-              f"(imports alone {r['imports_rss_mb']:.0f} MiB) -> {r['outcome']}")
+        print(
+            f"{mode:>6}: {r['seconds']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
+            f"(imports alone {r['imports_rss_mb']:.0f} MiB) -> {r['outcome']}"
+        )
     if args.keep is None:
         path.unlink()
         folder.rmdir()

@@ -28,21 +28,28 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    from pipeline.build import run_build
-    from pipeline.config import load_config
-    from rendering.assets import file_sha256
-    from rendering.isolation import IsolatedRenderer
-    from rendering.sources.procedural import ProceduralSource
+    from know3d.pipeline.build import run_build
+    from know3d.pipeline.config import load_config
+    from know3d.rendering.assets import file_sha256
+    from know3d.rendering.isolation import IsolatedRenderer
+    from know3d.rendering.sources.procedural import ProceduralSource
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
         def config(out: str, workers: int):
-            return load_config(None, [
-                f"output={tmp / out}", "source.kind=procedural", f"source.procedural.num_assets={args.num_assets}",
-                f"render.resolution={args.resolution}", f"ray.render_concurrency={workers}", "ray.num_cpus=2",
-                "mlflow.enabled=false",
-            ])
+            return load_config(
+                None,
+                [
+                    f"output={tmp / out}",
+                    "source.kind=procedural",
+                    f"source.procedural.num_assets={args.num_assets}",
+                    f"render.resolution={args.resolution}",
+                    f"ray.render_concurrency={workers}",
+                    "ray.num_cpus=2",
+                    "mlflow.enabled=false",
+                ],
+            )
 
         cfg = config("seq", 1)
         records, _ = ProceduralSource(cfg.source.procedural, tmp / "assets").discover()
@@ -58,8 +65,10 @@ def main() -> None:
             baseline = time.perf_counter() - t0
         n = len(paths)
         print(f"# {n} procedural assets, 12 views at {args.resolution}^2, 2 cores")
-        print(f"no Ray, 1 process        : {baseline:7.2f} s  {n / baseline:6.2f} assets/s  "
-              f"(renderer start-up {startup:.2f} s excluded)")
+        print(
+            f"no Ray, 1 process        : {baseline:7.2f} s  {n / baseline:6.2f} assets/s  "
+            f"(renderer start-up {startup:.2f} s excluded)"
+        )
         stage = {}
         for workers in (1, 2):
             t0 = time.perf_counter()
@@ -67,11 +76,15 @@ def main() -> None:
             total = time.perf_counter() - t0
             assert summary.num_samples == 6 * n and summary.num_failed == 0
             stage[workers] = summary.metrics["render_s"]
-            print(f"Ray, {workers} render worker(s) : {stage[workers]:7.2f} s  {n / stage[workers]:6.2f} assets/s  "
-                  f"(whole build incl. ray.init: {total:.2f} s)")
+            print(
+                f"Ray, {workers} render worker(s) : {stage[workers]:7.2f} s  {n / stage[workers]:6.2f} assets/s  "
+                f"(whole build incl. ray.init: {total:.2f} s)"
+            )
         print(f"speed-up 2 vs 1 workers  : {stage[1] / stage[2]:.2f}x")
-        print(f"Ray overhead per asset   : {(stage[1] - baseline) / n * 1000:.0f} ms "
-              f"(1 worker vs no Ray, incl. actor + renderer start-up {startup:.2f} s amortized)")
+        print(
+            f"Ray overhead per asset   : {(stage[1] - baseline) / n * 1000:.0f} ms "
+            f"(1 worker vs no Ray, incl. actor + renderer start-up {startup:.2f} s amortized)"
+        )
 
 
 if __name__ == "__main__":

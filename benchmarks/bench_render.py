@@ -28,18 +28,21 @@ def main() -> None:
     parser.add_argument("--backend", choices=["egl", "osmesa"], default="egl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=1)
-    parser.add_argument("--synthetic", action="store_true",
-                        help="also time two TexVerse-like assets: 80k faces with a 2048^2 / 4096^2 JPEG texture")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="also time two TexVerse-like assets: 80k faces with a 2048^2 / 4096^2 JPEG texture",
+    )
     args = parser.parse_args()
 
     os.environ["LP_NUM_THREADS"] = str(args.cores)  # llvmpipe rasterizer threads
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
     warnings.filterwarnings("ignore")
 
-    from pipeline.config import BuildConfig, LoadConfig
-    from rendering.assets import MESH_EXTENSIONS, file_sha256, load_asset
-    from rendering.process import view_plan, write_views
-    from rendering.render import ViewRenderer
+    from know3d.pipeline.config import BuildConfig, LoadConfig
+    from know3d.rendering.assets import MESH_EXTENSIONS, file_sha256, load_asset
+    from know3d.rendering.process import view_plan, write_views
+    from know3d.rendering.render import ViewRenderer
 
     cfg = BuildConfig.model_validate({"render": {"resolution": args.resolution, "backend": args.backend}})
     files = sorted(p for p in args.assets.rglob("*") if p.suffix.lower().lstrip(".") in MESH_EXTENSIONS)
@@ -47,8 +50,10 @@ def main() -> None:
     if args.synthetic:
         files += make_synthetic(Path(synthetic_dir.name))
     renderer = ViewRenderer(args.resolution, args.backend)
-    print(f"# {len(files)} assets, {args.resolution}^2, backend={args.backend}, cores={args.cores}, "
-          f"repeats={args.repeats} (medians)")
+    print(
+        f"# {len(files)} assets, {args.resolution}^2, backend={args.backend}, cores={args.cores}, "
+        f"repeats={args.repeats} (medians)"
+    )
     header = f"{'asset':<26}{'faces':>8}{'load_s':>9}{'gl_s':>8}{'post_s':>8}{'write_s':>9}{'gl views/s':>12}{'all views/s':>13}"
     print(header)
     totals = {"load": 0.0, "gl": 0.0, "post": 0.0, "write": 0.0, "views": 0, "under_100k": []}
@@ -75,8 +80,10 @@ def main() -> None:
             n = len(plan.cameras)
             all_s = med["gl"] + med["post"] + med["write"]
             label = path.relative_to(args.assets).as_posix() if path.is_relative_to(args.assets) else path.name
-            print(f"{label:<26}{asset.num_faces:>8}{med['load']:>9.3f}"
-                  f"{med['gl']:>8.3f}{med['post']:>8.3f}{med['write']:>9.3f}{n / med['gl']:>12.1f}{n / all_s:>13.1f}")
+            print(
+                f"{label:<26}{asset.num_faces:>8}{med['load']:>9.3f}"
+                f"{med['gl']:>8.3f}{med['post']:>8.3f}{med['write']:>9.3f}{n / med['gl']:>12.1f}{n / all_s:>13.1f}"
+            )
             for k in ("load", "gl", "post", "write"):
                 totals[k] += med[k]
             totals["views"] += n
@@ -84,10 +91,14 @@ def main() -> None:
                 totals["under_100k"].append(n / all_s)
     renderer.close()
     n = totals["views"]
-    print(f"{'TOTAL':<26}{'':>8}{totals['load']:>9.3f}{totals['gl']:>8.3f}{totals['post']:>8.3f}"
-          f"{totals['write']:>9.3f}{n / totals['gl']:>12.1f}{n / (totals['gl'] + totals['post'] + totals['write']):>13.1f}")
-    print(f"render (gl+post) / load time: {(totals['gl'] + totals['post']) / totals['load']:.1f}x; "
-          f"slowest asset <100k faces: {min(totals['under_100k']):.1f} views/s (incl. PNG writing)")
+    print(
+        f"{'TOTAL':<26}{'':>8}{totals['load']:>9.3f}{totals['gl']:>8.3f}{totals['post']:>8.3f}"
+        f"{totals['write']:>9.3f}{n / totals['gl']:>12.1f}{n / (totals['gl'] + totals['post'] + totals['write']):>13.1f}"
+    )
+    print(
+        f"render (gl+post) / load time: {(totals['gl'] + totals['post']) / totals['load']:.1f}x; "
+        f"slowest asset <100k faces: {min(totals['under_100k']):.1f} views/s (incl. PNG writing)"
+    )
 
 
 def make_synthetic(folder: Path) -> list[Path]:
@@ -100,12 +111,14 @@ def make_synthetic(folder: Path) -> list[Path]:
     out = []
     for size in (2048, 4096):
         mesh = trimesh.creation.icosphere(subdivisions=6)  # 81,920 faces
-        uv = np.c_[np.arctan2(mesh.vertices[:, 0], mesh.vertices[:, 2]) / (2 * np.pi) + 0.5,
-                   mesh.vertices[:, 1] * 0.5 + 0.5]
+        uv = np.c_[
+            np.arctan2(mesh.vertices[:, 0], mesh.vertices[:, 2]) / (2 * np.pi) + 0.5, mesh.vertices[:, 1] * 0.5 + 0.5
+        ]
         noise = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
         texture = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
         mesh.visual = trimesh.visual.TextureVisuals(
-            uv=uv, material=trimesh.visual.material.PBRMaterial(baseColorTexture=texture))
+            uv=uv, material=trimesh.visual.material.PBRMaterial(baseColorTexture=texture)
+        )
         path = folder / f"synthetic_{size}.glb"
         # embed the texture as JPEG, as most downloaded assets do
         scene = trimesh.Scene(mesh)

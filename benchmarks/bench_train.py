@@ -22,23 +22,37 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_rate(shards: str, workers: int, steps: int, image_size: int, out: Path) -> dict:
-    from pipeline.config import TrainBackviewConfig, load_config
-    from pipeline.train import run_train_backview
+    from know3d.pipeline.config import TrainBackviewConfig, load_config
+    from know3d.pipeline.train import run_train_backview
 
     window = max(steps // 2, 1)
-    cfg = load_config(ROOT / "configs" / "backview_debug.yaml", [
-        f"output={out}", f"data.shards=[{shards}]", f"data.image_size={image_size}", f"schedule.max_steps={steps}",
-        f"schedule.log_every={window}", f"schedule.checkpoint_every={steps}", "schedule.validate_every=0",
-        f"ray.num_workers={workers}", "mlflow.enabled=false",
-    ], model=TrainBackviewConfig)
+    cfg = load_config(
+        ROOT / "configs" / "backview_debug.yaml",
+        [
+            f"output={out}",
+            f"data.shards=[{shards}]",
+            f"data.image_size={image_size}",
+            f"schedule.max_steps={steps}",
+            f"schedule.log_every={window}",
+            f"schedule.checkpoint_every={steps}",
+            "schedule.validate_every=0",
+            f"ray.num_workers={workers}",
+            "mlflow.enabled=false",
+        ],
+        model=TrainBackviewConfig,
+    )
     t0 = time.perf_counter()
     metrics = run_train_backview(cfg, fresh=True)
-    return {"workers": workers, "samples_per_s": metrics["samples_per_s"], "wall_s": time.perf_counter() - t0,
-            "per_worker": metrics["samples_per_s"] / workers}
+    return {
+        "workers": workers,
+        "samples_per_s": metrics["samples_per_s"],
+        "wall_s": time.perf_counter() - t0,
+        "per_worker": metrics["samples_per_s"] / workers,
+    }
 
 
 def loader_rate(shards: str, image_size: int, samples: int) -> float:
-    from training.data import PairStream, StreamState, resolve_shards
+    from know3d.training.data import PairStream, StreamState, resolve_shards
 
     urls, _ = resolve_shards([shards], "train")
     stream = PairStream(urls, seed=0, shuffle_buffer=64, image_size=image_size)
@@ -63,16 +77,20 @@ def main() -> None:
         for workers in (1, 2):
             rows.append(train_rate(shards, workers, args.steps, args.image_size, Path(tmp) / f"w{workers}"))
     loader = loader_rate(shards, args.image_size, args.loader_samples)
-    print(f"tiny model, {args.image_size}², micro-batch 2, ZeRO-2, {args.steps} steps (rate of the last "
-          f"{max(args.steps // 2, 1)} steps)")
+    print(
+        f"tiny model, {args.image_size}², micro-batch 2, ZeRO-2, {args.steps} steps (rate of the last "
+        f"{max(args.steps // 2, 1)} steps)"
+    )
     print("| workers | samples/s | per worker | wall s (incl. start-up) |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['samples_per_s']:.2f} | {r['per_worker']:.2f} | {r['wall_s']:.1f} |")
     print(f"scaling 2 vs 1 workers: {rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x")
     consumed = max(r["per_worker"] for r in rows)
-    print(f"loader: {loader:.1f} samples/s in one process; one worker consumes {consumed:.2f} samples/s "
-          f"-> loader/consumption = {loader / consumed:.1f}x (target >= 10x)")
+    print(
+        f"loader: {loader:.1f} samples/s in one process; one worker consumes {consumed:.2f} samples/s "
+        f"-> loader/consumption = {loader / consumed:.1f}x (target >= 10x)"
+    )
 
 
 if __name__ == "__main__":

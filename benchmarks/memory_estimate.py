@@ -20,18 +20,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import LORA_TARGETS  # noqa: E402
+from know3d.pipeline.config import LORA_TARGETS
 
 # transformer/config.json of Qwen/Qwen-Image-Edit-2511 (diffusers 0.42 field names)
-TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                   num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
-                   axes_dims_rope=(16, 56, 56), zero_cond_t=True)
+TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+    zero_cond_t=True,
+)
 # text_encoder/config.json (Qwen2.5-VL-7B-Instruct)
-TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
-VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-              patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[7, 15, 23, 31],
-              window_size=112)
+TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
+VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    window_size=112,
+)
 GB = 1024**3
 
 
@@ -54,7 +79,11 @@ def build(model_dir: Path | None):
     tcfg = dict(TRANSFORMER)
     if model_dir is not None:
         raw = json.loads((model_dir / "transformer" / "config.json").read_text())
-        tcfg = {k: v for k, v in raw.items() if not k.startswith("_") and k in QwenImageTransformer2DModel.__init__.__code__.co_varnames}
+        tcfg = {
+            k: v
+            for k, v in raw.items()
+            if not k.startswith("_") and k in QwenImageTransformer2DModel.__init__.__code__.co_varnames
+        }
     with torch.device("meta"):
         transformer = QwenImageTransformer2DModel(**tcfg)
         text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION))
@@ -87,20 +116,37 @@ def estimate(args) -> list[dict]:
         optim = p_lora * 12 / (n if stage >= 1 else 1)  # fp32 master + Adam m, v
         frozen_enc = (p_text + p_vae) * 2 if not args.cached_latents else 0
         total = base + lora_params + grads + optim + frozen_enc + acts
-        rows.append({"zero_stage": stage, "mmdit_gb": base / GB, "lora_gb": lora_params / GB, "grads_gb": grads / GB,
-                     "optimizer_gb": optim / GB, "encoders_gb": frozen_enc / GB, "activations_gb": acts / GB,
-                     "total_gb": total / GB})
-    print(f"MMDiT parameters {p_dit / 1e9:.3f} B (hidden {d}, {tcfg['num_layers']} blocks), "
-          f"text encoder {p_text / 1e9:.3f} B, VAE {p_vae / 1e6:.1f} M")
-    print(f"LoRA r={args.rank} on {', '.join(LORA_TARGETS)}: {p_lora / 1e6:.1f} M parameters "
-          f"({100 * p_lora / p_dit:.2f} % of the MMDiT)")
-    print(f"sequence at {args.resolution}²: {img_tokens} target + {img_tokens} reference + {txt_tokens} text tokens; "
-          f"micro-batch {args.micro_batch}; {n} workers; encoders {'not loaded (cached latents)' if args.cached_latents else 'on every GPU, bf16'}")
+        rows.append(
+            {
+                "zero_stage": stage,
+                "mmdit_gb": base / GB,
+                "lora_gb": lora_params / GB,
+                "grads_gb": grads / GB,
+                "optimizer_gb": optim / GB,
+                "encoders_gb": frozen_enc / GB,
+                "activations_gb": acts / GB,
+                "total_gb": total / GB,
+            }
+        )
+    print(
+        f"MMDiT parameters {p_dit / 1e9:.3f} B (hidden {d}, {tcfg['num_layers']} blocks), "
+        f"text encoder {p_text / 1e9:.3f} B, VAE {p_vae / 1e6:.1f} M"
+    )
+    print(
+        f"LoRA r={args.rank} on {', '.join(LORA_TARGETS)}: {p_lora / 1e6:.1f} M parameters "
+        f"({100 * p_lora / p_dit:.2f} % of the MMDiT)"
+    )
+    print(
+        f"sequence at {args.resolution}²: {img_tokens} target + {img_tokens} reference + {txt_tokens} text tokens; "
+        f"micro-batch {args.micro_batch}; {n} workers; encoders {'not loaded (cached latents)' if args.cached_latents else 'on every GPU, bf16'}"
+    )
     print("| ZeRO | MMDiT | LoRA | grads | optimizer | encoders | activations | total GiB/GPU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['zero_stage']} | {r['mmdit_gb']:.2f} | {r['lora_gb']:.3f} | {r['grads_gb']:.3f} | "
-              f"{r['optimizer_gb']:.3f} | {r['encoders_gb']:.2f} | {r['activations_gb']:.2f} | {r['total_gb']:.2f} |")
+        print(
+            f"| {r['zero_stage']} | {r['mmdit_gb']:.2f} | {r['lora_gb']:.3f} | {r['grads_gb']:.3f} | "
+            f"{r['optimizer_gb']:.3f} | {r['encoders_gb']:.2f} | {r['activations_gb']:.2f} | {r['total_gb']:.2f} |"
+        )
     return rows
 
 

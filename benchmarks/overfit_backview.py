@@ -33,9 +33,9 @@ import webdataset as wds
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluation.images import psnr, ssim  # noqa: E402
-from training.data import decode_image, image_to_array, resolve_shards  # noqa: E402
-from training.edit_model import EditModel, load_pipeline  # noqa: E402
+from know3d.evaluation.images import psnr, ssim  # noqa: E402
+from know3d.training.data import decode_image, image_to_array, resolve_shards  # noqa: E402
+from know3d.training.edit_model import EditModel, load_pipeline  # noqa: E402
 
 KNOW3D = str(Path(sys.executable).with_name("know3d"))
 
@@ -48,8 +48,14 @@ def pick_pairs(shards: str, k: int) -> list[dict]:
         if meta["asset_id"] in assets or not meta.get("components"):
             continue
         assets.add(meta["asset_id"])
-        chosen.append({"key": sample["__key__"], "front": sample["front.png"], "back": sample["back.png"],
-                       "description": meta["components"][0]})
+        chosen.append(
+            {
+                "key": sample["__key__"],
+                "front": sample["front.png"],
+                "back": sample["back.png"],
+                "description": meta["components"][0],
+            }
+        )
         if len(chosen) == k:
             break
     if len(chosen) < k:
@@ -61,8 +67,9 @@ def cli(*args: str) -> float:
     start = time.perf_counter()
     proc = subprocess.run([KNOW3D, *args], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"know3d {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                         f"{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"know3d {' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return time.perf_counter() - start
 
 
@@ -103,7 +110,7 @@ def main() -> None:
             (out / kind).mkdir(parents=True, exist_ok=True)
             (out / kind / f"{name}.png").write_bytes(p[kind])
         fronts.append(out / "front" / f"{name}.png")
-    from pipeline.config import TrainBackviewConfig, load_config
+    from know3d.pipeline.config import TrainBackviewConfig, load_config
 
     cfg = load_config(ROOT / args.config, args.overrides, model=TrainBackviewConfig)
     size, model_name = cfg.data.image_size, cfg.model.name
@@ -111,9 +118,21 @@ def main() -> None:
 
     base_s = generate(fronts, out / "base", None, ["--model", model_name, "--size", str(size), *common])
     run = out / "train"
-    train_s = cli("train", "backview", str(ROOT / args.config), "--shards", str(Path(args.shards).resolve()),
-                  "--output", str(run), "--fresh", "--set", f"data.keys={json.dumps([p['key'] for p in pairs])}",
-                  "--set", f"data.max_pairs={len(pairs)}", *sum((["--set", o] for o in args.overrides), []))
+    train_s = cli(
+        "train",
+        "backview",
+        str(ROOT / args.config),
+        "--shards",
+        str(Path(args.shards).resolve()),
+        "--output",
+        str(run),
+        "--fresh",
+        "--set",
+        f"data.keys={json.dumps([p['key'] for p in pairs])}",
+        "--set",
+        f"data.max_pairs={len(pairs)}",
+        *sum((["--set", o] for o in args.overrides), []),
+    )
     lora = ["--lora", str(run / "lora"), *common]
     gen_s = generate(fronts, out / "trained", None, lora)
     gen_s += generate(fronts, out / "trained_described", [p["description"] for p in pairs], lora)
@@ -136,29 +155,34 @@ def main() -> None:
         return ((a - b) ** 2).flatten(1).mean(1).tolist()
 
     rows = []
-    print(f"{'pair':<24} {'lat MSE':>8} {'base':>8} {'ratio':>6} | {'PSNR':>6} {'front':>6} {'base':>6} | "
-          f"{'SSIM':>5} {'front':>5} {'base':>5} | {'desc Δ':>7}  description")
+    print(
+        f"{'pair':<24} {'lat MSE':>8} {'base':>8} {'ratio':>6} | {'PSNR':>6} {'front':>6} {'base':>6} | "
+        f"{'SSIM':>5} {'front':>5} {'base':>5} | {'desc Δ':>7}  description"
+    )
     for i, (p, name) in enumerate(zip(pairs, names)):
         gt = as_unit(out / "back" / name, size)
         img = {kind: as_unit(out / kind / name, size) for kind in ("trained", "base", "trained_described")}
         img["front"] = as_unit(fronts[i], size)
         row = {
-            "key": p["key"], "description": p["description"],
-            "latent_mse": mse(lat["trained"][i:i + 1], true[i:i + 1])[0],
-            "latent_mse_base": mse(lat["base"][i:i + 1], true[i:i + 1])[0],
-            "latent_mse_front": mse(lat["front"][i:i + 1], true[i:i + 1])[0],
-            "latent_mse_described": mse(lat["trained_described"][i:i + 1], true[i:i + 1])[0],
-            "description_change": mse(lat["trained_described"][i:i + 1], lat["trained"][i:i + 1])[0],
+            "key": p["key"],
+            "description": p["description"],
+            "latent_mse": mse(lat["trained"][i : i + 1], true[i : i + 1])[0],
+            "latent_mse_base": mse(lat["base"][i : i + 1], true[i : i + 1])[0],
+            "latent_mse_front": mse(lat["front"][i : i + 1], true[i : i + 1])[0],
+            "latent_mse_described": mse(lat["trained_described"][i : i + 1], true[i : i + 1])[0],
+            "description_change": mse(lat["trained_described"][i : i + 1], lat["trained"][i : i + 1])[0],
             "description_pixel_change": float(np.abs(img["trained_described"] - img["trained"]).mean()),
             **{f"psnr_{k}": psnr(v, gt) for k, v in img.items()},
             **{f"ssim_{k}": ssim(v, gt) for k, v in img.items()},
         }
         row["latent_mse_ratio"] = row["latent_mse"] / row["latent_mse_base"]
         rows.append(row)
-        print(f"{p['key']:<24} {row['latent_mse']:8.4f} {row['latent_mse_base']:8.4f} {row['latent_mse_ratio']:6.3f} | "
-              f"{row['psnr_trained']:6.2f} {row['psnr_front']:6.2f} {row['psnr_base']:6.2f} | "
-              f"{row['ssim_trained']:5.3f} {row['ssim_front']:5.3f} {row['ssim_base']:5.3f} | "
-              f"{row['description_change']:7.4f}  {p['description']}")
+        print(
+            f"{p['key']:<24} {row['latent_mse']:8.4f} {row['latent_mse_base']:8.4f} {row['latent_mse_ratio']:6.3f} | "
+            f"{row['psnr_trained']:6.2f} {row['psnr_front']:6.2f} {row['psnr_base']:6.2f} | "
+            f"{row['ssim_trained']:5.3f} {row['ssim_front']:5.3f} {row['ssim_base']:5.3f} | "
+            f"{row['description_change']:7.4f}  {p['description']}"
+        )
 
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows]))
@@ -166,19 +190,39 @@ def main() -> None:
     ratio = mean("latent_mse_ratio")
     gain = mean("psnr_trained") - mean("psnr_front")
     total = time.perf_counter() - t0
-    print(f"training: {len(losses)} steps, loss {np.mean(losses[:10]):.4f} (first 10) -> {np.mean(losses[-10:]):.4f} "
-          f"(last 10), {train_s:.0f} s incl. Ray start; generation {base_s + gen_s:.0f} s for {3 * len(pairs)} images")
-    print(f"mean latent MSE: trained {mean('latent_mse'):.4f}, base {mean('latent_mse_base'):.4f}, "
-          f"front-as-prediction {mean('latent_mse_front'):.4f}, trained + description {mean('latent_mse_described'):.4f}")
-    print(f"mean PSNR: trained {mean('psnr_trained'):.2f} dB, trained + description {mean('psnr_trained_described'):.2f}"
-          f" dB, front {mean('psnr_front'):.2f} dB, base {mean('psnr_base'):.2f} dB")
-    print(f"mean SSIM: trained {mean('ssim_trained'):.3f}, trained + description {mean('ssim_trained_described'):.3f}, "
-          f"front {mean('ssim_front'):.3f}, base {mean('ssim_base'):.3f}")
-    print(f"text control: the description changes the generation by latent MSE {mean('description_change'):.4f} "
-          f"(mean |Δpixel| {mean('description_pixel_change'):.4f}); pairs differ from each other by "
-          f"{float(((true[:, None] - true[None]) ** 2).flatten(2).mean(2).sum() / (len(rows) * (len(rows) - 1))):.4f}")
-    (out / "results.json").write_text(json.dumps({"pairs": rows, "latent_mse_ratio": ratio, "psnr_gain_db": gain,
-                                                  "seconds": total, "train_seconds": train_s}, indent=1))
+    print(
+        f"training: {len(losses)} steps, loss {np.mean(losses[:10]):.4f} (first 10) -> {np.mean(losses[-10:]):.4f} "
+        f"(last 10), {train_s:.0f} s incl. Ray start; generation {base_s + gen_s:.0f} s for {3 * len(pairs)} images"
+    )
+    print(
+        f"mean latent MSE: trained {mean('latent_mse'):.4f}, base {mean('latent_mse_base'):.4f}, "
+        f"front-as-prediction {mean('latent_mse_front'):.4f}, trained + description {mean('latent_mse_described'):.4f}"
+    )
+    print(
+        f"mean PSNR: trained {mean('psnr_trained'):.2f} dB, trained + description {mean('psnr_trained_described'):.2f}"
+        f" dB, front {mean('psnr_front'):.2f} dB, base {mean('psnr_base'):.2f} dB"
+    )
+    print(
+        f"mean SSIM: trained {mean('ssim_trained'):.3f}, trained + description {mean('ssim_trained_described'):.3f}, "
+        f"front {mean('ssim_front'):.3f}, base {mean('ssim_base'):.3f}"
+    )
+    print(
+        f"text control: the description changes the generation by latent MSE {mean('description_change'):.4f} "
+        f"(mean |Δpixel| {mean('description_pixel_change'):.4f}); pairs differ from each other by "
+        f"{float(((true[:, None] - true[None]) ** 2).flatten(2).mean(2).sum() / (len(rows) * (len(rows) - 1))):.4f}"
+    )
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "pairs": rows,
+                "latent_mse_ratio": ratio,
+                "psnr_gain_db": gain,
+                "seconds": total,
+                "train_seconds": train_s,
+            },
+            indent=1,
+        )
+    )
     print(f"total {total:.0f} s; images in {out}/{{front,back,base,trained,trained_described}}")
     print(f"latent_mse_ratio={ratio:.4f} psnr_gain_db={gain:.2f}")
 

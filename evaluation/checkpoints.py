@@ -21,7 +21,9 @@ def read_checkpoint(path: Path) -> Any:
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, not raised through
-            raise CheckpointError(f"{path.name}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise CheckpointError(
+                f"{path.name}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
     try:
         # ULIP/Uni3D training checkpoints also store their argparse namespace
         with torch.serialization.safe_globals([argparse.Namespace]):

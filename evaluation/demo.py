@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.meshes import load_mesh, normalize, uid_rng
-from rendering.assets import MESH_EXTENSIONS
+from know3d.evaluation.meshes import load_mesh, normalize, uid_rng
+from know3d.rendering.assets import MESH_EXTENSIONS
 
 PERTURBATIONS = ("identity", "similarity", "noise", "rotate", "cut")
 
 
-def perturb(mesh: "object", kind: str, rng: np.random.Generator) -> "object":
+def perturb(mesh: object, kind: str, rng: np.random.Generator) -> object:
     """A perturbed copy of a normalized mesh (longest side 1.96)."""
     import trimesh
 
@@ -53,13 +53,14 @@ def perturb(mesh: "object", kind: str, rng: np.random.Generator) -> "object":
     return out
 
 
-def make_demo_set(meshes: list[Path], out: Path, seed: int = 0, resolution: int = 256, backend: str = "egl",
-                  broken: bool = True) -> dict[str, str]:
+def make_demo_set(
+    meshes: list[Path], out: Path, seed: int = 0, resolution: int = 256, backend: str = "egl", broken: bool = True
+) -> dict[str, str]:
     """Write the set; returns uid -> perturbation kind (also in ``<out>/perturbations.json``)."""
-    from evaluation.shapes import mesh_asset
-    from rendering.camera import make_camera
-    from rendering.process import compose_background
-    from rendering.render import ViewRenderer
+    from know3d.evaluation.shapes import mesh_asset
+    from know3d.rendering.camera import make_camera
+    from know3d.rendering.process import compose_background
+    from know3d.rendering.render import ViewRenderer
 
     out = Path(out)
     kinds: dict[str, str] = {}

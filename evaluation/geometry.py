@@ -12,7 +12,7 @@ Conventions (occupancy networks, Mescheder et al. 2019, ``im2mesh/eval.py``):
 * ``normal_consistency`` = 0.5 · (mean |n_pred · n_gt(nn)| + mean |n_gt · n_pred(nn)|).
 * ``iou_surface@R`` / ``iou_volume@R``: both meshes are mapped into the unit cube
   [-0.5, 0.5]³ (×0.5) and voxelized on an R³ grid the way the 3D generator's sparse structure is
-  built (:mod:`rendering.voxelize`: a voxel is occupied when a triangle intersects it);
+  built (:mod:`know3d.rendering.voxelize`: a voxel is occupied when a triangle intersects it);
   ``iou_volume`` fills the enclosed interior of that surface grid first.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.meshes import sample_surface, uid_rng
-from rendering.voxelize import fill_interior, voxelize_surface
+from know3d.evaluation.meshes import sample_surface, uid_rng
+from know3d.rendering.voxelize import fill_interior, voxelize_surface
 
 
 @dataclass(frozen=True)
@@ -77,18 +77,16 @@ def point_metrics(
     return out
 
 
-def icp_align(pred_mesh: "object", gt_points: np.ndarray, rng: np.random.Generator, iterations: int) -> np.ndarray:
+def icp_align(pred_mesh: object, gt_points: np.ndarray, rng: np.random.Generator, iterations: int) -> np.ndarray:
     """Rigid transform (4×4) that aligns the prediction to the GT samples (trimesh ICP)."""
     import trimesh
 
     probe, _ = sample_surface(pred_mesh, min(20_000, len(gt_points)), rng)
-    matrix, _, _ = trimesh.registration.icp(
-        probe, gt_points, max_iterations=iterations, reflection=False, scale=False
-    )
+    matrix, _, _ = trimesh.registration.icp(probe, gt_points, max_iterations=iterations, reflection=False, scale=False)
     return np.asarray(matrix)
 
 
-def voxel_iou(pred_mesh: "object", gt_mesh: "object", resolution: int = 64) -> dict[str, float]:
+def voxel_iou(pred_mesh: object, gt_mesh: object, resolution: int = 64) -> dict[str, float]:
     """Surface and volume IoU of the two meshes' R³ unit-cube voxelizations."""
     out = {}
     pred_surface = voxelize_surface(np.asarray(pred_mesh.vertices) * 0.5, np.asarray(pred_mesh.faces), resolution)
@@ -102,7 +100,7 @@ def voxel_iou(pred_mesh: "object", gt_mesh: "object", resolution: int = 64) -> d
     return out
 
 
-def compare_meshes(pred_mesh: "object", gt_mesh: "object", uid: str, seed: int, options: GeometryOptions) -> dict:
+def compare_meshes(pred_mesh: object, gt_mesh: object, uid: str, seed: int, options: GeometryOptions) -> dict:
     """All geometry metrics for one (normalized) prediction against its (normalized) GT."""
     gt_points, gt_normals = sample_surface(gt_mesh, options.num_samples, uid_rng(uid, seed, "geometry-gt"))
     result: dict = {"icp": options.icp}
@@ -112,6 +110,8 @@ def compare_meshes(pred_mesh: "object", gt_mesh: "object", uid: str, seed: int, 
         pred_mesh.apply_transform(matrix)
         result["icp_transform"] = matrix.tolist()
     pred_points, pred_normals = sample_surface(pred_mesh, options.num_samples, uid_rng(uid, seed, "geometry-pred"))
-    result.update(point_metrics(pred_points, pred_normals, gt_points, gt_normals, options.fscore_thresholds, options.workers))
+    result.update(
+        point_metrics(pred_points, pred_normals, gt_points, gt_normals, options.fscore_thresholds, options.workers)
+    )
     result.update(voxel_iou(pred_mesh, gt_mesh, options.voxel_resolution))
     return result

@@ -132,7 +132,7 @@ class Lpips:
             return
         import lpips
 
-        from evaluation.checkpoints import CheckpointError, read_checkpoint
+        from know3d.evaluation.checkpoints import CheckpointError, read_checkpoint
 
         try:
             state = read_checkpoint(self.path)
@@ -162,7 +162,7 @@ class Lpips:
     def __call__(self, pred: np.ndarray, gt: np.ndarray) -> float:
         import torch
 
-        def to_tensor(x: np.ndarray) -> "torch.Tensor":
+        def to_tensor(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None] * 2.0 - 1.0
 
         with torch.no_grad():

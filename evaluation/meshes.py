@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import LoadConfig
-from rendering.assets import AssetError, AssetFiltered, load_asset
+from know3d.pipeline.config import LoadConfig
+from know3d.rendering.assets import AssetError, AssetFiltered, load_asset
 
 HY3D_SCALE = 2.0 * 0.98  # the longest bbox side after normalization
 
@@ -55,7 +55,7 @@ class MeshInfo:
         }
 
 
-def count_non_manifold_edges(mesh: "object") -> int:
+def count_non_manifold_edges(mesh: object) -> int:
     """Edges shared by more than two faces (after merging coincident vertices).
 
     Degenerate faces (two equal corners) and duplicated faces are left out: they carry no
@@ -70,7 +70,9 @@ def count_non_manifold_edges(mesh: "object") -> int:
     return int((counts > 2).sum())
 
 
-def load_mesh(path: Path, load_cfg: LoadConfig | None = None, allow_non_manifold: bool = False) -> tuple["object", MeshInfo]:
+def load_mesh(
+    path: Path, load_cfg: LoadConfig | None = None, allow_non_manifold: bool = False
+) -> tuple[object, MeshInfo]:
     """Load ``path`` as one triangle mesh in world coordinates and validate it.
 
     Uses the data build's safe loader in its geometry-only mode (references must stay inside the
@@ -111,7 +113,7 @@ def load_mesh(path: Path, load_cfg: LoadConfig | None = None, allow_non_manifold
     return mesh, info
 
 
-def normalize(mesh: "object") -> "object":
+def normalize(mesh: object) -> object:
     """Bounding-box centre to the origin, longest side scaled to 2 * 0.98 (a copy)."""
     out = mesh.copy()
     lo, hi = out.bounds
@@ -120,7 +122,7 @@ def normalize(mesh: "object") -> "object":
     return out
 
 
-def sample_surface(mesh: "object", count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_surface(mesh: object, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``count`` area-uniform surface points and their face normals, float32."""
     import trimesh
 
@@ -139,7 +141,9 @@ def farthest_points(points: np.ndarray, count: int, rng: np.random.Generator, h:
     return np.asarray(fpsample.bucket_fps_kdline_sampling(points, count, h, start_idx=start), dtype=np.int64)
 
 
-def semantic_points(mesh: "object", uid: str, seed: int, num_samples: int = 300_000, num_points: int = 8192, h: int = 5) -> np.ndarray:
+def semantic_points(
+    mesh: object, uid: str, seed: int, num_samples: int = 300_000, num_points: int = 8192, h: int = 5
+) -> np.ndarray:
     """The HY3D-Bench point cloud of a *normalized* mesh: [num_points, 3] float32."""
     points, _ = sample_surface(mesh, num_samples, uid_rng(uid, seed, "semantic-surface"))
     index = farthest_points(points, num_points, uid_rng(uid, seed, "semantic-fps"), h)

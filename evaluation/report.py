@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from evaluation.results import flat_metrics, order_metrics, uid_filename
+from know3d.evaluation.results import flat_metrics, order_metrics, uid_filename
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
@@ -55,10 +55,14 @@ def _summary_tables(summary: Any) -> list[str]:
     for key in ("total", "ok", "errors", "missing"):
         out.append(f"<tr><th class=l>{key}</th><td>{getattr(summary, key)}</td></tr>")
     out.append(f"<tr><th class=l>seconds</th><td>{summary.seconds:.1f}</td></tr></table>")
-    out.append("<h2>Metrics (mean over evaluated uids)</h2><table><tr><th class=l>metric</th><th>mean</th><th>std</th><th>n</th></tr>")
+    out.append(
+        "<h2>Metrics (mean over evaluated uids)</h2><table><tr><th class=l>metric</th><th>mean</th><th>std</th><th>n</th></tr>"
+    )
     for key in order_metrics(list(summary.table)):
         t = summary.table[key]
-        out.append(f"<tr><td class=l>{html.escape(key)}</td><td>{_fmt(t['mean'])}</td><td>{_fmt(t['std'])}</td><td>{t['count']}</td></tr>")
+        out.append(
+            f"<tr><td class=l>{html.escape(key)}</td><td>{_fmt(t['mean'])}</td><td>{_fmt(t['std'])}</td><td>{t['count']}</td></tr>"
+        )
     out.append("</table>")
     if summary.skipped:
         out.append("<h3>Skipped metrics</h3><ul>")
@@ -75,7 +79,11 @@ def _summary_tables(summary: Any) -> list[str]:
 
 
 def _figure(src: str | None, caption: str) -> str:
-    img = f'<img src="{html.escape(quote(src))}">' if src else '<div style="width:180px;height:180px;border:1px dashed #ccc"></div>'
+    img = (
+        f'<img src="{html.escape(quote(src))}">'
+        if src
+        else '<div style="width:180px;height:180px;border:1px dashed #ccc"></div>'
+    )
     return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
@@ -95,20 +103,34 @@ def _metrics_block(result: dict) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
-    return f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
 
 
 def write_shapes_report(output: Path, results: list[dict], summary: Any, cfg: Any) -> Path:
-    body = [f"<h1>Shape evaluation</h1><p class=meta>seed {cfg.seed}; {cfg.points.surface_samples} surface samples, "
-            f"FPS to {cfg.points.fps_points} (fpsample bucket kd-line, h={cfg.points.fps_h}); geometry on "
-            f"{cfg.geometry.samples} samples, ICP {'on' if cfg.geometry.icp else 'off'}</p>"]
+    body = [
+        f"<h1>Shape evaluation</h1><p class=meta>seed {cfg.seed}; {cfg.points.surface_samples} surface samples, "
+        f"FPS to {cfg.points.fps_points} (fpsample bucket kd-line, h={cfg.points.fps_h}); geometry on "
+        f"{cfg.geometry.samples} samples, ICP {'on' if cfg.geometry.icp else 'off'}</p>"
+    ]
     body += _summary_tables(summary)
-    body.append("<h2>Per uid</h2><p class=meta>condition image | prediction front / back (normal-shaded) | ground truth front / back</p>")
+    body.append(
+        "<h2>Per uid</h2><p class=meta>condition image | prediction front / back (normal-shaded) | ground truth front / back</p>"
+    )
     for result in results[: cfg.report.max_rows]:
         uid = result["uid"]
         renders = result.get("renders", {})
-        cond = _thumbnail(result.get("image"), output / "renders" / f"{uid_filename(uid)}_condition.png", cfg.images.max_pixels)
-        figures = [_figure(cond, "condition"), _figure(renders.get("pred_front"), "pred front"), _figure(renders.get("pred_back"), "pred back")]
+        cond = _thumbnail(
+            result.get("image"), output / "renders" / f"{uid_filename(uid)}_condition.png", cfg.images.max_pixels
+        )
+        figures = [
+            _figure(cond, "condition"),
+            _figure(renders.get("pred_front"), "pred front"),
+            _figure(renders.get("pred_back"), "pred back"),
+        ]
         if result.get("ground_truth"):
             figures += [_figure(renders.get("gt_front"), "GT front"), _figure(renders.get("gt_back"), "GT back")]
         body.append(f"<h3>{html.escape(uid)}</h3><div class=row>{''.join(figures)}{_metrics_block(result)}</div>")
@@ -118,7 +140,9 @@ def write_shapes_report(output: Path, results: list[dict], summary: Any, cfg: An
 
 
 def write_backviews_report(output: Path, results: list[dict], summary: Any, cfg: Any) -> Path:
-    body = [f"<h1>Back-view evaluation</h1><p class=meta>background {cfg.images.background}; SSIM Gaussian σ=1.5, data range 1</p>"]
+    body = [
+        f"<h1>Back-view evaluation</h1><p class=meta>background {cfg.images.background}; SSIM Gaussian σ=1.5, data range 1</p>"
+    ]
     body += _summary_tables(summary)
     body.append("<h2>Per uid</h2><p class=meta>condition (front) | generated back view | true back view</p>")
     for result in results[: cfg.report.max_rows]:

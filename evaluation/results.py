@@ -82,8 +82,14 @@ def write_tables(out: Path, results: list[dict], table: dict) -> None:
         for r in results:
             flat = flat_metrics(r)
             error = r.get("error") or r.get("semantic_error") or ""
-            writer.writerow([_cell(r["uid"]), r["status"], *[("" if k not in flat else f"{flat[k]:.6g}") for k in keys],
-                             _cell(error)])
+            writer.writerow(
+                [
+                    _cell(r["uid"]),
+                    r["status"],
+                    *[("" if k not in flat else f"{flat[k]:.6g}") for k in keys],
+                    _cell(error),
+                ]
+            )
     lines = ["| metric | mean | std | n |", "|---|---:|---:|---:|"]
     for k in keys:  # metric names are ours (no user text in this table)
         t = table[k]

@@ -1,7 +1,7 @@
 """ULIP and Uni3D image–shape scores (HY3D-Bench protocol).
 
 score = cos(normalize(encode_pc(points)), normalize(encode_image(image))) per uid, where
-``points`` are the 8,192 FPS points of the normalized mesh (:mod:`evaluation.meshes`) and the
+``points`` are the 8,192 FPS points of the normalized mesh (:mod:`know3d.evaluation.meshes`) and the
 image is the condition image converted to RGB (no alpha compositing, as in the benchmark).
 ULIP sees xyz; Uni3D sees xyz plus the constant colour 100/255.
 
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from evaluation.checkpoints import CheckpointError, read_checkpoint
-from evaluation.models.ulip import UlipConfig as UlipArch
-from evaluation.models.ulip import UlipPointBert
-from evaluation.models.uni3d import UNI3D_COLOR, Uni3d, Uni3dModelConfig, clip_image_tower, clip_image_transform
+from know3d.evaluation.checkpoints import CheckpointError, read_checkpoint
+from know3d.evaluation.models.ulip import UlipConfig as UlipArch
+from know3d.evaluation.models.ulip import UlipPointBert
+from know3d.evaluation.models.uni3d import UNI3D_COLOR, Uni3d, Uni3dModelConfig, clip_image_tower, clip_image_transform
 
 WHERE = {
     "ulip": "https://huggingface.co/datasets/SFXX/ulip/resolve/main/ULIP-2/pretrained_models/"
@@ -57,14 +57,18 @@ def state_dict_of(ckpt: Any, entry: str | None, strip: str | None, path: Path) -
     if entry is not None and isinstance(ckpt, dict) and entry in ckpt:
         ckpt = ckpt[entry]
     elif entry is not None and not (isinstance(ckpt, dict) and all(hasattr(v, "shape") for v in ckpt.values())):
-        raise CheckpointError(f"{path.name}: no '{entry}' entry (keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        raise CheckpointError(
+            f"{path.name}: no '{entry}' entry (keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})"
+        )
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path.name}: not a state_dict")
     import torch
 
     odd = [k for k, v in ckpt.items() if not isinstance(v, torch.Tensor)]
     if odd:
-        raise CheckpointError(f"{path.name}: state_dict entries that are not tensors (e.g. {', '.join(map(str, odd[:3]))})")
+        raise CheckpointError(
+            f"{path.name}: state_dict entries that are not tensors (e.g. {', '.join(map(str, odd[:3]))})"
+        )
     if strip:
         ckpt = {k.removeprefix(strip): v for k, v in ckpt.items()}
     return ckpt
@@ -77,7 +81,11 @@ def load_strict(model: Any, state: dict, path: Path, device: str) -> Any:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -106,8 +114,10 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
-def load_ulip(checkpoint: str | Path | None, arch: UlipArch = UlipArch(), device: str = "cpu") -> UlipPointBert:
+def load_ulip(checkpoint: str | Path | None, arch: UlipArch | None = None, device: str = "cpu") -> UlipPointBert:
     import torch
+
+    arch = arch or UlipArch()
 
     path = _check_path(checkpoint, "ulip")
     state = state_dict_of(read_checkpoint(path), "state_dict", "module.", path)
@@ -117,10 +127,14 @@ def load_ulip(checkpoint: str | Path | None, arch: UlipArch = UlipArch(), device
 
 
 def load_uni3d(
-    checkpoint: str | Path | None, clip_checkpoint: str | Path | None, arch: Uni3dModelConfig = Uni3dModelConfig(), device: str = "cpu"
+    checkpoint: str | Path | None,
+    clip_checkpoint: str | Path | None,
+    arch: Uni3dModelConfig | None = None,
+    device: str = "cpu",
 ) -> tuple[Uni3d, Any]:
     import torch
 
+    arch = arch or Uni3dModelConfig()
     path = _check_path(checkpoint, "uni3d")
     clip_path = _check_path(clip_checkpoint, "clip")
     state = state_dict_of(read_checkpoint(path), "module", "module.", path)
@@ -139,7 +153,7 @@ def load_uni3d(
 
 def condition_image(path: Path, max_pixels: int) -> Image.Image:
     """The benchmark's ``Image.open(path).convert('RGB')``, with a decoding bound."""
-    from evaluation.images import ImageError
+    from know3d.evaluation.images import ImageError
 
     try:
         with Image.open(path) as img:
@@ -155,7 +169,7 @@ def condition_image(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"{Path(path).name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
-def _cosine(a: "Any", b: "Any") -> float:
+def _cosine(a: Any, b: Any) -> float:
     import torch.nn.functional as F
 
     return float((F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1).item())

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.geometry import GeometryOptions, compare_meshes
-from evaluation.meshes import MeshError, load_mesh, normalize, semantic_points
-from evaluation.results import uid_filename
-from pipeline.config import EvalConfig
+from know3d.evaluation.geometry import GeometryOptions, compare_meshes
+from know3d.evaluation.meshes import MeshError, load_mesh, normalize, semantic_points
+from know3d.evaluation.results import uid_filename
+from know3d.pipeline.config import EvalConfig
 
 VIEW_ANGLES = {"front": (0.0, 15.0), "back": (180.0, 15.0)}  # azimuth, elevation (degrees)
 
@@ -37,13 +37,13 @@ def geometry_options(cfg: EvalConfig, threads: int = -1) -> GeometryOptions:
     return GeometryOptions(g.samples, tuple(g.fscore_thresholds), g.voxel_resolution, g.icp, g.icp_iterations, threads)
 
 
-_RENDERERS: dict[tuple[int, str], "object"] = {}
+_RENDERERS: dict[tuple[int, str], object] = {}
 
 
-def process_renderer(resolution: int, backend: str) -> "object":
+def process_renderer(resolution: int, backend: str) -> object:
     """One renderer per worker process and size, reused across uids (creating one costs ~50 ms
     plus a GL context)."""
-    from rendering.render import ViewRenderer
+    from know3d.rendering.render import ViewRenderer
 
     key = (resolution, backend)
     if key not in _RENDERERS:
@@ -59,11 +59,11 @@ def normal_image(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def mesh_asset(mesh: "object") -> "object":
+def mesh_asset(mesh: object) -> object:
     """A normalized mesh (longest side 1.96) as a renderable asset in the unit cube."""
     import trimesh
 
-    from rendering.assets import LoadedAsset
+    from know3d.rendering.assets import LoadedAsset
 
     scene = trimesh.Scene()
     scene.add_geometry(mesh, node_name="mesh", geom_name="mesh")
@@ -71,10 +71,12 @@ def mesh_asset(mesh: "object") -> "object":
     return LoadedAsset(scene, to_unit_cube, len(mesh.faces), 1, ["mesh"])
 
 
-def render_normals(mesh: "object", resolution: int, backend: str, renderer: "object | None" = None) -> dict[str, np.ndarray]:
+def render_normals(
+    mesh: object, resolution: int, backend: str, renderer: object | None = None
+) -> dict[str, np.ndarray]:
     """Front and back normal-shaded views of a normalized mesh (longest side 1.96)."""
-    from rendering.camera import make_camera
-    from rendering.render import ViewRenderer
+    from know3d.rendering.camera import make_camera
+    from know3d.rendering.render import ViewRenderer
 
     own = renderer is None
     renderer = renderer or ViewRenderer(resolution, backend)
@@ -98,8 +100,9 @@ def _save_renders(images: dict[str, np.ndarray], out_dir: Path, uid: str, who: s
     return paths
 
 
-def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer: "object | None" = None,
-                  threads: int = -1) -> tuple[dict, np.ndarray | None]:
+def measure_shape(
+    job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer: object | None = None, threads: int = -1
+) -> tuple[dict, np.ndarray | None]:
     """(result, points): the per-uid result dict and the semantic point cloud (or None).
 
     ``renderer``: a :class:`ViewRenderer` to reuse (default: a fresh one per call);
@@ -131,18 +134,25 @@ def measure_shape(job: ShapeJob, cfg: EvalConfig, out_dir: Path | None, renderer
         points = gt = None
     except Exception as exc:  # noqa: BLE001 - one uid's failure never stops the evaluation
         result.update(
-            status="error", stage=stage, error=f"{type(exc).__name__}: {exc}"[:500],
+            status="error",
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}"[:500],
             traceback="".join(traceback.format_exception(exc, limit=-4))[-1500:],
         )
         points = gt = None
     if result["status"] == "ok" and cfg.report.renders and out_dir is not None:
         try:  # the report's pictures: a failure here leaves the metrics standing
-            renders = _save_renders(render_normals(pred, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "pred")
+            renders = _save_renders(
+                render_normals(pred, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "pred"
+            )
             if gt is not None:
-                renders.update(_save_renders(render_normals(gt, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "gt"))
+                renders.update(
+                    _save_renders(
+                        render_normals(gt, cfg.report.resolution, cfg.report.backend, renderer), out_dir, job.uid, "gt"
+                    )
+                )
             result["renders"] = renders
         except Exception as exc:  # noqa: BLE001
             result["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result, points
-

@@ -26,21 +26,23 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.config import BuildConfig, LoadConfig, ShardConfig, dump_config
-from pipeline.contact_sheet import make_contact_sheet
-from pipeline.manifest import ManifestRow, summarize, write_manifest
-from pipeline.shards import (
+from know3d.pipeline.config import BuildConfig, LoadConfig, ShardConfig, dump_config
+from know3d.pipeline.contact_sheet import make_contact_sheet
+from know3d.pipeline.manifest import ManifestRow, summarize, write_manifest
+from know3d.pipeline.runtime import OutputUnusable, UsageError, check_output, ray_session
+from know3d.pipeline.shards import (
     INDEX_FILE,
-    annotation_id,
     ShardPlan,
+    annotation_id,
     load_index,
     plan_shards,
     remove_stale,
@@ -49,11 +51,10 @@ from pipeline.shards import (
     write_index,
     write_shard,
 )
-from pipeline.runtime import OutputUnusable, UsageError, check_output, ray_session
-from pipeline.tracking import make_tracker
-from rendering.assets import AssetError, AssetFiltered, asset_sha256, describe_exception, inspect_asset
-from rendering.process import read_asset, render_fingerprint, usable_pairs
-from rendering.sources.base import AssetRecord, AssetSource, FetchError
+from know3d.pipeline.tracking import make_tracker
+from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, describe_exception, inspect_asset
+from know3d.rendering.process import read_asset, render_fingerprint, usable_pairs
+from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError
 
 console = Console(stderr=True)
 
@@ -124,7 +125,7 @@ class RenderActor:
     """Ray actor: one isolated renderer child per actor, reused across assets."""
 
     def __init__(self, cfg_json: str, work: str) -> None:
-        from rendering.isolation import IsolatedRenderer
+        from know3d.rendering.isolation import IsolatedRenderer
 
         self.renderer = IsolatedRenderer(BuildConfig.model_validate_json(cfg_json), Path(work))
 
@@ -201,7 +202,9 @@ def _output_folder(out: Path) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "w")
     except OSError as exc:
-        raise OutputUnusable(f"--output {out}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
+        raise OutputUnusable(
+            f"--output {out}: cannot create the folder ({exc.strerror or type(exc).__name__})"
+        ) from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,8 +255,15 @@ def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
         return _run_build(cfg, out, retry_failed, ray, source, records, filtered)
 
 
-def _run_build(cfg: BuildConfig, out: Path, retry_failed: bool, ray: Any, source: AssetSource,
-               records: list[AssetRecord], filtered: list) -> BuildSummary:
+def _run_build(
+    cfg: BuildConfig,
+    out: Path,
+    retry_failed: bool,
+    ray: Any,
+    source: AssetSource,
+    records: list[AssetRecord],
+    filtered: list,
+) -> BuildSummary:
     t_start = time.perf_counter()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = out / "runs" / run_id
@@ -292,12 +302,15 @@ class _Run:
 
     def row(self, key: str, stage: str, status: str, **fields: Any) -> None:
         rec = self.by_key[key]
-        self.rows.append(ManifestRow(rec.key, rec.source, stage, status, uri=rec.uri, license=rec.license,
-                                     run_id=self.run_id, **fields))
+        self.rows.append(
+            ManifestRow(
+                rec.key, rec.source, stage, status, uri=rec.uri, license=rec.license, run_id=self.run_id, **fields
+            )
+        )
 
 
 def _discover(cfg: BuildConfig, out: Path) -> tuple[AssetSource, list[AssetRecord], list]:
-    from rendering.sources import build_source
+    from know3d.rendering.sources import build_source
 
     try:
         source = build_source(cfg.source, out / "procedural")
@@ -307,7 +320,9 @@ def _discover(cfg: BuildConfig, out: Path) -> tuple[AssetSource, list[AssetRecor
     return source, records, filtered
 
 
-def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, records: list[AssetRecord]) -> list[dict]:
+def _ingest_stage(
+    run: _Run, ray: Any, progress: Progress, source: AssetSource, records: list[AssetRecord]
+) -> list[dict]:
     """Fetch + security checks + content hash on Ray tasks; returns the unique assets."""
     t0 = time.perf_counter()
     ingest_remote = ray.remote(num_cpus=0.5)(_ingest_batch)
@@ -326,8 +341,13 @@ def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, 
             ingested.extend(result)
             return
         record = batch[0]
-        ingested.append({"key": record.key, "status": "failed",
-                         "reason": f"{_file_name(record)}: ingest worker died ({_task_error_kind(result)})"})
+        ingested.append(
+            {
+                "key": record.key,
+                "status": "failed",
+                "reason": f"{_file_name(record)}: ingest worker died ({_task_error_kind(result)})",
+            }
+        )
 
     def submit(batch: list[AssetRecord], _: Any) -> Any:
         return ingest_remote.remote(source_ref, [r.to_json() for r in batch], run.cfg.load)
@@ -339,8 +359,14 @@ def _ingest_stage(run: _Run, ray: Any, progress: Progress, source: AssetSource, 
     kept, dupes = dedupe(ingested)
     for r in ingested:
         if r["status"] != "ok":
-            run.row(r["key"], "ingest", r["status"], filter=r.get("filter"), reason=r.get("reason"),
-                    seconds=r.get("seconds"))
+            run.row(
+                r["key"],
+                "ingest",
+                r["status"],
+                filter=r.get("filter"),
+                reason=r.get("reason"),
+                seconds=r.get("seconds"),
+            )
     for r in dupes:
         run.row(r["key"], "ingest", "filtered", sha256=r["sha256"], filter="duplicate", reason=r["reason"])
     for r in kept:
@@ -378,8 +404,10 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
         failure = _failure_file(work, r["sha256"])
         if isinstance(result, Exception):
             # the worker, not the asset, failed (after Ray's retries): not remembered
-            result = {"status": "failed",
-                      "reason": f"{Path(r['path']).name}: render worker died ({_task_error_kind(result)})"}
+            result = {
+                "status": "failed",
+                "reason": f"{Path(r['path']).name}: render worker died ({_task_error_kind(result)})",
+            }
         elif result["status"] != "ok":
             _write_failure(failure, result)
         else:
@@ -403,8 +431,16 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
         if summary is not None:
             # metadata of this run wins over what was stored when the asset was rendered
             ok_assets.append({**summary, **run.by_key[r["key"]].to_json()})
-        run.row(r["key"], "render", res["status"], sha256=r["sha256"], filter=res.get("filter"),
-                reason=res.get("reason"), traceback=res.get("traceback"), seconds=res.get("wall_s"))
+        run.row(
+            r["key"],
+            "render",
+            res["status"],
+            sha256=r["sha256"],
+            filter=res.get("filter"),
+            reason=res.get("reason"),
+            traceback=res.get("traceback"),
+            seconds=res.get("wall_s"),
+        )
     return ok_assets
 
 
@@ -412,7 +448,7 @@ class VLMActor:
     """Ray actor holding one VLM replica (transformers backend)."""
 
     def __init__(self, cfg_json: str) -> None:
-        from annotation.transformers_backend import TransformersAnnotator
+        from know3d.annotation.transformers_backend import TransformersAnnotator
 
         self.annotator = TransformersAnnotator(BuildConfig.model_validate_json(cfg_json).annotate)
 
@@ -423,8 +459,12 @@ class VLMActor:
 def worker_failure(kind: str) -> dict:
     """The record of a pair whose VLM worker failed: transient, so it is not cached and the next
     run asks again."""
-    return {"components": [], "status": "annotation_failed", "error": f"annotation worker failed: {kind}",
-            "transient": True}
+    return {
+        "components": [],
+        "status": "annotation_failed",
+        "error": f"annotation worker failed: {kind}",
+        "transient": True,
+    }
 
 
 def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
@@ -445,8 +485,15 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
             for i, r in zip(ids, result):
                 results[i] = r
 
-        run_bounded(ray, lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]), chunks, actors * 2,
-                 on_done, progress, "annotate")
+        run_bounded(
+            ray,
+            lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]),
+            chunks,
+            actors * 2,
+            on_done,
+            progress,
+            "annotate",
+        )
         for actor in actors:
             ray.kill(actor)
         # one result per request, in order: a missing one must not shift the others onto other pairs
@@ -456,12 +503,13 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
 
 
 def _annotate_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict]) -> dict[str, dict]:
-    """Annotation records keyed ``sha:pair`` (cached by content; see annotation.stage)."""
-    from annotation.stage import annotate_assets
+    """Annotation records keyed ``sha:pair`` (cached by content; see know3d.annotation.stage)."""
+    from know3d.annotation.stage import annotate_assets
 
     runner = _vlm_runner(run, ray, progress) if run.cfg.annotate.backend == "transformers" else None
-    records, metrics = annotate_assets(ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner,
-                                       run.cfg.shard.min_view_coverage)
+    records, metrics = annotate_assets(
+        ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner, run.cfg.shard.min_view_coverage
+    )
     run.metrics.update(metrics)
     return {annotation_id(sha, pair): record for (sha, pair), record in records.items()}
 
@@ -494,47 +542,76 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
         (errors.append(f"{plan.name}: {result}") if isinstance(result, Exception) else entries.append(result))
 
     def submit(plan: ShardPlan, _: Any) -> Any:
-        return shard_remote.remote(str(work), str(out), plan, cfg.shard, members_records(plan),
-                                   members_annotations(plan))
+        return shard_remote.remote(
+            str(work), str(out), plan, cfg.shard, members_records(plan), members_annotations(plan)
+        )
 
     run_bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
     if errors:
         raise BuildError("writing shards failed: " + "; ".join(errors[:3]))
-    index = write_index(out, entries, {"profile": cfg.render.profile, "render_fingerprint": work.name,
-                                       "seed": cfg.seed, "run_id": run.run_id})
+    index = write_index(
+        out,
+        entries,
+        {"profile": cfg.render.profile, "render_fingerprint": work.name, "seed": cfg.seed, "run_id": run.run_id},
+    )
     removed = remove_stale(out, {e["name"] for e in entries})
     samples_per_asset = Counter(sha for plan in plans for sha, _ in plan.members)
     num_pairs_filtered = 0
     for a in ok_assets:
         dropped = usable_pairs(a, cfg.shard.min_view_coverage)[1]
         for _, reason in dropped:
-            run.row(a["key"], "pairs", "filtered", sha256=a["sha256"], filter="min_view_coverage",
-                    reason=f"{Path(a['uri']).name}: {reason}")
+            run.row(
+                a["key"],
+                "pairs",
+                "filtered",
+                sha256=a["sha256"],
+                filter="min_view_coverage",
+                reason=f"{Path(a['uri']).name}: {reason}",
+            )
         num_pairs_filtered += len(dropped)
         split = split_of(a["sha256"], cfg.seed, cfg.shard.val_fraction)
         if samples_per_asset[a["sha256"]]:
-            run.row(a["key"], "shard", "ok", sha256=a["sha256"], num_samples=samples_per_asset[a["sha256"]],
-                    split=split)
+            run.row(
+                a["key"], "shard", "ok", sha256=a["sha256"], num_samples=samples_per_asset[a["sha256"]], split=split
+            )
         else:
-            run.row(a["key"], "shard", "filtered", sha256=a["sha256"], num_samples=0, split=split,
-                    filter="min_view_coverage", reason=f"{Path(a['uri']).name}: no pair with both views covered")
+            run.row(
+                a["key"],
+                "shard",
+                "filtered",
+                sha256=a["sha256"],
+                num_samples=0,
+                split=split,
+                filter="min_view_coverage",
+                reason=f"{Path(a['uri']).name}: no pair with both views covered",
+            )
     run.metrics["num_pairs_filtered_coverage"] = num_pairs_filtered
-    run.metrics.update(shard_s=time.perf_counter() - t0, num_shards_rewritten=len(to_write),
-                       num_shards_removed=len(removed))
+    run.metrics.update(
+        shard_s=time.perf_counter() - t0, num_shards_rewritten=len(to_write), num_shards_removed=len(removed)
+    )
     return index
 
 
 def _stages(
-    run: _Run, ray: Any, source: AssetSource, records: list[AssetRecord], filtered: list, run_dir: Path,
-    retry_failed: bool, tracker: Any, t_start: float,
+    run: _Run,
+    ray: Any,
+    source: AssetSource,
+    records: list[AssetRecord],
+    filtered: list,
+    run_dir: Path,
+    retry_failed: bool,
+    tracker: Any,
+    t_start: float,
 ) -> BuildSummary:
     cfg, out, run_id = run.cfg, run.out, run.run_id
     for f in filtered:
         run.row(f.record.key, "discover", "filtered", filter=f.filter, reason=f.detail)
     for r in records:
         run.row(r.key, "discover", "ok")
-    console.print(f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, "
-                  f"{len(filtered)} filtered by metadata -> {out}")
+    console.print(
+        f"[bold]know3d data build[/] {cfg.source.kind}: {len(records)} assets, "
+        f"{len(filtered)} filtered by metadata -> {out}"
+    )
 
     with _progress() as progress:
         kept = _ingest_stage(run, ray, progress, source, records)
@@ -571,5 +648,13 @@ def _stages(
     for artifact in (manifest_path, out / INDEX_FILE, run_dir / "summary.json", sheet):
         if artifact is not None and artifact.is_file():
             tracker.log_artifact(artifact)
-    return BuildSummary(out, run_id, counts, index["num_samples"], index["num_shards"], num_failed, metrics,
-                        getattr(tracker, "run_id", None))
+    return BuildSummary(
+        out,
+        run_id,
+        counts,
+        index["num_samples"],
+        index["num_shards"],
+        num_failed,
+        metrics,
+        getattr(tracker, "run_id", None),
+    )

@@ -8,14 +8,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import ConfigError, load_config
+from know3d.pipeline.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Know3D data-and-training pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect front/back view data sets.")
@@ -41,14 +41,16 @@ def _quiet_libraries() -> None:
 
 @data_app.command("build")
 def data_build(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config differences.")] = None,
-    source: Annotated[Optional[str], typer.Option(help="local | objaverse | texverse | procedural")] = None,
-    input: Annotated[Optional[list[str]], typer.Option("--input", help="Folder, file or glob (repeatable).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML file of config differences.")] = None,
+    source: Annotated[str | None, typer.Option(help="local | objaverse | texverse | procedural")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", help="Folder, file or glob (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any asset failed.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Render assets that failed before again.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Render assets that failed before again.")
+    ] = False,
 ) -> None:
     """Discover, render and shard 3D assets into front/back pair WebDatasets."""
     _quiet_libraries()
@@ -67,18 +69,18 @@ def data_build(
             cfg.source.local.input = list(input)
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if input and cfg.source.kind != "local":
         err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
 
-    from pipeline.build import run_build
-    from pipeline.runtime import UsageError
+    from know3d.pipeline.build import run_build
+    from know3d.pipeline.runtime import UsageError
 
     try:
         summary = run_build(cfg, retry_failed=retry_failed)
     except UsageError as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _print_counts(summary.counts)
     m = summary.metrics
     out.print(
@@ -92,7 +94,7 @@ def data_build(
     if summary.num_failed:
         out.print(f"[yellow]{summary.num_failed} failed[/] (details: know3d data status --output {summary.output})")
         if cfg.strict:
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
 
 def _print_counts(counts: dict) -> None:
@@ -116,17 +118,19 @@ def data_status(
     failures: Annotated[int, typer.Option(help="List up to N failed assets.")] = 20,
 ) -> None:
     """Counts per stage, filter and failure reason of a build, and its shards."""
-    from pipeline.manifest import read_manifest, summarize
-    from pipeline.shards import load_index
+    from know3d.pipeline.manifest import read_manifest, summarize
+    from know3d.pipeline.shards import load_index
 
     try:
         rows = read_manifest(output)
     except FileNotFoundError as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _print_counts(summarize(rows))
     index = load_index(output)
-    splits = ", ".join(f"{k}: {v['num_samples']} samples / {v['num_shards']} shards" for k, v in index.get("splits", {}).items())
+    splits = ", ".join(
+        f"{k}: {v['num_samples']} samples / {v['num_shards']} shards" for k, v in index.get("splits", {}).items()
+    )
     out.print(f"shards: {index.get('num_shards', 0)} ({splits or 'none'})")
     failed = [r for r in rows if r["status"] == "failed"][:failures]
     if failed:
@@ -143,19 +147,19 @@ def data_status(
 def data_review(
     output: Annotated[Path, typer.Option(help="Output folder of a build.")],
     num: Annotated[int, typer.Option(help="Number of pairs to show (a seeded random sample).")] = 48,
-    html_path: Annotated[Optional[Path], typer.Option("--html", help="Where to write the gallery.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Only shards of this split (train, val).")] = None,
+    html_path: Annotated[Path | None, typer.Option("--html", help="Where to write the gallery.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only shards of this split (train, val).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
 ) -> None:
     """Write a static HTML gallery (front, back, descriptions, status) for N pairs."""
-    from annotation.review import write_gallery
-    from pipeline.shards import load_index
+    from know3d.annotation.review import write_gallery
+    from know3d.pipeline.shards import load_index
 
     index = load_index(output)
     shards = [output / e["name"] for e in index.get("shards", []) if split is None or e["split"] == split]
     if not shards:
         err.print(f"[red]error:[/] no shards in {output}" + (f" for split '{split}'" if split else ""))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     target = html_path or output / "review.html"
     count = write_gallery(shards, target, num, seed)
     out.print(f"{count} pairs -> {target}")
@@ -163,16 +167,18 @@ def data_review(
 
 @train_app.command("backview")
 def train_backview(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config differences.")] = None,
-    shards: Annotated[Optional[list[str]], typer.Option("--shards", help="Data-build output / shards (repeatable).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Run folder (checkpoints, LoRA).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML file of config differences.")] = None,
+    shards: Annotated[
+        list[str] | None, typer.Option("--shards", help="Data-build output / shards (repeatable).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, LoRA).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore existing checkpoints and start over.")] = False,
 ) -> None:
     """LoRA of Qwen-Image-Edit for front -> back views; resumes from the last checkpoint."""
     _quiet_libraries()
-    from pipeline.config import TrainBackviewConfig
+    from know3d.pipeline.config import TrainBackviewConfig
 
     overrides = list(set_ or [])
     if shards:
@@ -185,18 +191,18 @@ def train_backview(
         cfg = load_config(config, overrides, model=TrainBackviewConfig)
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2)
-    from pipeline.runtime import UsageError
-    from pipeline.train import run_train_backview
+        raise typer.Exit(2) from None
+    from know3d.pipeline.runtime import UsageError
+    from know3d.pipeline.train import run_train_backview
 
     try:
         metrics = run_train_backview(cfg, fresh=fresh)
     except (ValueError, FileNotFoundError, UsageError) as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except RuntimeError as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     loss = metrics.get("loss")
     out.print(f"trained {metrics.get('step')} steps, loss {loss:.4f}" if loss is not None else "trained")
     if "samples_per_s" in metrics:
@@ -206,53 +212,71 @@ def train_backview(
 
 @generate_app.command("backview")
 def generate_backview_cmd(
-    image: Annotated[list[Path], typer.Option("--image", help="Front view (PNG/JPEG; alpha is composited on white); "
-                                              "repeat for several (the model loads once).")],
-    lora: Annotated[Optional[Path], typer.Option("--lora", help="Exported LoRA folder (<run>/lora); without it, --model alone.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(
-        "--prompt", help="A back-view component, e.g. 'two shoulder straps': one for all images, or one per --image "
-        "in order ('' = none).")] = None,
-    output: Annotated[Path, typer.Option("--output", help="Where to write the back view; with several --image, a "
-                                         "folder receiving <front name>.png.")] = Path("back.png"),
-    model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
+    image: Annotated[
+        list[Path],
+        typer.Option(
+            "--image",
+            help="Front view (PNG/JPEG; alpha is composited on white); repeat for several (the model loads once).",
+        ),
+    ],
+    lora: Annotated[
+        Path | None, typer.Option("--lora", help="Exported LoRA folder (<run>/lora); without it, --model alone.")
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            help="A back-view component, e.g. 'two shoulder straps': one for all images, or one per --image "
+            "in order ('' = none).",
+        ),
+    ] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", help="Where to write the back view; with several --image, a folder receiving <front name>.png."
+        ),
+    ] = Path("back.png"),
+    model: Annotated[str | None, typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
     cfg_scale: Annotated[float, typer.Option(help="True CFG scale (1 = off).")] = 4.0,
-    size: Annotated[Optional[int], typer.Option(help="Resolution (default: the training resolution).")] = None,
+    size: Annotated[int | None, typer.Option(help="Resolution (default: the training resolution).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
 ) -> None:
     """Generate the back view of an object from its front view (+ an optional description)."""
     _quiet_libraries()
-    from training.generate import generate_backviews
+    from know3d.training.generate import generate_backviews
 
     prompts = [p or None for p in (prompt or [None])]
     if len(prompts) == 1:
         prompts = prompts * len(image)
     if len(prompts) != len(image):
         err.print(f"[red]error:[/] {len(prompt or [])} --prompt for {len(image)} --image: give one, or one per image")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if len(image) == 1:
         outputs = [output]
     else:
         names = [p.stem for p in image]
         if len(set(names)) != len(names):
             err.print("[red]error:[/] several --image share a file name; their back views would overwrite each other")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         outputs = [output / f"{name}.png" for name in names]
     try:
-        paths = generate_backviews(image, outputs, lora, prompts, model=model, image_size=size, steps=steps,
-                                   seed=seed, cfg_scale=cfg_scale)
+        paths = generate_backviews(
+            image, outputs, lora, prompts, model=model, image_size=size, steps=steps, seed=seed, cfg_scale=cfg_scale
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     for path in paths:
         out.print(f"back view -> {path}")
 
 
-def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str], address: Optional[str],
-              strict: bool, run) -> None:
+def _run_eval(
+    config: Path | None, set_: list[str] | None, extra: list[str], address: str | None, strict: bool, run
+) -> None:
     """Resolve the eval config (file, flags, --set), run, print the summary; usage errors exit 2."""
-    from pipeline.config import EvalConfig
-    from pipeline.evaluate import EvalError
+    from know3d.pipeline.config import EvalConfig
+    from know3d.pipeline.evaluate import EvalError
 
     if address:
         extra.append(f"ray.address={json.dumps(address)}")
@@ -260,21 +284,23 @@ def _run_eval(config: Optional[Path], set_: Optional[list[str]], extra: list[str
         cfg = load_config(config, extra + list(set_ or []), model=EvalConfig)
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2)
-    from pipeline.runtime import UsageError
+        raise typer.Exit(2) from None
+    from know3d.pipeline.runtime import UsageError
 
     try:
         summary = run(cfg)
     except (EvalError, UsageError) as exc:
         err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     _print_eval(summary, strict)
 
 
 def _print_eval(summary, strict: bool) -> None:
-    from evaluation.results import order_metrics
+    from know3d.evaluation.results import order_metrics
 
-    table = Table(title=f"eval {summary.kind}: {summary.ok} ok, {summary.errors} errors, {summary.missing} missing of {summary.total}")
+    table = Table(
+        title=f"eval {summary.kind}: {summary.ok} ok, {summary.errors} errors, {summary.missing} missing of {summary.total}"
+    )
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("n", justify="right")
@@ -287,8 +313,10 @@ def _print_eval(summary, strict: bool) -> None:
     if len(summary.failures) > 10:
         out.print(f"... {len(summary.failures) - 10} more in summary.json")
     if summary.semantic_failures:
-        out.print(f"{len(summary.semantic_failures)} uid(s) without ULIP/Uni3D scores (geometry kept), e.g. "
-                  f"{escape(summary.semantic_failures[0][0])}: {escape(summary.semantic_failures[0][1])}")
+        out.print(
+            f"{len(summary.semantic_failures)} uid(s) without ULIP/Uni3D scores (geometry kept), e.g. "
+            f"{escape(summary.semantic_failures[0][0])}: {escape(summary.semantic_failures[0][1])}"
+        )
     for name, reason in summary.skipped.items():
         out.print(f"skipped {escape(name)}: {escape(reason)}")
     reused = f"; {summary.reused} reused from an earlier run" if summary.reused else ""
@@ -296,7 +324,7 @@ def _print_eval(summary, strict: bool) -> None:
     if summary.run_id:
         out.print(f"mlflow run {summary.run_id}")
     if strict and (summary.errors or summary.missing):
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 _EVAL_HELP = {
@@ -312,15 +340,17 @@ _EVAL_HELP = {
 def eval_shapes_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="A method's meshes: <pred>/<uid>/000.glb.")],
     output: Annotated[Path, typer.Option("--output", help="Output folder (results, tables, report).")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Condition images: <images>/<uid>/000.png.")] = None,
-    gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth meshes: <gt>/<uid>/000.glb (geometry metrics).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Condition images: <images>/<uid>/000.png.")] = None,
+    gt: Annotated[
+        Path | None, typer.Option("--gt", help="Ground-truth meshes: <gt>/<uid>/000.glb (geometry metrics).")
+    ] = None,
     no_semantic: Annotated[bool, typer.Option("--no-semantic", help="Skip the ULIP / Uni3D scores.")] = False,
-    ulip_ckpt: Annotated[Optional[Path], typer.Option("--ulip-ckpt", help="ULIP-2 PointBERT checkpoint.")] = None,
-    uni3d_ckpt: Annotated[Optional[Path], typer.Option("--uni3d-ckpt", help="Uni3D-g model.pt.")] = None,
-    clip_ckpt: Annotated[Optional[Path], typer.Option("--clip-ckpt", help="open_clip EVA02-E-14-plus weights.")] = None,
-    config: Annotated[Optional[Path], typer.Argument(help=_EVAL_HELP["config"])] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
-    address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
+    ulip_ckpt: Annotated[Path | None, typer.Option("--ulip-ckpt", help="ULIP-2 PointBERT checkpoint.")] = None,
+    uni3d_ckpt: Annotated[Path | None, typer.Option("--uni3d-ckpt", help="Uni3D-g model.pt.")] = None,
+    clip_ckpt: Annotated[Path | None, typer.Option("--clip-ckpt", help="open_clip EVA02-E-14-plus weights.")] = None,
+    config: Annotated[Path | None, typer.Argument(help=_EVAL_HELP["config"])] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_EVAL_HELP["set"])] = None,
+    address: Annotated[str | None, typer.Option(help=_EVAL_HELP["address"])] = None,
     strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
 ) -> None:
@@ -329,10 +359,14 @@ def eval_shapes_cmd(
     extra = []
     if no_semantic:
         extra.append("semantic.enabled=false")
-    for key, value in (("ulip.checkpoint", ulip_ckpt), ("uni3d.checkpoint", uni3d_ckpt), ("uni3d.clip_checkpoint", clip_ckpt)):
+    for key, value in (
+        ("ulip.checkpoint", ulip_ckpt),
+        ("uni3d.checkpoint", uni3d_ckpt),
+        ("uni3d.clip_checkpoint", clip_ckpt),
+    ):
         if value is not None:
             extra.append(f"semantic.{key}={json.dumps(str(value))}")
-    from pipeline.evaluate import evaluate_shapes
+    from know3d.pipeline.evaluate import evaluate_shapes
 
     _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_shapes(cfg, pred, images, gt, output, fresh))
 
@@ -342,11 +376,15 @@ def eval_backviews_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="Generated back views: <pred>/<uid>/000.png.")],
     gt: Annotated[Path, typer.Option("--gt", help="True back views: <gt>/<uid>/000.png.")],
     output: Annotated[Path, typer.Option("--output", help="Output folder (results, tables, report).")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Front (condition) views, shown in the report.")] = None,
-    background: Annotated[Optional[str], typer.Option(help="Background both images are composited on: white|black|gray.")] = None,
-    config: Annotated[Optional[Path], typer.Argument(help=_EVAL_HELP["config"])] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help=_EVAL_HELP["set"])] = None,
-    address: Annotated[Optional[str], typer.Option(help=_EVAL_HELP["address"])] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Front (condition) views, shown in the report.")
+    ] = None,
+    background: Annotated[
+        str | None, typer.Option(help="Background both images are composited on: white|black|gray.")
+    ] = None,
+    config: Annotated[Path | None, typer.Argument(help=_EVAL_HELP["config"])] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=_EVAL_HELP["set"])] = None,
+    address: Annotated[str | None, typer.Option(help=_EVAL_HELP["address"])] = None,
     strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
 ) -> None:
@@ -355,9 +393,11 @@ def eval_backviews_cmd(
     extra = []
     if background:
         extra.append(f"images.background={background}")
-    from pipeline.evaluate import evaluate_backviews
+    from know3d.pipeline.evaluate import evaluate_backviews
 
-    _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images, fresh))
+    _run_eval(
+        config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images, fresh)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.prompting import DEFAULT_INSTRUCTION
+from know3d.training.prompting import DEFAULT_INSTRUCTION
 
 
 class ConfigError(ValueError):
@@ -138,7 +138,7 @@ class RenderConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _ranges(self) -> "RenderConfig":
+    def _ranges(self) -> RenderConfig:
         lo, hi = self.fov_range_deg
         if not 1.0 <= lo <= hi < 179.0:
             raise ValueError(f"fov_range_deg must satisfy 1 <= lo <= hi < 179, got {self.fov_range_deg}")
@@ -153,7 +153,9 @@ class RenderConfig(_Strict):
 
 class ShardConfig(_Strict):
     min_view_coverage: float = Field(
-        default=0.002, ge=0.0, le=1.0,
+        default=0.002,
+        ge=0.0,
+        le=1.0,
         description="A pair whose front or back view covers less of the image (mask fraction) is filtered.",
     )
     max_samples: int = Field(default=1000, ge=1)
@@ -185,9 +187,7 @@ class TrackingConfig(_Strict):
     """Where a stage's MLflow run goes (every stage); stage sections add their own options."""
 
     enabled: bool = True
-    tracking_uri: str | None = Field(
-        default=None, description="None = sqlite file 'mlflow.db' in the working folder."
-    )
+    tracking_uri: str | None = Field(default=None, description="None = sqlite file 'mlflow.db' in the working folder.")
     experiment: str = "know3d-data"
     run_name: str | None = None
 
@@ -200,7 +200,7 @@ DEFAULT_PROMPT = (
     "The first image shows an object from the front, the second shows the same object from the back. "
     "List the salient components of the object that are visible in the back view, especially those "
     "hidden or less visible from the front. Answer with a JSON list of at most {max_items} short noun "
-    "phrases of at most {max_words} words each, e.g. [\"two padded shoulder straps\", \"a zipper pocket\"]. "
+    'phrases of at most {max_words} words each, e.g. ["two padded shoulder straps", "a zipper pocket"]. '
     "Describe the object's parts only, never the picture or the camera.{hint}"
 )
 
@@ -305,11 +305,14 @@ class TrainDataConfig(_Strict):
         default=None, ge=1, description="Train only on the first N pairs (shard order, after `keys`); overfit checks."
     )
     max_pairs_per_asset: int | None = Field(
-        default=None, ge=1, description="At most N pairs of each asset (applied before max_pairs): 1 = distinct objects."
+        default=None,
+        ge=1,
+        description="At most N pairs of each asset (applied before max_pairs): 1 = distinct objects.",
     )
     validation_split: Literal["val", "train"] = Field(
-        default="val", description="Where validation pairs come from; 'train' = the training selection itself "
-        "(overfit checks: the grid shows what the model memorized)."
+        default="val",
+        description="Where validation pairs come from; 'train' = the training selection itself "
+        "(overfit checks: the grid shows what the model memorized).",
     )
 
 
@@ -452,7 +455,8 @@ class EvalImagesConfig(_Strict):
     max_pixels: int = Field(default=4096 * 4096, ge=1, description="Decoding bound per image.")
     lpips: bool = True
     lpips_backbone: str | None = Field(
-        default=None, description="AlexNet weights for LPIPS (None = $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth)."
+        default=None,
+        description="AlexNet weights for LPIPS (None = $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth).",
     )
 
 
@@ -487,7 +491,7 @@ class EvalConfig(_Strict):
     mlflow: EvalMlflowConfig = Field(default_factory=EvalMlflowConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EvalConfig":
+    def _consistent(self) -> EvalConfig:
         if self.points.surface_samples <= self.points.fps_points:
             raise ValueError(
                 f"points.surface_samples ({self.points.surface_samples}) must exceed points.fps_points "

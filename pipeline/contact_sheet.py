@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pipeline.shards import iter_samples
+from know3d.pipeline.shards import iter_samples
 
 TILE = 192
 LABEL_H = 18
@@ -50,7 +50,9 @@ def make_contact_sheet(shards: list[Path], num_pairs: int, out: Path, columns: i
             sheet.paste(tile.resize((TILE, TILE)), (x + j * (TILE + 4), y + LABEL_H))
         fa, ba = meta["front_camera"]["azimuth_deg"], meta["back_camera"]["azimuth_deg"]
         name = (meta.get("name") or meta["asset_id"][:8])[:22]
-        draw.text((x + 4, y + 3), f"{name} #{meta['pair_index']}  front {fa:.0f}° | back {ba:.0f}°", fill=(255, 255, 255))
+        draw.text(
+            (x + 4, y + 3), f"{name} #{meta['pair_index']}  front {fa:.0f}° | back {ba:.0f}°", fill=(255, 255, 255)
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

@@ -38,12 +38,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
-from pipeline.build import run_bounded
-from pipeline.runtime import check_output, ray_session
-from pipeline.config import EvalConfig, dump_config
-from pipeline.tracking import check_uri, make_tracker
-from rendering.assets import MESH_EXTENSIONS
+from know3d.evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
+from know3d.pipeline.build import run_bounded
+from know3d.pipeline.config import EvalConfig, dump_config
+from know3d.pipeline.runtime import check_output, ray_session
+from know3d.pipeline.tracking import check_uri, make_tracker
+from know3d.rendering.assets import MESH_EXTENSIONS
 
 console = Console(stderr=True)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -131,7 +131,7 @@ def _report_unmatched(unmatched: dict[str, list[str]]) -> None:
 
 
 def _measure_task(job_json: dict, cfg_json: str, out_dir: str) -> tuple[dict, Any]:
-    from evaluation.shapes import ShapeJob, measure_shape, process_renderer
+    from know3d.evaluation.shapes import ShapeJob, measure_shape, process_renderer
 
     cfg = EvalConfig.model_validate_json(cfg_json)
     renderer = process_renderer(cfg.report.resolution, cfg.report.backend) if cfg.report.renders else None
@@ -143,7 +143,7 @@ class ScoringActor:
     """Holds the ULIP / Uni3D models; one call per uid."""
 
     def __init__(self, spec_json: dict) -> None:
-        from evaluation.semantic import CheckpointError, ScorerSpec, SemanticScorer
+        from know3d.evaluation.semantic import CheckpointError, ScorerSpec, SemanticScorer
 
         self.scorer, self.error = None, None
         try:
@@ -239,7 +239,7 @@ def protocol_fingerprint(cfg: EvalConfig) -> str:
     # a checkpoint replaced at the same path changes the scores too
     files = [cfg.semantic.ulip.checkpoint, cfg.semantic.uni3d.checkpoint, cfg.semantic.uni3d.clip_checkpoint]
     if cfg.images.lpips:
-        from evaluation.images import default_alexnet_path
+        from know3d.evaluation.images import default_alexnet_path
 
         files.append(cfg.images.lpips_backbone or str(default_alexnet_path()))
     data["files"] = [inputs_key(f) if f and Path(f).is_file() else None for f in files]
@@ -321,9 +321,20 @@ def _prepare_output(output: Path, cfg: EvalConfig, fresh: bool) -> tuple[Path, R
     return output, store
 
 
-def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmatched: dict, skipped: dict,
-            params: dict, start: float, report_fn: Any, store: ResultStore, reused: int,
-            measure_seconds: float) -> EvalSummary:
+def _finish(
+    kind: str,
+    output: Path,
+    cfg: EvalConfig,
+    results: list[dict],
+    unmatched: dict,
+    skipped: dict,
+    params: dict,
+    start: float,
+    report_fn: Any,
+    store: ResultStore,
+    reused: int,
+    measure_seconds: float,
+) -> EvalSummary:
     results.sort(key=lambda r: r["uid"])
     for r in results:
         if "fingerprint" not in r:  # missing uids: recorded, never reused
@@ -333,7 +344,15 @@ def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmat
     write_tables(output, results, table)
     counts = {s: sum(r["status"] == s for r in results) for s in ("ok", "error", "missing")}
     summary = EvalSummary(
-        kind, output, len(results), counts["ok"], counts["error"], counts["missing"], table, unmatched, skipped,
+        kind,
+        output,
+        len(results),
+        counts["ok"],
+        counts["error"],
+        counts["missing"],
+        table,
+        unmatched,
+        skipped,
         seconds=time.perf_counter() - start,
         measure_seconds=measure_seconds,
         failures=[(r["uid"], r.get("error", "")) for r in results if r["status"] != "ok"],
@@ -353,9 +372,16 @@ def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmat
     try:
         tracker.log_params({**params, **cfg.model_dump(mode="json")})
         metrics = {f"{_mlflow_safe(k)}_mean": v["mean"] for k, v in table.items() if math.isfinite(v["mean"])}
-        metrics.update({"num_reused": summary.reused, "num_uids": summary.total, "num_ok": summary.ok,
-                        "num_errors": summary.errors, "num_missing": summary.missing,
-                        "num_semantic_errors": len(summary.semantic_failures)})
+        metrics.update(
+            {
+                "num_reused": summary.reused,
+                "num_uids": summary.total,
+                "num_ok": summary.ok,
+                "num_errors": summary.errors,
+                "num_missing": summary.missing,
+                "num_semantic_errors": len(summary.semantic_failures),
+            }
+        )
         tracker.log_metrics(metrics)
         for name in ("summary.json", "metrics.csv", "metrics.md", "report.html", "config.yaml"):
             tracker.log_artifact(output / name)
@@ -371,19 +397,22 @@ def _finish(kind: str, output: Path, cfg: EvalConfig, results: list[dict], unmat
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
 
 
-def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path | None, output: Path,
-                    fresh: bool = False) -> EvalSummary:
+def evaluate_shapes(
+    cfg: EvalConfig, pred: Path, images: Path | None, gt: Path | None, output: Path, fresh: bool = False
+) -> EvalSummary:
     """Evaluate every predicted mesh; never stops on a bad mesh (it becomes an error entry)."""
-    from evaluation.report import write_shapes_report
+    from know3d.evaluation.report import write_shapes_report
 
     start = time.perf_counter()
     if cfg.semantic.enabled and images is None:
         raise EvalError("the ULIP/Uni3D scores need --images (or pass --no-semantic)")
     if cfg.semantic.enabled:
-        from evaluation.semantic import CheckpointError, ScorerSpec
+        from know3d.evaluation.semantic import CheckpointError, ScorerSpec
 
         if not (cfg.semantic.ulip.enabled or cfg.semantic.uni3d.enabled):
             raise EvalError("semantic.enabled is true but both ulip and uni3d are disabled (pass --no-semantic)")
@@ -397,8 +426,12 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
     jobs, keys = [], {}
     for uid in found.uids:
         p, i, g = found.preds.get(uid), found.images.get(uid), found.gts.get(uid)
-        job = {"uid": uid, "pred": str(p.resolve()) if p else None, "gt": str(g.resolve()) if g else None,
-               "image": str(i.resolve()) if i else None}
+        job = {
+            "uid": uid,
+            "pred": str(p.resolve()) if p else None,
+            "gt": str(g.resolve()) if g else None,
+            "image": str(i.resolve()) if i else None,
+        }
         keys[uid] = inputs_key(job["pred"], job["gt"], job["image"] if cfg.semantic.enabled else None)
         previous = store.reusable(uid, keys[uid])
         if previous is not None:
@@ -424,13 +457,17 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         if cfg.semantic.enabled and jobs:
             # the actor holds a CPU only where that cannot starve the measuring tasks
             actor_cpus = 1 if ray.cluster_resources().get("CPU", 0) >= 2 else 0
-            actor = ray.remote(num_cpus=actor_cpus, num_gpus=cfg.semantic.num_gpus)(ScoringActor).remote(scorer_spec(cfg))
+            actor = ray.remote(num_cpus=actor_cpus, num_gpus=cfg.semantic.num_gpus)(ScoringActor).remote(
+                scorer_spec(cfg)
+            )
             try:
                 info = ray.get(actor.info.remote())
             except Exception as exc:  # noqa: BLE001 - e.g. killed by the OOM killer while loading
-                raise EvalError(f"the ULIP/Uni3D scoring actor died while loading the models "
-                                f"({type(exc).__name__}); out of memory? the full models need ~22 GB "
-                                "(use a GPU node: semantic.num_gpus=1)") from None
+                raise EvalError(
+                    f"the ULIP/Uni3D scoring actor died while loading the models "
+                    f"({type(exc).__name__}); out of memory? the full models need ~22 GB "
+                    "(use a GPU node: semantic.num_gpus=1)"
+                ) from None
             if "error" in info:
                 ray.kill(actor)
                 raise EvalError(info["error"])
@@ -445,8 +482,11 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         while queue or pending:
             # at most `concurrency` meshes in flight, and a bounded backlog of point clouds waiting
             # for the scoring actor (they sit in the object store until scored)
-            while (queue and sum(v[0] == "measure" for v in pending.values()) < cfg.ray.concurrency
-                   and sum(v[0] == "score" for v in pending.values()) < 2 * cfg.ray.concurrency):
+            while (
+                queue
+                and sum(v[0] == "measure" for v in pending.values()) < cfg.ray.concurrency
+                and sum(v[0] == "score" for v in pending.values()) < 2 * cfg.ray.concurrency
+            ):
                 job = queue.pop()
                 pending[measure.remote(job, cfg_json, str(output))] = ("measure", job)
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -456,7 +496,12 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
                 try:
                     result, points = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a crashed worker fails this uid only
-                    result = {**item, "status": "error", "stage": "worker", "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    result = {
+                        **item,
+                        "status": "error",
+                        "stage": "worker",
+                        "error": f"{type(exc).__name__}: {exc}"[:500],
+                    }
                     points = None
                 if actor is not None and points is not None and result["status"] == "ok":
                     pending[actor.score.remote(points, result["image"])] = ("score", result)
@@ -482,8 +527,20 @@ def evaluate_shapes(cfg: EvalConfig, pred: Path, images: Path | None, gt: Path |
         skipped["semantic"] = "disabled (--no-semantic)"
     if gt is None:
         skipped["geometry"] = "no --gt given"
-    return _finish("shapes", output, cfg, results, found.unmatched, skipped, params, start, write_shapes_report,
-                   store, reused, measure_seconds)
+    return _finish(
+        "shapes",
+        output,
+        cfg,
+        results,
+        found.unmatched,
+        skipped,
+        params,
+        start,
+        write_shapes_report,
+        store,
+        reused,
+        measure_seconds,
+    )
 
 
 # --------------------------------------------------------------------------- back views
@@ -493,7 +550,7 @@ def _backview_task(uid: str, pred: str, gt: str, cfg_json: str, front: str | Non
     """Metrics of one generated back view; with the front view (``--images``) also the
     front-as-prediction baseline (``baseline_front_psnr``/``_ssim``): what a model that
     learned nothing about backs, and returned its input, would score."""
-    from evaluation.images import ImageError, compare_images, load_rgb
+    from know3d.evaluation.images import ImageError, compare_images, load_rgb
 
     cfg = EvalConfig.model_validate_json(cfg_json)
     result: dict = {"uid": uid, "prediction": pred, "ground_truth": gt}
@@ -523,17 +580,18 @@ def _lpips_for(cfg: EvalConfig) -> Any:
         return None
     key = cfg.images.lpips_backbone or ""
     if key not in _LPIPS:
-        from evaluation.images import Lpips
+        from know3d.evaluation.images import Lpips
 
         _LPIPS[key] = Lpips(Path(cfg.images.lpips_backbone) if cfg.images.lpips_backbone else None)
     return _LPIPS[key]
 
 
-def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, images: Path | None = None,
-                       fresh: bool = False) -> EvalSummary:
+def evaluate_backviews(
+    cfg: EvalConfig, pred: Path, gt: Path, output: Path, images: Path | None = None, fresh: bool = False
+) -> EvalSummary:
     """PSNR / SSIM / LPIPS of generated back views against the true ones (``<uid>/000.png``)."""
-    from evaluation.images import Lpips
-    from evaluation.report import write_backviews_report
+    from know3d.evaluation.images import Lpips
+    from know3d.evaluation.report import write_backviews_report
 
     start = time.perf_counter()
     preds, bad_preds = scan(pred, IMAGE_EXTENSIONS, "predictions")
@@ -558,8 +616,10 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
         skipped["lpips"] = "disabled (images.lpips=false)"
     output, store = _prepare_output(output, cfg, fresh)
     results: list[dict] = []
-    keys = {uid: inputs_key(str(preds[uid]), str(gts[uid]), str(conds[uid]) if uid in conds else None)
-            for uid in sorted(set(preds) & set(gts))}
+    keys = {
+        uid: inputs_key(str(preds[uid]), str(gts[uid]), str(conds[uid]) if uid in conds else None)
+        for uid in sorted(set(preds) & set(gts))
+    }
     queue = []
     for uid in sorted(keys):
         previous = store.reusable(uid, keys[uid])
@@ -573,9 +633,15 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
             queue.append(uid)
     reused = len(results)
     cfg_json = cfg.model_dump_json()
+
     def finished(uid: str, result: dict | BaseException) -> None:
         if isinstance(result, BaseException):  # a crashed worker fails this uid only
-            result = {"uid": uid, "status": "error", "stage": "worker", "error": f"{type(result).__name__}: {result}"[:500]}
+            result = {
+                "uid": uid,
+                "status": "error",
+                "stage": "worker",
+                "error": f"{type(result).__name__}: {result}"[:500],
+            }
         if uid in conds:
             result["condition"] = str(conds[uid])
         store.put(result, keys[uid])
@@ -584,14 +650,36 @@ def evaluate_backviews(cfg: EvalConfig, pred: Path, gt: Path, output: Path, imag
     with ray_session(cfg) as ray, _progress() as progress:
         task = ray.remote(num_cpus=1)(_backview_task)
         measure_start = time.perf_counter()
-        run_bounded(ray, lambda uid, _slot: task.remote(uid, str(preds[uid]), str(gts[uid]), cfg_json,
-                                                       str(conds[uid]) if uid in conds else None), queue,
-                 list(range(cfg.ray.concurrency)), finished, progress, "comparing back views")
+        run_bounded(
+            ray,
+            lambda uid, _slot: task.remote(
+                uid, str(preds[uid]), str(gts[uid]), cfg_json, str(conds[uid]) if uid in conds else None
+            ),
+            queue,
+            list(range(cfg.ray.concurrency)),
+            finished,
+            progress,
+            "comparing back views",
+        )
         measure_seconds = time.perf_counter() - measure_start
     for uid in unmatched["prediction_without_gt"]:
-        results.append({"uid": uid, "prediction": str(preds[uid]), "status": "missing", "error": "no ground-truth image"})
+        results.append(
+            {"uid": uid, "prediction": str(preds[uid]), "status": "missing", "error": "no ground-truth image"}
+        )
     for uid in unmatched["gt_without_prediction"]:
         results.append({"uid": uid, "ground_truth": str(gts[uid]), "status": "missing", "error": "no prediction"})
     params = {"pred": str(pred), "gt": str(gt), "images": str(images)}
-    return _finish("backviews", output, cfg, results, unmatched, skipped, params, start, write_backviews_report,
-                   store, reused, measure_seconds)
+    return _finish(
+        "backviews",
+        output,
+        cfg,
+        results,
+        unmatched,
+        skipped,
+        params,
+        start,
+        write_backviews_report,
+        store,
+        reused,
+        measure_seconds,
+    )

@@ -10,11 +10,12 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from rendering.assets import describe_exception
+from know3d.rendering.assets import describe_exception
 
 
 class UsageError(RuntimeError):
@@ -49,8 +50,9 @@ def check_output(output: str | None) -> Path:
     try:  # os.access says yes to root on read-only or virtual file systems (/proc): try it
         os.rmdir(tempfile.mkdtemp(prefix=".know3d-probe-", dir=existing))
     except OSError as exc:
-        raise OutputUnusable(f"--output {out}: cannot create folders in {existing} "
-                             f"({exc.strerror or type(exc).__name__})") from None
+        raise OutputUnusable(
+            f"--output {out}: cannot create folders in {existing} ({exc.strerror or type(exc).__name__})"
+        ) from None
     return out
 
 
@@ -64,7 +66,7 @@ def _ray():
 def _bootstrap_target(address: str) -> tuple[str, int]:
     """host and port that ``ray.init(address)`` would connect to first."""
     if address.startswith("ray://"):
-        hostport = address[len("ray://"):].split("/", 1)[0]
+        hostport = address[len("ray://") :].split("/", 1)[0]
     elif address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
 
@@ -73,8 +75,10 @@ def _bootstrap_target(address: str) -> tuple[str, int]:
         except Exception:  # noqa: BLE001 - Ray says why in a long message; ours is one line
             found = None
         if not found:
-            raise ClusterUnreachable("address 'auto': no running Ray cluster found on this machine (start one "
-                                     "with `ray start --head`, or leave --address out for a local Ray)")
+            raise ClusterUnreachable(
+                "address 'auto': no running Ray cluster found on this machine (start one "
+                "with `ray start --head`, or leave --address out for a local Ray)"
+            )
         hostport = found
     else:
         hostport = address

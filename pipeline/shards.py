@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import webdataset as wds
 
-from pipeline.config import ShardConfig
-from rendering.process import asset_dir, read_asset, usable_pairs
+from know3d.pipeline.config import ShardConfig
+from know3d.rendering.process import asset_dir, read_asset, usable_pairs
 
 INDEX_FILE = "shard_index.json"
 _EXTRAS = (("depth", "include_depth"), ("normal", "include_normal"), ("mask", "include_mask"))
@@ -99,8 +99,10 @@ def plan_shards(work: Path, assets: list[dict], cfg: ShardConfig, seed: int) -> 
         for summary in items:
             for pair_index in usable_pairs(summary, cfg.min_view_coverage)[0]:
                 size = _pair_bytes(work, summary["sha256"], tuple(summary["pairs"][pair_index]), cfg)
-                if current is None or len(current.members) >= cfg.max_samples or (
-                    current.members and current.est_bytes + size > cfg.max_bytes
+                if (
+                    current is None
+                    or len(current.members) >= cfg.max_samples
+                    or (current.members and current.est_bytes + size > cfg.max_bytes)
                 ):
                     current = ShardPlan(f"{split}-{count:06d}.tar", split)
                     plans.append(current)
@@ -177,7 +179,9 @@ def write_shard(
                     "front.png": (folder / "rgba" / f"{front:03d}.png").read_bytes(),
                     "back.png": (folder / "rgba" / f"{back:03d}.png").read_bytes(),
                     "json": json.dumps(
-                        sample_json(summary, pair_index, plan.split, (annotations or {}).get(annotation_id(sha, pair_index))),
+                        sample_json(
+                            summary, pair_index, plan.split, (annotations or {}).get(annotation_id(sha, pair_index))
+                        ),
                         sort_keys=True,
                     ).encode(),
                 }

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pipeline.config import MlflowConfig
+from know3d.pipeline.config import MlflowConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,10 @@ class MlflowTracker:
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="webdataset",
-                          source=json.dumps({"uri": source}))
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        dataset = Dataset(name=name, digest=digest[:36], source_type="webdataset", source=json.dumps({"uri": source}))
+        self._client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

@@ -1,7 +1,7 @@
 """``know3d train backview``: the back-view LoRA on Ray Train (TorchTrainer + DeepSpeed).
 
 The driver resolves paths (output, MLflow URI) to absolute ones, starts or joins Ray, and runs a
-``TorchTrainer`` whose workers execute :func:`training.backview_train.ray_train_loop`. Checkpoints
+``TorchTrainer`` whose workers execute :func:`know3d.training.backview_train.ray_train_loop`. Checkpoints
 live in Ray Train's storage (``ray.storage_path``, default ``<output>/ray``) under a run name
 derived from the output folder; starting the same command again continues from the newest
 checkpoint (Ray Train's job-level restoration), ``fresh=True`` starts over.
@@ -14,9 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.runtime import check_output, ray_session
-from pipeline.config import TrainBackviewConfig
-from pipeline.tracking import check_uri, default_tracking_uri
+from know3d.pipeline.config import TrainBackviewConfig
+from know3d.pipeline.runtime import check_output, ray_session
+from know3d.pipeline.tracking import check_uri, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,10 @@ def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
             cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
         )
     if not cfg.data.shards:
-        raise ValueError("data.shards is empty: give a data-build output folder, e.g. --set data.shards=[runs/quickstart]")
-    from training.data import resolve_shards
+        raise ValueError(
+            "data.shards is empty: give a data-build output folder, e.g. --set data.shards=[runs/quickstart]"
+        )
+    from know3d.training.data import resolve_shards
 
     urls, _ = resolve_shards(cfg.data.shards, "train")  # fail early, in the driver, on bad inputs
     if not urls:
@@ -69,11 +71,11 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from training.backview_train import ray_train_loop
+        from know3d.training.backview_train import ray_train_loop
 
         if cfg.cache.enabled:
-            from training.data import resolve_shards
-            from training.latent_cache import build_cache, cache_folder
+            from know3d.training.data import resolve_shards
+            from know3d.training.latent_cache import build_cache, cache_folder
 
             counts = build_cache(cfg, resolve_shards(cfg.data.shards, "train")[0], ray)
             log.info("latent cache %s: %s", cache_folder(cfg), counts)
@@ -82,18 +84,26 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
         env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
         if not use_gpu:
             env_vars["DS_ACCELERATOR"] = "cpu"
-        for key in ("KNOW3D_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_USERNAME",
-                    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        for key in (
+            "KNOW3D_CACHE",
+            "HF_HOME",
+            "HF_HUB_OFFLINE",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN",
+        ):
             if key in os.environ:
                 env_vars[key] = os.environ[key]
         trainer = TorchTrainer(
             ray_train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json")},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            ),
             run_config=RunConfig(
-                name=name, storage_path=storage,
+                name=name,
+                storage_path=storage,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                 worker_runtime_env={"env_vars": env_vars},

@@ -32,16 +32,16 @@ import re
 import struct
 import unicodedata
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
 
-from pipeline.config import LoadConfig
+from know3d.pipeline.config import LoadConfig
 
 MESH_EXTENSIONS = ("glb", "gltf", "obj", "ply", "stl", "off")
 _IMAGE_TEXTURE_KEYS = (
@@ -215,8 +215,18 @@ def _read_glb(path: Path) -> tuple[dict, bytes]:
 # ("buffers": 5, an image uri that is a list) surfaces as an arbitrary exception deep in the
 # parser. The parts the loader walks are checked here first, with reasons that name the spot.
 
-_GLTF_ARRAYS = ("accessors", "bufferViews", "buffers", "images", "materials", "meshes", "nodes", "samplers",
-                "scenes", "textures")
+_GLTF_ARRAYS = (
+    "accessors",
+    "bufferViews",
+    "buffers",
+    "images",
+    "materials",
+    "meshes",
+    "nodes",
+    "samplers",
+    "scenes",
+    "textures",
+)
 
 
 def _json_kind(value: object) -> str:
@@ -370,7 +380,7 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
     counts = {"v": 0, "vt": 0, "vn": 0}
     mtl_refs: list[tuple[int, str]] = []
     num_triangles = 0
-    with open(path, "r", errors="replace") as fh:
+    with open(path, errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not mtl_refs and "mtllib" in line:
                 # trimesh loads the rest of the line after the first "mtllib" anywhere in the text
@@ -425,7 +435,7 @@ def _check_obj(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> list
             continue  # a missing .mtl renders with the default material, like other tools
         seen.add(mtl)
         files.append(mtl)
-        with open(mtl, "r", errors="replace") as fh:
+        with open(mtl, errors="replace") as fh:
             for mtl_line, line in enumerate(fh, 1):
                 parts = line.split()
                 if not (parts and parts[0].lower().startswith(("map_", "bump", "disp", "norm")) and len(parts) > 1):
@@ -525,7 +535,7 @@ def _stl_face_count(path: Path, limit: int) -> int | None:
         while block := fh.read(1 << 20):
             data = (tail + block).lower()
             count += data.count(needle)
-            tail = data[-(len(needle) - 1):]
+            tail = data[-(len(needle) - 1) :]
             if count > limit:
                 break
         return count
@@ -568,8 +578,10 @@ def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> l
         # an accessor without data is allocated as zeros of its count: bound every one of them
         largest = max((a["count"] for a in doc.get("accessors") or []), default=0)
         if largest > 3 * cfg.max_faces:
-            raise AssetFiltered("max_faces", f"{path.name}: an accessor declares {largest} elements "
-                                             f"> 3 x load.max_faces ({3 * cfg.max_faces})")
+            raise AssetFiltered(
+                "max_faces",
+                f"{path.name}: an accessor declares {largest} elements > 3 x load.max_faces ({3 * cfg.max_faces})",
+            )
         return _gltf_references(path, doc, binary, cfg, geometry_only)
     if ext == "obj":
         return _check_obj(path, cfg, geometry_only)
@@ -588,7 +600,7 @@ def inspect_asset(path: Path, cfg: LoadConfig, geometry_only: bool = False) -> l
 class LoadedAsset:
     """A validated scene with named parts; ``normalization`` maps it into the unit cube."""
 
-    scene: "object"  # trimesh.Scene (kept untyped so this module imports without trimesh)
+    scene: object  # trimesh.Scene (kept untyped so this module imports without trimesh)
     normalization: np.ndarray  # [4, 4] world -> unit cube
     num_faces: int
     num_parts: int
@@ -604,7 +616,7 @@ class LoadedAsset:
         }
 
 
-def _prepare_textures(geometry: "object", max_size: int, owner: str) -> None:
+def _prepare_textures(geometry: object, max_size: int, owner: str) -> None:
     """Decode every texture now (so decoding errors fail the asset at load time, and load
     time includes decoding) and downsample those above ``max_size``."""
     visual = getattr(geometry, "visual", None)
@@ -638,7 +650,7 @@ def _is_real_texture(image: object) -> bool:
 _TRIMESH_DEFAULT_DIFFUSE = (102, 102, 102)
 
 
-def _fix_untextured(geometry: "object") -> None:
+def _fix_untextured(geometry: object) -> None:
     """UVs without a real image (e.g. a missing .mtl) render near-black: use a plain colour.
 
     The material's own colour is kept when it has one; trimesh's default grey and near-black

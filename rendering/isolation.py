@@ -18,13 +18,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import BuildConfig
+from know3d.pipeline.config import BuildConfig
 
 
 def short_traceback(exc: BaseException, limit: int = 6) -> str:
     """The last ``limit`` frames and the exception, its message redacted as in manifest reasons
     (a parser's message may quote the file's content)."""
-    from rendering.assets import describe_exception
+    from know3d.rendering.assets import describe_exception
 
     frames = traceback.format_list(traceback.extract_tb(exc.__traceback__)[-limit:])
     return ("".join(frames) + describe_exception(exc, limit=300))[-2000:]
@@ -32,9 +32,9 @@ def short_traceback(exc: BaseException, limit: int = 6) -> str:
 
 def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
     """Child loop: one renderer, jobs in, result dicts out; None ends it."""
-    from rendering.assets import AssetError, AssetFiltered, describe_exception
-    from rendering.process import render_asset
-    from rendering.render import ViewRenderer
+    from know3d.rendering.assets import AssetError, AssetFiltered, describe_exception
+    from know3d.rendering.process import render_asset
+    from know3d.rendering.render import ViewRenderer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     cfg = BuildConfig.model_validate_json(cfg_json)
@@ -120,8 +120,10 @@ class IsolatedRenderer:
             self._conn.send((str(path), sha, record))
             if not self._conn.poll(timeout_s):
                 self._kill()
-                return {"status": "failed",
-                        "reason": f"{Path(path).name}: timeout: rendering took longer than {timeout_s:g} s"}
+                return {
+                    "status": "failed",
+                    "reason": f"{Path(path).name}: timeout: rendering took longer than {timeout_s:g} s",
+                }
             result = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             self._proc.join(5)
@@ -152,7 +154,7 @@ class IsolatedRenderer:
         if self._proc is not None:
             self._kill(restart=False)
 
-    def __enter__(self) -> "IsolatedRenderer":
+    def __enter__(self) -> IsolatedRenderer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import BuildConfig
-from rendering.assets import load_asset
-from rendering.camera import ViewPlan, backview_plan, geometry_plan
-from rendering.render import View, ViewRenderer, light_setup
+from know3d.pipeline.config import BuildConfig
+from know3d.rendering.assets import load_asset
+from know3d.rendering.camera import ViewPlan, backview_plan, geometry_plan
+from know3d.rendering.render import View, ViewRenderer, light_setup
 
 PNG_LEVEL = 3
 RESULT_FILE = "asset.json"
@@ -49,8 +49,14 @@ def view_plan(sha: str, cfg: BuildConfig) -> ViewPlan:
     if r.profile == "backview":
         return backview_plan(sha, cfg.seed, r.resolution, r.fov_range_deg, r.elevation_range_deg)
     return geometry_plan(
-        sha, cfg.seed, r.resolution, r.fov_range_deg, r.elevation_range_deg,
-        r.perturb.fov_scale_range, r.perturb.azimuth_jitter_deg, r.perturb.elevation_jitter_deg,
+        sha,
+        cfg.seed,
+        r.resolution,
+        r.fov_range_deg,
+        r.elevation_range_deg,
+        r.perturb.fov_scale_range,
+        r.perturb.azimuth_jitter_deg,
+        r.perturb.elevation_jitter_deg,
     )
 
 
@@ -88,9 +94,7 @@ def write_views(views: list[View], out: Path, cfg: BuildConfig, depth_scale: flo
             _save_png((view.mask * 255).astype(np.uint8), out / "mask" / name)
 
 
-def render_asset(
-    path: Path, sha: str, record: dict, cfg: BuildConfig, work: Path, renderer: ViewRenderer
-) -> dict:
+def render_asset(path: Path, sha: str, record: dict, cfg: BuildConfig, work: Path, renderer: ViewRenderer) -> dict:
     """Load, render and write one asset; returns the summary stored in ``asset.json``.
 
     Raises AssetError / AssetFiltered for the asset's own problems; the caller records them.
@@ -156,8 +160,11 @@ def usable_pairs(summary: dict, min_coverage: float) -> tuple[list[int], list[tu
     kept: list[int] = []
     dropped: list[tuple[int, str]] = []
     for pair_index, views in enumerate(summary["pairs"]):
-        low = [(side, view, coverage[view]) for side, view in zip(("front", "back"), views)
-               if view < len(coverage) and coverage[view] < min_coverage]
+        low = [
+            (side, view, coverage[view])
+            for side, view in zip(("front", "back"), views)
+            if view < len(coverage) and coverage[view] < min_coverage
+        ]
         if low:
             detail = ", ".join(f"{side} view {view} covers {100 * c:.2f}%" for side, view, c in low)
             dropped.append((pair_index, f"pair {pair_index}: {detail} of the image < {100 * min_coverage:.2f}%"))

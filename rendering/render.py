@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rendering.assets import LoadedAsset
-from rendering.camera import Camera
+from know3d.rendering.assets import LoadedAsset
+from know3d.rendering.camera import Camera
 
 _GL_PLATFORM: str | None = None
 
@@ -24,9 +24,7 @@ def configure_gl(backend: str) -> None:
     """Select the PyOpenGL platform once per process (EGL or OSMesa)."""
     global _GL_PLATFORM
     if _GL_PLATFORM is not None and _GL_PLATFORM != backend:
-        raise RuntimeError(
-            f"GL platform already set to '{_GL_PLATFORM}' in this process; cannot switch to '{backend}'"
-        )
+        raise RuntimeError(f"GL platform already set to '{_GL_PLATFORM}' in this process; cannot switch to '{backend}'")
     os.environ["PYOPENGL_PLATFORM"] = backend
     if not hasattr(np, "infty"):  # pyrender 0.1.45 uses np.infty, removed in NumPy 2
         np.infty = np.inf  # type: ignore[attr-defined]
@@ -55,11 +53,17 @@ class _InsertionOrderedSet(MutableSet):
         self._items.pop(item, None)
 
 
-_SCENE_NODE_SETS = ("_nodes", "_mesh_nodes", "_point_light_nodes", "_spot_light_nodes", "_directional_light_nodes",
-                    "_camera_nodes")
+_SCENE_NODE_SETS = (
+    "_nodes",
+    "_mesh_nodes",
+    "_point_light_nodes",
+    "_spot_light_nodes",
+    "_directional_light_nodes",
+    "_camera_nodes",
+)
 
 
-def deterministic_scene(scene: "object") -> "object":
+def deterministic_scene(scene: object) -> object:
     """Make a pyrender scene draw in the order its nodes were added.
 
     pyrender keeps nodes in plain ``set``s, which iterate by object address — a different order
@@ -115,9 +119,7 @@ def light_setup(intensity: float, ambient: float) -> dict:
     return {
         "type": "camera-relative directional rig + ambient",
         "ambient": ambient,
-        "lights": [
-            {"name": n, "intensity": intensity * w, "yaw_deg": y, "pitch_deg": p} for n, w, (y, p) in _RIG
-        ],
+        "lights": [{"name": n, "intensity": intensity * w, "yaw_deg": y, "pitch_deg": p} for n, w, (y, p) in _RIG],
     }
 
 
@@ -192,7 +194,7 @@ class ViewRenderer:
             self._renderer.delete()
             self._renderer = None
 
-    def build_scene(self, asset: LoadedAsset) -> "object":
+    def build_scene(self, asset: LoadedAsset) -> object:
         pyrender = self._pyrender
         scene = deterministic_scene(pyrender.Scene(bg_color=[0.0, 0.0, 0.0, 0.0], ambient_light=[self.ambient] * 3))
         meshes: dict[str, object] = {}
@@ -207,13 +209,17 @@ class ViewRenderer:
             scene.add(meshes[geometry_name], pose=asset.normalization @ transform, name=node_name)
         return scene
 
-    def _part_pixels(self, scene: "object") -> dict[str, int]:
+    def _part_pixels(self, scene: object) -> dict[str, int]:
         """Visible pixels per mesh node from a flat-colour segmentation pass (ids in RGB)."""
         pyrender = self._pyrender
         nodes = [n for n in scene.mesh_nodes]
         seg_map = {n: ((i + 1) & 255, ((i + 1) >> 8) & 255, ((i + 1) >> 16) & 255) for i, n in enumerate(nodes)}
         color, _ = self._renderer.render(scene, flags=pyrender.RenderFlags.SEG, seg_node_map=seg_map)
-        ids = color[..., 0].astype(np.int64) | (color[..., 1].astype(np.int64) << 8) | (color[..., 2].astype(np.int64) << 16)
+        ids = (
+            color[..., 0].astype(np.int64)
+            | (color[..., 1].astype(np.int64) << 8)
+            | (color[..., 2].astype(np.int64) << 16)
+        )
         counts = np.bincount(ids.ravel(), minlength=len(nodes) + 1)
         out: dict[str, int] = {}
         for i, node in enumerate(nodes):
@@ -226,7 +232,10 @@ class ViewRenderer:
         scene = self.build_scene(asset)
         cam_node = scene.add(pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0))
         light_nodes = [
-            (scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=self.light_intensity * w)), _rig_pose(y, p))
+            (
+                scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=self.light_intensity * w)),
+                _rig_pose(y, p),
+            )
             for _, w, (y, p) in _RIG
         ]
         views = []
@@ -235,8 +244,12 @@ class ViewRenderer:
             if cam.width != self.resolution or cam.height != self.resolution:
                 raise ValueError("camera resolution differs from the renderer's")
             cam_node.camera = pyrender.IntrinsicsCamera(
-                fx=cam.K[0, 0], fy=cam.K[1, 1], cx=cam.K[0, 2], cy=cam.K[1, 2],
-                znear=max(1e-3, cam.distance - 1.0), zfar=cam.distance + 1.0,
+                fx=cam.K[0, 0],
+                fy=cam.K[1, 1],
+                cx=cam.K[0, 2],
+                cy=cam.K[1, 2],
+                znear=max(1e-3, cam.distance - 1.0),
+                zfar=cam.distance + 1.0,
             )
             pose = cam.c2w_gl
             scene.set_pose(cam_node, pose)

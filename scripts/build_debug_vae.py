@@ -23,8 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.debug_vae import (SHIPPED_VAE, DebugVaeConfig, latent_stats, load_views, psnr,  # noqa: E402
-                                reconstruct, save_vae, train_debug_vae)
+from know3d.training.debug_vae import (
+    SHIPPED_VAE,
+    DebugVaeConfig,
+    latent_stats,
+    load_views,
+    psnr,
+    reconstruct,
+    save_vae,
+    train_debug_vae,
+)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -47,9 +55,15 @@ def main() -> None:
     heldout = load_views([args.shards], "val", args.size)
     print(f"{len(train)} training views, {len(heldout)} held-out views at {args.size}^2", flush=True)
     cfg = DebugVaeConfig(steps=args.steps, log_every=200)
-    result = train_debug_vae(train, heldout, cfg, progress=lambda h: print(
-        f"step {h['step']:>5}  {h['seconds']:7.1f} s  loss {h['loss']:.4f}  held-out PSNR {h['heldout_psnr']:.2f} dB",
-        flush=True))
+    result = train_debug_vae(
+        train,
+        heldout,
+        cfg,
+        progress=lambda h: print(
+            f"step {h['step']:>5}  {h['seconds']:7.1f} s  loss {h['loss']:.4f}  held-out PSNR {h['heldout_psnr']:.2f} dB",
+            flush=True,
+        ),
+    )
     mean, std = latent_stats(result.vae, train)
     with torch.no_grad():
         final = psnr(reconstruct(result.vae, heldout), heldout)

@@ -20,9 +20,9 @@ rm -rf "$bv"
 .venv/bin/python - "$out" "$train" "$bv" <<'PY'
 import json, sys
 from pathlib import Path
-from pipeline.shards import iter_samples
-from training.data import decode_image, resolve_shards
-from training.edit_model import to_pil
+from know3d.pipeline.shards import iter_samples
+from know3d.training.data import decode_image, resolve_shards
+from know3d.training.edit_model import to_pil
 out, train, bv = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 meta = json.loads((train / "lora" / "know3d_lora.json").read_text())
 keys, size = set(meta["trained_on"]), meta["image_size"]
@@ -42,7 +42,7 @@ for f in "$bv"/generated/*.png; do
 done
 .venv/bin/know3d eval backviews --pred "$bv/pred" --gt "$bv/gt" --images "$bv/front" --output runs/eval-backviews
 # shape metrics: procedural meshes as GT, perturbed copies as "predictions" (+1 broken, 1 missing)
-.venv/bin/python -m evaluation.demo --meshes "$out/procedural" --output runs/eval-demo --limit 10
+.venv/bin/python -m know3d.evaluation.demo --meshes "$out/procedural" --output runs/eval-demo --limit 10
 .venv/bin/know3d eval shapes --pred runs/eval-demo/pred --images runs/eval-demo/image --gt runs/eval-demo/gt \
   --output runs/eval-shapes --no-semantic
 echo "contact sheet: $out/contact_sheet.png   annotations: $out/review.html"

@@ -41,7 +41,7 @@ DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==0.19.8"
 # pyrender pins PyOpenGL 3.1.0, which cannot drive OSMesa; 3.1.10 works for EGL and OSMesa.
 # pip cannot resolve both in one install, so this is a second step.
 pip install "PyOpenGL==3.1.10"
-.venv/bin/python -c "import pyrender, ray, mlflow, webdataset, torch, transformers, diffusers, peft, deepspeed, timm, open_clip, fpsample, skimage, pipeline.cli" \
+.venv/bin/python -c "import pyrender, ray, mlflow, webdataset, torch, transformers, diffusers, peft, deepspeed, timm, open_clip, fpsample, skimage, know3d.pipeline.cli" \
   || { echo "[setup] install check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done"

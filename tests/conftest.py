@@ -23,13 +23,30 @@ except ImportError:
     pass
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = next(
-    (p for p in (REPO / "shared" / "assets", REPO.parent / "shared" / "assets") if p.is_dir()), None
-)
-REAL_ASSETS = ["BoxTextured.glb", "Duck.glb", "bunny.ply", "fandisk.obj", "fuze/fuze.obj", "monkey.glb",
-               "pins.glb", "quadknot.obj", "simple_pole.glb", "testplate.glb", "textured_tetrahedron.obj"]
-BAD_ASSETS = ["empty.obj", "empty_nodes.glb", "nancolor.obj", "negative_indices.obj", "not_a_mesh.glb",
-              "notenoughindices.obj", "truncated_duck.glb", "zero_bytes.glb"]
+SHARED_ASSETS = next((p for p in (REPO / "shared" / "assets", REPO.parent / "shared" / "assets") if p.is_dir()), None)
+REAL_ASSETS = [
+    "BoxTextured.glb",
+    "Duck.glb",
+    "bunny.ply",
+    "fandisk.obj",
+    "fuze/fuze.obj",
+    "monkey.glb",
+    "pins.glb",
+    "quadknot.obj",
+    "simple_pole.glb",
+    "testplate.glb",
+    "textured_tetrahedron.obj",
+]
+BAD_ASSETS = [
+    "empty.obj",
+    "empty_nodes.glb",
+    "nancolor.obj",
+    "negative_indices.obj",
+    "not_a_mesh.glb",
+    "notenoughindices.obj",
+    "truncated_duck.glb",
+    "zero_bytes.glb",
+]
 # negative_indices.obj uses relative (negative) OBJ indices, which the OBJ format allows: it is
 # accepted by default (issue 10) and refused only with load.allow_relative_obj_indices=false.
 ACCEPTED_FROM_BAD = ["negative_indices.obj"]
@@ -70,7 +87,12 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
+        ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 2**20,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()

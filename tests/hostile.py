@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import trimesh
@@ -190,8 +190,11 @@ MUTATIONS: list[Mutation] = [
     Mutation("gltf type: nodes is an object", "gltf", _mutate_gltf(_set(("nodes",), {"a": 1}))),
     Mutation("gltf type: primitives is a number", "gltf", _mutate_gltf(_set(("meshes", 0, "primitives"), 5))),
     Mutation("gltf type: accessor count is a string", "gltf", _mutate_gltf(_set(("accessors", 0, "count"), "x"))),
-    Mutation("gltf bad index: POSITION accessor", "gltf",
-             _mutate_gltf(_set(("meshes", 0, "primitives", 0, "attributes", "POSITION"), 999))),
+    Mutation(
+        "gltf bad index: POSITION accessor",
+        "gltf",
+        _mutate_gltf(_set(("meshes", 0, "primitives", 0, "attributes", "POSITION"), 999)),
+    ),
     Mutation("gltf uri: a list", "gltf", _mutate_gltf(_set(("buffers", 0, "uri"), ["model.bin"]))),
     Mutation("gltf uri: NUL byte", "gltf", _mutate_gltf(_set(("buffers", 0, "uri"), "gltf_buffer\u0000.bin"))),
     Mutation("gltf uri: traversal", "gltf", _mutate_gltf(_set(("buffers", 0, "uri"), "../../outside.bin"))),
@@ -253,8 +256,9 @@ class CrashingSource:
 def one_sided_quad(folder: Path) -> Path:
     """A single quad facing +Z with a single-sided material: blank from behind, a line edge-on."""
     folder.mkdir(parents=True, exist_ok=True)
-    quad = trimesh.Trimesh(vertices=[[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], faces=[[0, 1, 2], [0, 2, 3]],
-                           process=False)
+    quad = trimesh.Trimesh(
+        vertices=[[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], faces=[[0, 1, 2], [0, 2, 3]], process=False
+    )
     files = trimesh.Scene(quad).export(file_type="gltf")
     doc = json.loads(files["model.gltf"])
     doc["materials"] = [{"pbrMetallicRoughness": {"baseColorFactor": [0.8, 0.2, 0.2, 1.0]}, "doubleSided": False}]

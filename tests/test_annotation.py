@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from annotation.openai_backend import OpenAIAnnotator, PairRequest
-from annotation.parts import back_parts, part_phrases
-from annotation.schema import AnnotationError, parse_components, validate_components
-from annotation.stage import AnnotationCache, annotate_assets, cache_key
-from pipeline.config import AnnotateConfig
-
+from know3d.annotation.openai_backend import OpenAIAnnotator, PairRequest
+from know3d.annotation.parts import back_parts, part_phrases
+from know3d.annotation.schema import AnnotationError, parse_components, validate_components
+from know3d.annotation.stage import AnnotationCache, annotate_assets, cache_key
+from know3d.pipeline.config import AnnotateConfig
 
 # --------------------------------------------------------------------------- contract
 
@@ -24,7 +23,11 @@ from pipeline.config import AnnotateConfig
     [
         ('["a handle", "two straps"]', ["a handle", "two straps"], False),
         ('```json\n["a handle"]\n```', ["a handle"], True),
-        ("Sure! Here you go: ['a zipper pocket', 'a curved handle'] Hope it helps.", ["a zipper pocket", "a curved handle"], True),
+        (
+            "Sure! Here you go: ['a zipper pocket', 'a curved handle'] Hope it helps.",
+            ["a zipper pocket", "a curved handle"],
+            True,
+        ),
         ('["a handle", "a lid",]', ["a handle", "a lid"], True),
         ('{"components": ["a spout"]}', ["a spout"], False),
     ],
@@ -56,10 +59,27 @@ def test_validation_rules():
 
 
 def test_part_phrases_group_twins_and_skip_meaningless_names():
-    names = ["shoulder_strap_left", "shoulder_strap_right", "wheel_front_left", "wheel_front_right",
-             "battery_cover", "lens", "vents", "1", "Cylinder.003", "mesh_0", "eye_left"]
-    assert part_phrases(names) == ["two shoulder straps", "two front wheels", "a battery cover", "a lens",
-                                   "vents", "an eye"]
+    names = [
+        "shoulder_strap_left",
+        "shoulder_strap_right",
+        "wheel_front_left",
+        "wheel_front_right",
+        "battery_cover",
+        "lens",
+        "vents",
+        "1",
+        "Cylinder.003",
+        "mesh_0",
+        "eye_left",
+    ]
+    assert part_phrases(names) == [
+        "two shoulder straps",
+        "two front wheels",
+        "a battery cover",
+        "a lens",
+        "vents",
+        "an eye",
+    ]
 
 
 def test_back_parts_thresholds():
@@ -72,8 +92,8 @@ def test_back_parts_thresholds():
 
 @pytest.fixture(scope="module")
 def procedural_rendered(tmp_path_factory) -> tuple[Path, list[dict]]:
-    from pipeline.config import ProceduralSourceConfig
-    from rendering.sources.procedural import ProceduralSource
+    from know3d.pipeline.config import ProceduralSourceConfig
+    from know3d.rendering.sources.procedural import ProceduralSource
 
     tmp = tmp_path_factory.mktemp("parts")
     records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=3), tmp / "assets").discover()
@@ -83,10 +103,10 @@ def procedural_rendered(tmp_path_factory) -> tuple[Path, list[dict]]:
 def _render(paths: list[Path], work: Path, resolution: int, records: list[dict] | None = None) -> list[dict]:
     """Render in a child process: Mesa's llvmpipe and triton's LLVM (imported by transformers)
     cannot share a process, so this test process never opens a GL context."""
-    from pipeline.config import BuildConfig
-    from rendering.assets import file_sha256
-    from rendering.isolation import IsolatedRenderer
-    from rendering.process import read_asset
+    from know3d.pipeline.config import BuildConfig
+    from know3d.rendering.assets import file_sha256
+    from know3d.rendering.isolation import IsolatedRenderer
+    from know3d.rendering.process import read_asset
 
     cfg = BuildConfig.model_validate({"render": {"resolution": resolution}})
     summaries = []
@@ -187,8 +207,9 @@ class ScriptedServer:
 
 
 def _cfg(url: str, **api) -> AnnotateConfig:
-    return AnnotateConfig(backend="openai", max_retries=1,
-                          openai={"base_url": url, "backoff_s": 0.01, "timeout_s": 2.0, **api})
+    return AnnotateConfig(
+        backend="openai", max_retries=1, openai={"base_url": url, "backoff_s": 0.01, "timeout_s": 2.0, **api}
+    )
 
 
 def _requests(n: int) -> list[PairRequest]:
@@ -270,7 +291,7 @@ def test_cache_key_and_cache(tmp_path: Path):
 
 
 def test_main_body_is_not_a_component():
-    from annotation.parts import main_body
+    from know3d.annotation.parts import main_body
 
     back = {"body": 9000, "handle": 800}
     assert back_parts({}, back, 100_000, 0.002, 1.5, frozenset({"body"})) == ["handle"]
@@ -287,13 +308,19 @@ def test_review_gallery_escapes_untrusted_text(tmp_path: Path):
     import webdataset as wds
     from PIL import Image
 
-    from annotation.review import write_gallery
+    from know3d.annotation.review import write_gallery
 
     buf = io.BytesIO()
     Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(buf, format="PNG")
-    meta = {"asset_id": "a" * 64, "name": "mug", "pair_index": 0, "front_camera": {"azimuth_deg": 0},
-            "back_camera": {"azimuth_deg": 180}, "components": ["<script>alert(1)</script>"],
-            "annotation": {"status": "annotation_failed", "backend": "openai", "raw": "<b>raw</b>"}}
+    meta = {
+        "asset_id": "a" * 64,
+        "name": "mug",
+        "pair_index": 0,
+        "front_camera": {"azimuth_deg": 0},
+        "back_camera": {"azimuth_deg": 180},
+        "components": ["<script>alert(1)</script>"],
+        "annotation": {"status": "annotation_failed", "backend": "openai", "raw": "<b>raw</b>"},
+    }
     with wds.TarWriter(str(tmp_path / "s.tar")) as w:
         for i in range(3):
             w.write({"__key__": f"k{i}", "front.png": buf.getvalue(), "back.png": buf.getvalue(), "json": meta})
@@ -316,12 +343,20 @@ def tiny_vl(tmp_path_factory) -> Path:
 
 
 def test_transformers_backend_gibberish_goes_through_retries_to_failure(tiny_vl: Path, procedural_rendered):
-    from annotation.transformers_backend import TransformersAnnotator
+    from know3d.annotation.transformers_backend import TransformersAnnotator
 
     tmp, summaries = procedural_rendered
-    cfg = AnnotateConfig(backend="transformers", max_retries=1,
-                         transformers={"model": str(tiny_vl), "batch_size": 4, "max_new_tokens": 12,
-                                       "min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28})
+    cfg = AnnotateConfig(
+        backend="transformers",
+        max_retries=1,
+        transformers={
+            "model": str(tiny_vl),
+            "batch_size": 4,
+            "max_new_tokens": 12,
+            "min_pixels": 4 * 28 * 28,
+            "max_pixels": 16 * 28 * 28,
+        },
+    )
     annotator = TransformersAnnotator(cfg)  # loads through from_pretrained (safetensors), like the real model
     calls = []
     generate = annotator._generate
@@ -351,11 +386,13 @@ def test_real_qwen25_vl_describes_the_back_of_a_backpack(procedural_rendered):
     path = os.environ.get("KNOW3D_QWEN25_VL")
     if not path or not torch.cuda.is_available():
         pytest.skip("needs a GPU and KNOW3D_QWEN25_VL pointing at Qwen2.5-VL weights")
-    from annotation.transformers_backend import TransformersAnnotator
+    from know3d.annotation.transformers_backend import TransformersAnnotator
 
     tmp, summaries = procedural_rendered
     backpack = next(s for s in summaries if s["meta"]["name"] == "backpack_000")
     cfg = AnnotateConfig(backend="transformers", transformers={"model": path})
-    records, _ = annotate_assets([backpack], tmp / "work", tmp / "real-vlm-cache", cfg, TransformersAnnotator(cfg).annotate)
+    records, _ = annotate_assets(
+        [backpack], tmp / "work", tmp / "real-vlm-cache", cfg, TransformersAnnotator(cfg).annotate
+    )
     assert records[(backpack["sha256"], 0)]["status"] in ("ok", "repaired")
     assert any("strap" in c for c in records[(backpack["sha256"], 0)]["components"])

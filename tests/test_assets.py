@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import LoadConfig
-from rendering.assets import AssetError, AssetFiltered, asset_sha256, file_sha256, inspect_asset, load_asset
+from know3d.pipeline.config import LoadConfig
+from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, file_sha256, inspect_asset, load_asset
 from tests.conftest import ACCEPTED_FROM_BAD, BAD_ASSETS, REAL_ASSETS, REFUSED_BAD
 
 EXPECTED_BAD = {
@@ -24,7 +24,9 @@ EXPECTED_BAD = {
 
 
 def test_expected_table_covers_every_bad_file(bad_dir: Path):
-    assert sorted(p.name for p in bad_dir.iterdir()) == sorted([*EXPECTED_BAD, *ACCEPTED_FROM_BAD]) == sorted(BAD_ASSETS)
+    assert (
+        sorted(p.name for p in bad_dir.iterdir()) == sorted([*EXPECTED_BAD, *ACCEPTED_FROM_BAD]) == sorted(BAD_ASSETS)
+    )
     assert sorted(EXPECTED_BAD) == sorted(REFUSED_BAD)
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.edit_model import EditModel, load_pipeline, pack_latents, to_pil, vae_image_size
-from training.flow_matching import interpolate, velocity_target
-from training.prompting import build_prompt
+from know3d.training.edit_model import EditModel, load_pipeline, pack_latents, to_pil, vae_image_size
+from know3d.training.flow_matching import interpolate, velocity_target
+from know3d.training.prompting import build_prompt
 
 SIZE = 32
 
@@ -53,8 +53,16 @@ def test_training_feeds_the_mmdit_exactly_what_the_pipeline_feeds_it(pipe, descr
     hook = _record(pipe.transformer, calls)
     try:
         with vae_image_size(SIZE * SIZE):
-            pipe(image=[to_pil(front)], prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=3,
-                 latents=noise.clone(), output_type="latent", true_cfg_scale=1.0)
+            pipe(
+                image=[to_pil(front)],
+                prompt=prompt,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=3,
+                latents=noise.clone(),
+                output_type="latent",
+                true_cfg_scale=1.0,
+            )
         sigma = float(pipe.scheduler.sigmas[0])
         at_inference = calls[0]
         calls.clear()
@@ -83,8 +91,13 @@ def test_an_euler_step_with_the_true_velocity_lands_on_the_training_interpolatio
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     seq_len = (SIZE // pipe.vae_scale_factor // 2) ** 2
-    mu = calculate_shift(seq_len, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
-                         scheduler.config.base_shift, scheduler.config.max_shift)
+    mu = calculate_shift(
+        seq_len,
+        scheduler.config.base_image_seq_len,
+        scheduler.config.max_image_seq_len,
+        scheduler.config.base_shift,
+        scheduler.config.max_shift,
+    )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, seq_len, 16, generator=gen), torch.randn(2, seq_len, 16, generator=gen)
@@ -101,7 +114,7 @@ def test_an_euler_step_with_the_true_velocity_lands_on_the_training_interpolatio
 
 def test_a_one_step_schedule_is_refused_not_sampled_as_nan(pipe, tmp_path):
     """With shift_terminal (set by Qwen-Image's scheduler) diffusers' 1-step schedule is 0/0."""
-    from training.generate import generate
+    from know3d.training.generate import generate
 
     with pytest.raises(ValueError, match="steps must be at least 2"):
         generate(pipe, _front(), build_prompt(None), SIZE, steps=1)

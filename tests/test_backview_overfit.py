@@ -15,10 +15,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.build import run_build
-from pipeline.config import load_config
-from training.data import decode_image, resolve_shards
-from training.debug_models import DEBUG_SMALL_EDIT_MODEL
+from know3d.pipeline.build import run_build
+from know3d.pipeline.config import load_config
+from know3d.training.data import decode_image, resolve_shards
+from know3d.training.debug_models import DEBUG_SMALL_EDIT_MODEL
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +31,16 @@ def pairs(tmp_path_factory, ray_local) -> tuple[Path, list[dict]]:
     """The quickstart's procedural set (256² -> 64² in training); pair 0 of the first 4 annotated assets
     (the benchmark's pairs: benchmarks/overfit_backview.py)."""
     out = tmp_path_factory.mktemp("data") / "build"
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"output={out}", "source.kind=procedural", "shard.val_fraction=0",
-        "mlflow.enabled=false", "ray.render_concurrency=2",
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [
+            f"output={out}",
+            "source.kind=procedural",
+            "shard.val_fraction=0",
+            "mlflow.enabled=false",
+            "ray.render_concurrency=2",
+        ],
+    )
     assert run_build(cfg).num_failed == 0
     chosen, assets = [], set()
     for sample in wds.WebDataset(sorted(resolve_shards([str(out)], "train")[0]), shardshuffle=False):
@@ -49,19 +55,27 @@ def pairs(tmp_path_factory, ray_local) -> tuple[Path, list[dict]]:
 def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from training.edit_model import EditModel, load_pipeline
+    from know3d.pipeline.cli import app
+    from know3d.training.edit_model import EditModel, load_pipeline
 
     shards, chosen = pairs
     run = tmp_path / "run"
-    from pipeline.config import TrainBackviewConfig
-    from pipeline.train import run_train_backview
+    from know3d.pipeline.config import TrainBackviewConfig
+    from know3d.pipeline.train import run_train_backview
 
-    cfg = load_config(ROOT / "configs" / "backview_overfit.yaml", [
-        f"output={run}", f"data.shards=[{shards}]", f"data.keys={json.dumps([p['key'] for p in chosen])}",
-        "data.max_pairs=4", f"schedule.max_steps={STEPS}",
-        f"schedule.checkpoint_every={STEPS}", "mlflow.enabled=false",
-    ], model=TrainBackviewConfig)
+    cfg = load_config(
+        ROOT / "configs" / "backview_overfit.yaml",
+        [
+            f"output={run}",
+            f"data.shards=[{shards}]",
+            f"data.keys={json.dumps([p['key'] for p in chosen])}",
+            "data.max_pairs=4",
+            f"schedule.max_steps={STEPS}",
+            f"schedule.checkpoint_every={STEPS}",
+            "mlflow.enabled=false",
+        ],
+        model=TrainBackviewConfig,
+    )
     run_train_backview(cfg, fresh=True)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS and np.mean(losses[-50:]) < 0.4 * np.mean(losses[:20]), losses[::20]
@@ -72,12 +86,31 @@ def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path)
         images += ["--image", str(tmp_path / f"front{i}.png")]
     runner = CliRunner()
     for name, source in (("trained", ["--lora", str(run / "lora")]), ("base", ["--model", DEBUG_SMALL_EDIT_MODEL])):
-        result = runner.invoke(app, ["generate", "backview", *source, *images, "--size", str(SIZE), "--steps", "12",
-                                     "--cfg-scale", "1", "--output", str(tmp_path / name)])
+        result = runner.invoke(
+            app,
+            [
+                "generate",
+                "backview",
+                *source,
+                *images,
+                "--size",
+                str(SIZE),
+                "--steps",
+                "12",
+                "--cfg-scale",
+                "1",
+                "--output",
+                str(tmp_path / name),
+            ],
+        )
         assert result.exit_code == 0, result.output
 
-    model = EditModel(load_pipeline(DEBUG_SMALL_EDIT_MODEL, transformer=None, text_encoder=None),
-                      torch.device("cpu"), torch.float32, SIZE)
+    model = EditModel(
+        load_pipeline(DEBUG_SMALL_EDIT_MODEL, transformer=None, text_encoder=None),
+        torch.device("cpu"),
+        torch.float32,
+        SIZE,
+    )
 
     def latents(pngs: list[bytes]) -> torch.Tensor:
         return model.encode_images(torch.from_numpy(np.stack([decode_image(b, SIZE) for b in pngs])))
@@ -87,8 +120,10 @@ def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path)
 
     true = latents([p["back"] for p in chosen])
     front = mse(latents([p["front"] for p in chosen]), true)
-    generated = {name: mse(latents([(tmp_path / name / f"front{i}.png").read_bytes() for i in range(len(chosen))]), true)
-                 for name in ("trained", "base")}
+    generated = {
+        name: mse(latents([(tmp_path / name / f"front{i}.png").read_bytes() for i in range(len(chosen))]), true)
+        for name in ("trained", "base")
+    }
     # per pair: much nearer the true back than the front view is, and than the base model's sample
     assert (generated["trained"] < 0.5 * front).all(), (generated, front)
     assert (generated["trained"] < 0.25 * generated["base"]).all(), generated

@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.build import run_build
-from pipeline.config import load_config
+from know3d.pipeline.build import run_build
+from know3d.pipeline.config import load_config
 from tests.conftest import ACCEPTED_FROM_BAD, REAL_ASSETS, REFUSED_BAD
 from tests.test_assets import EXPECTED_BAD
 
@@ -23,11 +23,19 @@ RES = 48
 
 
 def _cfg(inputs: list[Path], out: Path, *extra: str):
-    cfg = load_config(None, [
-        f"output={out}", "source.kind=local", f"render.resolution={RES}", "shard.max_samples=25",
-        "shard.val_fraction=0.2", f"mlflow.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}",
-        "ray.render_concurrency=2", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output={out}",
+            "source.kind=local",
+            f"render.resolution={RES}",
+            "shard.max_samples=25",
+            "shard.val_fraction=0.2",
+            f"mlflow.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}",
+            "ray.render_concurrency=2",
+            *extra,
+        ],
+    )
     cfg.source.local.input = [str(p) for p in inputs]
     return cfg
 
@@ -139,17 +147,38 @@ def test_new_settings_render_again(built, ray_local):
 
 
 def test_cli_strict_and_status(tmp_path: Path, real_dir: Path, bad_dir: Path):
-    cmd = [sys.executable, "-m", "pipeline.cli", "data", "build", "--source", "local",
-           "--input", str(real_dir / "Duck.glb"), "--input", str(bad_dir / "zero_bytes.glb"),
-           "--output", str(tmp_path / "out"), "--set", "render.resolution=32",
-           "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "--set", "ray.num_cpus=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "know3d.pipeline.cli",
+        "data",
+        "build",
+        "--source",
+        "local",
+        "--input",
+        str(real_dir / "Duck.glb"),
+        "--input",
+        str(bad_dir / "zero_bytes.glb"),
+        "--output",
+        str(tmp_path / "out"),
+        "--set",
+        "render.resolution=32",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "--set",
+        "ray.num_cpus=2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "6 samples in 1 shards" in res.stdout and "1 failed" in res.stdout
     res = subprocess.run([*cmd, "--strict"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
-    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "status", "--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "know3d.pipeline.cli", "data", "status", "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0
     assert "zero_bytes.glb: empty file" in status.stdout
     assert "shards: 1 (" in status.stdout and ": 6 samples / 1 shards" in status.stdout
@@ -158,8 +187,14 @@ def test_cli_strict_and_status(tmp_path: Path, real_dir: Path, bad_dir: Path):
 
 
 def test_geometry_profile_has_clean_and_perturbed_pairs(tmp_path: Path, real_dir: Path, ray_local):
-    cfg = _cfg([real_dir / "Duck.glb"], tmp_path / "out", "render.profile=geometry", "render.resolution=32",
-               "mlflow.enabled=false", "shard.val_fraction=0")
+    cfg = _cfg(
+        [real_dir / "Duck.glb"],
+        tmp_path / "out",
+        "render.profile=geometry",
+        "render.resolution=32",
+        "mlflow.enabled=false",
+        "shard.val_fraction=0",
+    )
     summary = run_build(cfg)
     assert summary.num_samples == 8
     samples = list(wds.WebDataset([str(p) for p in (tmp_path / "out").glob("*.tar")], shardshuffle=False).decode())
@@ -185,8 +220,24 @@ def test_annotations_land_in_shards_and_second_run_is_free(built):
 
 
 def test_review_cli_writes_a_gallery(built, tmp_path: Path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "review", "--output", str(built["out"]),
-                          "--num", "5", "--html", str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "know3d.pipeline.cli",
+            "data",
+            "review",
+            "--output",
+            str(built["out"]),
+            "--num",
+            "5",
+            "--html",
+            str(tmp_path / "r.html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "5 pairs" in res.stdout
     assert (tmp_path / "r.html").read_text().count('<div class="card">') == 5
@@ -197,14 +248,24 @@ def test_transformers_backend_runs_on_ray_actors(tmp_path: Path, real_dir: Path,
     from tests.tiny_qwen_vl import build_tiny_qwen_vl
 
     model = build_tiny_qwen_vl(tmp_path / "tiny-vl")
-    cfg = _cfg([real_dir / "Duck.glb"], tmp_path / "out", "render.resolution=32", "mlflow.enabled=false",
-               "annotate.backend=transformers", f"annotate.transformers.model={model}",
-               "annotate.transformers.max_new_tokens=8", "annotate.max_retries=0",
-               "annotate.transformers.batch_size=2", "annotate.transformers.num_actors=2")
+    cfg = _cfg(
+        [real_dir / "Duck.glb"],
+        tmp_path / "out",
+        "render.resolution=32",
+        "mlflow.enabled=false",
+        "annotate.backend=transformers",
+        f"annotate.transformers.model={model}",
+        "annotate.transformers.max_new_tokens=8",
+        "annotate.max_retries=0",
+        "annotate.transformers.batch_size=2",
+        "annotate.transformers.num_actors=2",
+    )
     summary = run_build(cfg)
     assert summary.num_samples == 6
     assert summary.metrics["annotate.pairs"] == 6
-    assert summary.metrics["annotate.failed"] + summary.metrics["annotate.ok"] + summary.metrics["annotate.repaired"] == 6
+    assert (
+        summary.metrics["annotate.failed"] + summary.metrics["annotate.ok"] + summary.metrics["annotate.repaired"] == 6
+    )
     samples = list(wds.WebDataset([str(p) for p in (tmp_path / "out").glob("*.tar")], shardshuffle=False).decode())
     for s in samples:
         ann = s["json"]["annotation"]
@@ -216,15 +277,32 @@ def test_transformers_backend_runs_on_ray_actors(tmp_path: Path, real_dir: Path,
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--source", "local", "--input", "/nonexistent/assets"], "input '/nonexistent/assets' matches no file or folder"),
+        (
+            ["--source", "local", "--input", "/nonexistent/assets"],
+            "input '/nonexistent/assets' matches no file or folder",
+        ),
         (["--source", "local"], "needs at least one input"),
         (["--source", "sideways"], "source.kind"),
     ],
 )
 def test_cli_build_errors_are_short_and_clear(tmp_path: Path, args: list[str], message: str):
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "build", *args,
-                          "--output", str(tmp_path / "new" / "o"), "--set", "mlflow.enabled=false"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "know3d.pipeline.cli",
+            "data",
+            "build",
+            *args,
+            "--output",
+            str(tmp_path / "new" / "o"),
+            "--set",
+            "mlflow.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and message in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) <= 3
     assert not (tmp_path / "new").exists()  # a build that never started leaves no folders behind

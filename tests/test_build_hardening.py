@@ -14,11 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 import trimesh
 
-from pipeline.build import run_build
-from pipeline.config import load_config
-from pipeline.manifest import safe_text
-from tests.hostile import (MUTATIONS, CrashingSource, coincident_boxes, good_assets, malformed_assets,
-                           one_sided_quad, write_good)
+from know3d.pipeline.build import run_build
+from know3d.pipeline.config import load_config
+from know3d.pipeline.manifest import safe_text
+from tests.hostile import (
+    MUTATIONS,
+    CrashingSource,
+    coincident_boxes,
+    good_assets,
+    malformed_assets,
+    one_sided_quad,
+    write_good,
+)
 from tests.test_hostile_inputs import SECRET, _multi_primitive_gltf
 
 pytestmark = pytest.mark.slow
@@ -26,10 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(inputs: list[Path], out: Path, *extra: str):
-    cfg = load_config(None, [
-        f"output={out}", "source.kind=local", "render.resolution=48", "shard.max_samples=40",
-        f"mlflow.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output={out}",
+            "source.kind=local",
+            "render.resolution=48",
+            "shard.max_samples=40",
+            f"mlflow.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}",
+            *extra,
+        ],
+    )
     cfg.source.local.input = [str(p) for p in inputs]
     return cfg
 
@@ -66,8 +80,15 @@ def mixed(tmp_path_factory, ray_local):
     (inputs / "link.obj").symlink_to(root / "secret.obj")
     out = root / "out"
     summary = run_build(_cfg([inputs], out, "ray.fetch_concurrency=2"))
-    return {"root": root, "inputs": inputs, "out": out, "good": good + [pair / "Duck.glb"], "bad": bad,
-            "quad": quad, "summary": summary}
+    return {
+        "root": root,
+        "inputs": inputs,
+        "out": out,
+        "good": good + [pair / "Duck.glb"],
+        "bad": bad,
+        "quad": quad,
+        "summary": summary,
+    }
 
 
 def _key(inputs: Path, path: Path) -> str:
@@ -102,7 +123,8 @@ def test_odd_inputs_are_explicit_rows(mixed):
     for r in rows:
         by_key.setdefault(r["key"].split("/", 1)[1], []).append(r)
     assert [(r["stage"], r["status"], r["filter"]) for r in by_key["scene.dae"]] == [
-        ("discover", "filtered", "unsupported_format")]
+        ("discover", "filtered", "unsupported_format")
+    ]
     assert by_key["pack.zip"][0]["filter"] == "unsupported_format"
     cloud = [r for r in by_key["cloud/cloud.ply"] if r["status"] != "ok"]
     assert [(r["stage"], r["status"], r["filter"]) for r in cloud] == [("render", "filtered", "no_triangles")]
@@ -128,8 +150,11 @@ def test_blank_views_are_filtered_pairs_counted_in_the_summary(mixed):
 
 
 def test_no_secret_reaches_the_manifest_or_mlflow(mixed):
-    leaked = [p for p in mixed["root"].rglob("*") if p.is_file() and not p.is_symlink() and p.name != "secret.obj"
-              and SECRET.encode() in p.read_bytes()]
+    leaked = [
+        p
+        for p in mixed["root"].rglob("*")
+        if p.is_file() and not p.is_symlink() and p.name != "secret.obj" and SECRET.encode() in p.read_bytes()
+    ]
     assert leaked == []
     assert (mixed["root"] / "mlartifacts").is_dir()  # the MLflow artifacts were searched too
 
@@ -137,13 +162,13 @@ def test_no_secret_reaches_the_manifest_or_mlflow(mixed):
 def test_a_dying_ingest_worker_costs_only_its_own_asset(tmp_path: Path, ray_local, monkeypatch):
     import ray
 
-    import pipeline.build as build
+    import know3d.pipeline.build as build
     import tests.hostile
 
     ray.cloudpickle.register_pickle_by_value(tests.hostile)
     inputs = tmp_path / "in"
     good = good_assets(inputs, 5)
-    from rendering.sources.local import LocalSource
+    from know3d.rendering.sources.local import LocalSource
 
     def discover(cfg, out):
         source = CrashingSource(LocalSource(cfg.source.local), "crash.obj")
@@ -187,10 +212,31 @@ def test_two_fresh_builds_give_byte_identical_shards(tmp_path: Path, real_dir: P
     coincident_boxes(inputs / "coincident")
     digests = []
     for run in ("a", "b"):
-        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "build", "--source", "local",
-                              "--input", str(inputs), "--output", str(tmp_path / run), "--set", "render.resolution=96",
-                              "--set", "mlflow.enabled=false", "--set", "ray.num_cpus=2"],
-                             capture_output=True, text=True, timeout=600, cwd=REPO)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "know3d.pipeline.cli",
+                "data",
+                "build",
+                "--source",
+                "local",
+                "--input",
+                str(inputs),
+                "--output",
+                str(tmp_path / run),
+                "--set",
+                "render.resolution=96",
+                "--set",
+                "mlflow.enabled=false",
+                "--set",
+                "ray.num_cpus=2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         index = json.loads((tmp_path / run / "shard_index.json").read_text())
         digests.append([(s["name"], s["sha256"]) for s in index["shards"]])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rendering.camera import (
+from know3d.rendering.camera import (
     CV_TO_GL,
     UNIT_CUBE_RADIUS,
     backview_plan,

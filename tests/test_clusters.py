@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import BuildConfig, EvalConfig, TrainBackviewConfig, load_config
+from know3d.pipeline.config import BuildConfig, EvalConfig, TrainBackviewConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _check_entrypoint(cmd: str) -> None:
     argv = shlex.split(cmd)
     assert argv[0] == "know3d"
-    models = {("train", "backview"): TrainBackviewConfig, ("data", "build"): BuildConfig, ("eval", "shapes"): EvalConfig}
+    models = {
+        ("train", "backview"): TrainBackviewConfig,
+        ("data", "build"): BuildConfig,
+        ("eval", "shapes"): EvalConfig,
+    }
     assert tuple(argv[1:3]) in models, argv[:3]
     model = models[tuple(argv[1:3])]
     config = ROOT / argv[3]

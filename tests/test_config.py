@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import BuildConfig, ConfigError, dump_config, load_config
+from know3d.pipeline.config import BuildConfig, ConfigError, dump_config, load_config
 
 
 def test_defaults_match_the_paper_profile():

@@ -1,4 +1,4 @@
-"""The debug-size VAE learns (issue 11, part 1): trained by training.debug_vae, it reconstructs
+"""The debug-size VAE learns (issue 11, part 1): trained by know3d.training.debug_vae, it reconstructs
 images it has not seen far better than the mostly-white baseline."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from training.debug_vae import DebugVaeConfig, psnr, reconstruct, train_debug_vae
+from know3d.training.debug_vae import DebugVaeConfig, psnr, reconstruct, train_debug_vae
 
 pytestmark = pytest.mark.slow
 

@@ -9,15 +9,17 @@ import pytest
 import trimesh
 from PIL import Image
 
-from evaluation import geometry
-from evaluation.geometry import GeometryOptions, compare_meshes, point_metrics, voxel_iou
-from evaluation.images import ImageError, Lpips, compare_images, load_rgb, psnr, ssim
-from evaluation.meshes import MeshError, farthest_points, load_mesh, normalize, semantic_points, uid_rng
-from rendering import voxelize
-from rendering.voxelize import fill_interior, voxelize_surface
+from know3d.evaluation import geometry
+from know3d.evaluation.geometry import GeometryOptions, compare_meshes, point_metrics, voxel_iou
+from know3d.evaluation.images import ImageError, Lpips, compare_images, load_rgb, psnr, ssim
+from know3d.evaluation.meshes import MeshError, farthest_points, load_mesh, normalize, semantic_points, uid_rng
+from know3d.rendering import voxelize
+from know3d.rendering.voxelize import fill_interior, voxelize_surface
 
 
-def sphere_points(n: int, radius: float, centre: tuple[float, float, float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sphere_points(
+    n: int, radius: float, centre: tuple[float, float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     v = np.random.default_rng(seed).normal(size=(n, 3))
     normals = v / np.linalg.norm(v, axis=1, keepdims=True)
     return normals * radius + np.asarray(centre), normals
@@ -127,7 +129,7 @@ def test_semantic_points_are_seeded_per_uid_and_spread_by_fps():
     pool = np.asarray(trimesh.sample.sample_surface(mesh, 30_000, seed=5)[0], dtype=np.float32)
     fps = pool[farthest_points(pool, 1024, uid_rng("x", 0, "t"))]
     rand = pool[np.random.default_rng(0).choice(len(pool), 1024, replace=False)]
-    gap = lambda p: cKDTree(p).query(p, k=2)[0][:, 1].min()  # noqa: E731
+    gap = lambda p: cKDTree(p).query(p, k=2)[0][:, 1].min()
     assert gap(fps) > 3 * gap(rand)
     with pytest.raises(MeshError, match="cannot take"):
         farthest_points(pool[:10], 20, uid_rng("x", 0, "t"))
@@ -249,7 +251,11 @@ def test_image_modes_decode_to_the_right_pixels(tmp_path: Path):
         "f.tiff": (Image.fromarray(np.full((16, 16), 0.5, np.float32), "F"), {}, [128, 128, 128]),
         "trns.png": (Image.fromarray(np.full((16, 16), 7, np.uint8), "L"), {"transparency": 7}, [255, 255, 255]),
         "la.png": (Image.fromarray(np.zeros((16, 16, 2), np.uint8), "LA"), {}, [255, 255, 255]),
-        "p.png": (Image.fromarray(np.full((16, 16, 3), [10, 200, 30], np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE), {}, [10, 200, 30]),
+        "p.png": (
+            Image.fromarray(np.full((16, 16, 3), [10, 200, 30], np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE),
+            {},
+            [10, 200, 30],
+        ),
     }
     for name, (img, kw, expected) in cases.items():
         img.save(tmp_path / name, **kw)
@@ -266,15 +272,20 @@ def test_lpips_reports_unusable_backbone_files(tmp_path: Path):
     assert "junk.pth: cannot be loaded" in Lpips(tmp_path / "junk.pth").status.reason
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     assert "tensor.pth: not a state_dict" in Lpips(tmp_path / "tensor.pth").status.reason
-    torch.save({"features.0.weight": torch.zeros(2, 2), "features.0.bias": torch.zeros(2),
-                **{f"features.{i}.{w}": torch.zeros(1) for i in (3, 6, 8, 10) for w in ("weight", "bias")}},
-               tmp_path / "shapes.pth")
+    torch.save(
+        {
+            "features.0.weight": torch.zeros(2, 2),
+            "features.0.bias": torch.zeros(2),
+            **{f"features.{i}.{w}": torch.zeros(1) for i in (3, 6, 8, 10) for w in ("weight", "bias")},
+        },
+        tmp_path / "shapes.pth",
+    )
     assert "shapes.pth: not AlexNet weights" in Lpips(tmp_path / "shapes.pth").status.reason
 
 
 def test_geometry_only_loading_ignores_broken_textures(real_dir: Path, tmp_path: Path):
-    from rendering.assets import AssetError, load_asset
-    from pipeline.config import LoadConfig
+    from know3d.pipeline.config import LoadConfig
+    from know3d.rendering.assets import AssetError, load_asset
 
     data = bytearray((real_dir / "Duck.glb").read_bytes())
     start = data.find(b"IDAT")  # corrupt the embedded texture's pixel data, keep its header
@@ -287,7 +298,7 @@ def test_geometry_only_loading_ignores_broken_textures(real_dir: Path, tmp_path:
 
 
 def test_degenerate_faces_do_not_make_a_mesh_non_manifold():
-    from evaluation.meshes import count_non_manifold_edges
+    from know3d.evaluation.meshes import count_non_manifold_edges
 
     tet = trimesh.creation.box()
     faces = np.vstack([tet.faces, [[0, 1, 1]], tet.faces[:1]])  # a collapsed and a duplicated face
@@ -300,7 +311,7 @@ def test_degenerate_faces_do_not_make_a_mesh_non_manifold():
 
 
 def test_eval_config_rejects_inconsistent_settings():
-    from pipeline.config import ConfigError, EvalConfig, load_config
+    from know3d.pipeline.config import ConfigError, EvalConfig, load_config
 
     with pytest.raises(ConfigError, match="surface_samples .* must exceed points.fps_points"):
         load_config(None, ["points.surface_samples=1000", "points.fps_points=8192"], model=EvalConfig)
@@ -309,9 +320,9 @@ def test_eval_config_rejects_inconsistent_settings():
 
 
 def test_a_render_failure_keeps_the_metrics(real_dir: Path, tmp_path: Path, monkeypatch):
-    from evaluation import shapes
-    from evaluation.shapes import ShapeJob, measure_shape
-    from pipeline.config import EvalConfig
+    from know3d.evaluation import shapes
+    from know3d.evaluation.shapes import ShapeJob, measure_shape
+    from know3d.pipeline.config import EvalConfig
 
     def broken(*args, **kwargs):
         raise RuntimeError("GL context lost")

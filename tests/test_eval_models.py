@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.models.pointtok import Group, farthest_point_sample
-from evaluation.models.ulip import UlipConfig, UlipPointBert
-from evaluation.models.uni3d import UNI3D_COLOR, Uni3d, Uni3dModelConfig, clip_image_tower
-from evaluation.semantic import CheckpointError, ScorerSpec, SemanticScorer, load_ulip
+from know3d.evaluation.models.pointtok import Group, farthest_point_sample
+from know3d.evaluation.models.ulip import UlipConfig, UlipPointBert
+from know3d.evaluation.models.uni3d import UNI3D_COLOR, Uni3d, Uni3dModelConfig, clip_image_tower
+from know3d.evaluation.semantic import CheckpointError, ScorerSpec, SemanticScorer, load_ulip
 
 
 def reference(shared_assets: Path, name: str) -> dict:
@@ -64,10 +64,18 @@ def write_tiny_checkpoints(root: Path) -> dict[str, Path]:
     uni3d, clip = Uni3d(arch), clip_image_tower(arch)
     paths = {"ulip": root / "ulip.pt", "uni3d": root / "uni3d.pt", "clip": root / "open_clip_pytorch_model.bin"}
     # ULIP: DDP-prefixed state_dict next to the training args (argparse.Namespace)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in ulip.state_dict().items()}, "epoch": 1,
-                "args": argparse.Namespace(model="ULIP_PointBERT")}, paths["ulip"])
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in ulip.state_dict().items()},
+            "epoch": 1,
+            "args": argparse.Namespace(model="ULIP_PointBERT"),
+        },
+        paths["ulip"],
+    )
     torch.save({"module": uni3d.state_dict(), "epoch": 1}, paths["uni3d"])
-    torch.save({f"visual.{k}": v for k, v in clip.state_dict().items()} | {"logit_scale": torch.ones([])}, paths["clip"])
+    torch.save(
+        {f"visual.{k}": v for k, v in clip.state_dict().items()} | {"logit_scale": torch.ones([])}, paths["clip"]
+    )
     return paths
 
 
@@ -107,7 +115,7 @@ def test_tiny_models_score_end_to_end_like_the_reference_computation(tiny_ckpts,
     clip_sd = torch.load(tiny_ckpts["clip"], weights_only=True)
     clip.load_state_dict({k[7:]: v for k, v in clip_sd.items() if k.startswith("visual.")})
     uni3d.eval(), clip.eval()
-    from evaluation.models.uni3d import clip_image_transform
+    from know3d.evaluation.models.uni3d import clip_image_transform
 
     with torch.no_grad():
         xyz = torch.from_numpy(points)[None]
@@ -125,7 +133,9 @@ def test_tiny_models_score_end_to_end_like_the_reference_computation(tiny_ckpts,
 
 
 def test_checkpoint_errors_are_clear(tiny_ckpts, tmp_path: Path):
-    with pytest.raises(CheckpointError, match="no ulip checkpoint given.*huggingface.co/datasets/SFXX/ulip.*--no-semantic"):
+    with pytest.raises(
+        CheckpointError, match="no ulip checkpoint given.*huggingface.co/datasets/SFXX/ulip.*--no-semantic"
+    ):
         ScorerSpec(None, None, None).check()
     with pytest.raises(CheckpointError, match="uni3d checkpoint not found: .*missing.pt.*BAAI/Uni3D"):
         ScorerSpec(str(tiny_ckpts["ulip"]), str(tmp_path / "missing.pt"), None).check()
@@ -153,14 +163,16 @@ def test_image_preprocessing_is_the_benchmarks():
     0.5); Uni3D: open_clip's (resize 224 bicubic, crop 224, OpenAI mean/std)."""
     from torchvision import transforms as T
 
-    from evaluation.models.uni3d import clip_image_transform
+    from know3d.evaluation.models.uni3d import clip_image_transform
 
     with torch.device("meta"):
         ulip = UlipPointBert(UlipConfig())
     steps = {type(t).__name__: t for t in ulip.image_transform().transforms}
     assert steps["Resize"].size == 248 and steps["Resize"].interpolation == T.InterpolationMode.BICUBIC
     assert list(steps["CenterCrop"].size) == [224, 224]
-    assert list(steps["Normalize"].mean) == pytest.approx([0.5] * 3) and list(steps["Normalize"].std) == pytest.approx([0.5] * 3)
+    assert list(steps["Normalize"].mean) == pytest.approx([0.5] * 3) and list(steps["Normalize"].std) == pytest.approx(
+        [0.5] * 3
+    )
     steps = {type(t).__name__: t for t in clip_image_transform(Uni3dModelConfig()).transforms}
     assert steps["Resize"].size == 224 and steps["Resize"].interpolation == T.InterpolationMode.BICUBIC
     assert list(steps["CenterCrop"].size) == [224, 224]
@@ -174,8 +186,8 @@ def test_real_checkpoints_score_a_matching_image_above_a_mismatched_one(real_dir
     with a render of the fandisk."""
     import os
 
-    from evaluation.demo import make_demo_set
-    from evaluation.meshes import load_mesh, normalize, semantic_points
+    from know3d.evaluation.demo import make_demo_set
+    from know3d.evaluation.meshes import load_mesh, normalize, semantic_points
 
     paths = [os.environ.get(k) for k in ("KNOW3D_ULIP_CKPT", "KNOW3D_UNI3D_CKPT", "KNOW3D_CLIP_CKPT")]
     if not all(paths) or not torch.cuda.is_available():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.demo import make_demo_set
-from pipeline.cli import main
+from know3d.evaluation.demo import make_demo_set
+from know3d.pipeline.cli import main
 from tests.test_eval_models import write_tiny_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -33,8 +33,11 @@ def evaluated(tmp_path_factory, real_dir: Path, bad_dir: Path, ray_local):
     root = tmp_path_factory.mktemp("eval")
     kinds = make_demo_set([real_dir / a for a in ASSETS], root / "set", seed=0, resolution=96)
     # bad predictions, each with a condition image: non-manifold, NaN vertex, empty, unreadable
-    for uid, src in (("bunny_nonmanifold", real_dir / "bunny.ply"), ("empty_obj", bad_dir / "empty.obj"),
-                     ("truncated", bad_dir / "truncated_duck.glb")):
+    for uid, src in (
+        ("bunny_nonmanifold", real_dir / "bunny.ply"),
+        ("empty_obj", bad_dir / "empty.obj"),
+        ("truncated", bad_dir / "truncated_duck.glb"),
+    ):
         (root / "set" / "pred" / uid).mkdir(parents=True)
         shutil.copy(src, root / "set" / "pred" / uid / f"000{src.suffix}")
         (root / "set" / "image" / uid).mkdir(parents=True)
@@ -48,14 +51,40 @@ def evaluated(tmp_path_factory, real_dir: Path, bad_dir: Path, ray_local):
     (root / "set" / "pred" / "nan_vertex" / "000.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 nan 0\nf 1 2 3\n")
     ckpt = write_tiny_checkpoints(root)
     out = root / "out"
-    code = run_cli([
-        "eval", "shapes", "--pred", str(root / "set" / "pred"), "--images", str(root / "set" / "image"),
-        "--gt", str(root / "set" / "gt"), "--output", str(out),
-        "--ulip-ckpt", str(ckpt["ulip"]), "--uni3d-ckpt", str(ckpt["uni3d"]), "--clip-ckpt", str(ckpt["clip"]),
-        "--set", "semantic.arch=tiny", "--set", "semantic.device=cpu", "--set", "points.surface_samples=20000",
-        "--set", "points.fps_points=1024", "--set", "geometry.samples=30000", "--set", "report.resolution=96",
-        "--set", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-    ])
+    code = run_cli(
+        [
+            "eval",
+            "shapes",
+            "--pred",
+            str(root / "set" / "pred"),
+            "--images",
+            str(root / "set" / "image"),
+            "--gt",
+            str(root / "set" / "gt"),
+            "--output",
+            str(out),
+            "--ulip-ckpt",
+            str(ckpt["ulip"]),
+            "--uni3d-ckpt",
+            str(ckpt["uni3d"]),
+            "--clip-ckpt",
+            str(ckpt["clip"]),
+            "--set",
+            "semantic.arch=tiny",
+            "--set",
+            "semantic.device=cpu",
+            "--set",
+            "points.surface_samples=20000",
+            "--set",
+            "points.fps_points=1024",
+            "--set",
+            "geometry.samples=30000",
+            "--set",
+            "report.resolution=96",
+            "--set",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        ]
+    )
     return {"root": root, "out": out, "kinds": kinds, "code": code, "ckpt": ckpt}
 
 
@@ -67,8 +96,9 @@ def test_every_uid_gets_a_result_and_bad_meshes_become_error_entries(evaluated):
     assert evaluated["code"] == 0
     res = results(evaluated["out"])
     good = [Path(a).stem for a in ASSETS] + ["bad_image"]
-    assert sorted(res) == sorted(good + ["broken_prediction", "missing_prediction", "bunny_nonmanifold",
-                                         "empty_obj", "truncated", "nan_vertex"])
+    assert sorted(res) == sorted(
+        good + ["broken_prediction", "missing_prediction", "bunny_nonmanifold", "empty_obj", "truncated", "nan_vertex"]
+    )
     assert all(res[u]["status"] == "ok" for u in good)
     errors = {u: r["error"] for u, r in res.items() if r["status"] == "error"}
     assert set(errors) == {"broken_prediction", "bunny_nonmanifold", "empty_obj", "truncated", "nan_vertex"}
@@ -76,7 +106,9 @@ def test_every_uid_gets_a_result_and_bad_meshes_become_error_entries(evaluated):
     assert "no geometry" in errors["empty_obj"] and "000.obj" in errors["nan_vertex"]
     assert "non-finite" in errors["nan_vertex"]
     assert "semantic" not in res["bad_image"] and "cannot decode" in res["bad_image"]["semantic_error"]
-    assert res["bad_image"]["geometry"]["chamfer_l1"] == pytest.approx(res["fandisk"]["geometry"]["chamfer_l1"], rel=0.2)
+    assert res["bad_image"]["geometry"]["chamfer_l1"] == pytest.approx(
+        res["fandisk"]["geometry"]["chamfer_l1"], rel=0.2
+    )
     assert res["missing_prediction"]["status"] == "missing"
     summary = json.loads((evaluated["out"] / "summary.json").read_text())
     assert (summary["total"], summary["ok"], summary["errors"], summary["missing"]) == (13, 7, 5, 1)
@@ -103,8 +135,16 @@ def test_metrics_follow_the_known_perturbations(evaluated):
     for r in res.values():
         if r["status"] == "ok" and r["uid"] != "bad_image":
             assert set(r["semantic"]) == {"ulip", "uni3d"} and all(-1 <= v <= 1 for v in r["semantic"].values())
-            assert {"chamfer_l1", "chamfer_l2", "fscore@0.01", "fscore@0.02", "normal_consistency",
-                    "iou_surface@64", "iou_volume@64", "icp"} <= set(r["geometry"])
+            assert {
+                "chamfer_l1",
+                "chamfer_l2",
+                "fscore@0.01",
+                "fscore@0.02",
+                "normal_consistency",
+                "iou_surface@64",
+                "iou_volume@64",
+                "icp",
+            } <= set(r["geometry"])
 
 
 def test_tables_report_and_mlflow_run(evaluated):
@@ -138,9 +178,21 @@ def test_tables_report_and_mlflow_run(evaluated):
 
 def test_reruns_are_deterministic_and_no_semantic_needs_no_checkpoints(evaluated, tmp_path: Path):
     root = evaluated["root"]
-    args = ["eval", "shapes", "--pred", str(root / "set" / "pred"), "--gt", str(root / "set" / "gt"),
-            "--no-semantic", "--set", "geometry.samples=30000", "--set", "report.renders=false",
-            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    args = [
+        "eval",
+        "shapes",
+        "--pred",
+        str(root / "set" / "pred"),
+        "--gt",
+        str(root / "set" / "gt"),
+        "--no-semantic",
+        "--set",
+        "geometry.samples=30000",
+        "--set",
+        "report.renders=false",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
     assert run_cli([*args, "--output", str(tmp_path / "a")]) == 0
     assert run_cli([*args, "--output", str(tmp_path / "b"), "--set", "ray.concurrency=1"]) == 0
     a, b = results(tmp_path / "a"), results(tmp_path / "b")
@@ -154,12 +206,26 @@ def test_an_interrupted_or_repeated_evaluation_reuses_finished_uids(evaluated, t
     root = evaluated["root"]
     pred = tmp_path / "pred"
     shutil.copytree(root / "set" / "pred", pred)
-    args = ["eval", "shapes", "--pred", str(pred), "--gt", str(root / "set" / "gt"), "--no-semantic",
-            "--output", str(tmp_path / "o"), "--set", "geometry.samples=20000", "--set", "report.renders=false",
-            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    args = [
+        "eval",
+        "shapes",
+        "--pred",
+        str(pred),
+        "--gt",
+        str(root / "set" / "gt"),
+        "--no-semantic",
+        "--output",
+        str(tmp_path / "o"),
+        "--set",
+        "geometry.samples=20000",
+        "--set",
+        "report.renders=false",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
     assert run_cli(args) == 0
     first = results(tmp_path / "o")
-    summary = lambda: json.loads((tmp_path / "o" / "summary.json").read_text())  # noqa: E731
+    summary = lambda: json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary()["reused"] == 0
     assert first["Duck"]["metrics"]["chamfer_l2"] == first["Duck"]["geometry"]["chamfer_l2"]  # flat copy
     # a result file whose uid is gone is pruned; a changed input is recomputed; the rest is reused
@@ -184,23 +250,72 @@ def test_an_interrupted_or_repeated_evaluation_reuses_finished_uids(evaluated, t
 def test_usage_errors_exit_2_with_a_clear_message(evaluated, tmp_path: Path, capsys):
     root = evaluated["root"]
     # semantic scores on (the default) without checkpoints: says where to get them
-    code = run_cli(["eval", "shapes", "--pred", str(root / "set" / "pred"), "--images", str(root / "set" / "image"),
-                    "--output", str(tmp_path / "x")])
+    code = run_cli(
+        [
+            "eval",
+            "shapes",
+            "--pred",
+            str(root / "set" / "pred"),
+            "--images",
+            str(root / "set" / "image"),
+            "--output",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "no ulip checkpoint given" in err and "huggingface.co" in err
     assert not (tmp_path / "x").exists()  # nothing started
     # a scorer that cannot be loaded (here: CUDA asked for on a CPU machine) stops the run cleanly
     ck = evaluated["ckpt"]
-    code = run_cli(["eval", "shapes", "--pred", str(root / "set" / "pred"), "--images", str(root / "set" / "image"),
-                    "--output", str(tmp_path / "w"), "--ulip-ckpt", str(ck["ulip"]), "--uni3d-ckpt", str(ck["uni3d"]),
-                    "--clip-ckpt", str(ck["clip"]), "--set", "semantic.arch=tiny", "--set", "semantic.device=cuda:0",
-                    "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    code = run_cli(
+        [
+            "eval",
+            "shapes",
+            "--pred",
+            str(root / "set" / "pred"),
+            "--images",
+            str(root / "set" / "image"),
+            "--output",
+            str(tmp_path / "w"),
+            "--ulip-ckpt",
+            str(ck["ulip"]),
+            "--uni3d-ckpt",
+            str(ck["uni3d"]),
+            "--clip-ckpt",
+            str(ck["clip"]),
+            "--set",
+            "semantic.arch=tiny",
+            "--set",
+            "semantic.device=cuda:0",
+            "--set",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ]
+    )
     assert code == 2 and "cannot load the ULIP/Uni3D scorers" in capsys.readouterr().err
-    assert run_cli(["eval", "shapes", "--pred", str(tmp_path / "nowhere"), "--no-semantic", "--output", str(tmp_path / "y")]) == 2
+    assert (
+        run_cli(
+            ["eval", "shapes", "--pred", str(tmp_path / "nowhere"), "--no-semantic", "--output", str(tmp_path / "y")]
+        )
+        == 2
+    )
     assert "predictions folder not found" in capsys.readouterr().err
-    assert run_cli(["eval", "shapes", "--pred", str(root / "set" / "pred"), "--no-semantic", "--output",
-                    str(tmp_path / "z"), "--set", "geometry.bogus=1"]) == 2
+    assert (
+        run_cli(
+            [
+                "eval",
+                "shapes",
+                "--pred",
+                str(root / "set" / "pred"),
+                "--no-semantic",
+                "--output",
+                str(tmp_path / "z"),
+                "--set",
+                "geometry.bogus=1",
+            ]
+        )
+        == 2
+    )
     assert "bogus" in capsys.readouterr().err
 
 
@@ -210,8 +325,11 @@ def test_backviews(tmp_path: Path, ray_local):
         for sub in ("pred", "gt", "front"):
             (tmp_path / sub / uid).mkdir(parents=True)
     gt = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
-    for uid, pred in (("a", gt), ("b", np.clip(gt.astype(int) + 25, 0, 255).astype(np.uint8)),
-                      ("c", (rng.random((48, 48, 3)) * 255).astype(np.uint8))):
+    for uid, pred in (
+        ("a", gt),
+        ("b", np.clip(gt.astype(int) + 25, 0, 255).astype(np.uint8)),
+        ("c", (rng.random((48, 48, 3)) * 255).astype(np.uint8)),
+    ):
         Image.fromarray(gt).save(tmp_path / "gt" / uid / "000.png")
         Image.fromarray(pred).save(tmp_path / "pred" / uid / "000.png")
         Image.fromarray(np.ascontiguousarray(gt[:, ::-1])).save(tmp_path / "front" / uid / "000.png")
@@ -219,10 +337,24 @@ def test_backviews(tmp_path: Path, ray_local):
     Image.fromarray(gt).save(tmp_path / "gt" / "corrupt" / "000.png")
     (tmp_path / "pred" / "corrupt" / "000.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    code = run_cli(["eval", "backviews", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
-                    "--images", str(tmp_path / "front"), "--output", str(out),
-                    "--set", f"images.lpips_backbone={tmp_path / 'no-alexnet.pth'}",
-                    "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    code = run_cli(
+        [
+            "eval",
+            "backviews",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--gt",
+            str(tmp_path / "gt"),
+            "--images",
+            str(tmp_path / "front"),
+            "--output",
+            str(out),
+            "--set",
+            f"images.lpips_backbone={tmp_path / 'no-alexnet.pth'}",
+            "--set",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ]
+    )
     assert code == 0
     res = results(out)
     assert res["a"]["backview"]["psnr"] == pytest.approx(100.0) and res["a"]["backview"]["ssim"] == pytest.approx(1.0)
@@ -230,7 +362,7 @@ def test_backviews(tmp_path: Path, ray_local):
     assert res["corrupt"]["status"] == "error" and "cannot decode" in res["corrupt"]["error"]
     assert res["only_pred"]["status"] == "missing"
     # the front view (--images) as the prediction: the baseline a back-view model must beat
-    from evaluation.images import psnr, ssim
+    from know3d.evaluation.images import psnr, ssim
 
     flipped = gt[:, ::-1].astype(np.float64) / 255
     for uid in ("a", "b", "c"):
@@ -256,15 +388,33 @@ def test_odd_uids_long_uids_and_unusable_folders(evaluated, tmp_path: Path):
     (tmp_path / "pred" / "escape").mkdir()
     (tmp_path / "pred" / "escape" / "000.glb").symlink_to(root / "set" / "pred" / "Duck" / "000.glb")
     out = tmp_path / "out"
-    code = run_cli(["eval", "shapes", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--no-semantic",
-                    "--output", str(out), "--set", "geometry.samples=20000", "--set", "report.resolution=64",
-                    "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    code = run_cli(
+        [
+            "eval",
+            "shapes",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--gt",
+            str(tmp_path / "gt"),
+            "--no-semantic",
+            "--output",
+            str(out),
+            "--set",
+            "geometry.samples=20000",
+            "--set",
+            "report.resolution=64",
+            "--set",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["unmatched"]["prediction_folder_without_usable_000_file"] == ["empty_folder", "escape"]
     res = {json.loads(p.read_text())["uid"]: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
     assert set(res) == {odd, long, "upper"} and all(r["status"] == "ok" for r in res.values())
-    assert all(len(p.name) < 120 for p in (out / "results").glob("*")) and all(len(p.name) < 140 for p in (out / "renders").glob("*"))
+    assert all(len(p.name) < 120 for p in (out / "results").glob("*")) and all(
+        len(p.name) < 140 for p in (out / "renders").glob("*")
+    )
     html = (out / "report.html").read_text()
     assert "<h3>we&lt;ird&gt; #1 [bold]b?%</h3>" in html and "<ird>" not in html
     for src in [line.split('src="', 1)[1].split('"', 1)[0] for line in html.split("<img")[1:]]:
@@ -276,10 +426,24 @@ def test_odd_uids_long_uids_and_unusable_folders(evaluated, tmp_path: Path):
 
 def test_mlflow_problems_never_lose_results(evaluated, tmp_path: Path, monkeypatch, capsys):
     root = evaluated["root"]
-    args = ["eval", "shapes", "--pred", str(root / "set" / "pred"), "--gt", str(root / "set" / "gt"), "--no-semantic",
-            "--set", "geometry.samples=20000", "--set", "report.renders=false"]
+    args = [
+        "eval",
+        "shapes",
+        "--pred",
+        str(root / "set" / "pred"),
+        "--gt",
+        str(root / "set" / "gt"),
+        "--no-semantic",
+        "--set",
+        "geometry.samples=20000",
+        "--set",
+        "report.renders=false",
+    ]
     # credentials in the URI: refused before any work
-    assert run_cli([*args, "--output", str(tmp_path / "a"), "--set", "mlflow.tracking_uri=http://u:secret@127.0.0.1:9"]) == 2
+    assert (
+        run_cli([*args, "--output", str(tmp_path / "a"), "--set", "mlflow.tracking_uri=http://u:secret@127.0.0.1:9"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "must not contain credentials" in err and "secret" not in err and not (tmp_path / "a").exists()
     # an unreachable server: the evaluation completes, results and summary are on disk

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipeline.build import ingest_one
-from pipeline.runtime import ClusterUnreachable, check_reachable
-from pipeline.config import AnnotateConfig, LoadConfig, LocalSourceConfig
-from rendering.assets import AssetError, AssetFiltered, describe_exception, inspect_asset, load_asset
-from rendering.process import usable_pairs
-from rendering.sources.base import AssetRecord
-from rendering.sources.local import LocalSource
+from know3d.pipeline.build import ingest_one
+from know3d.pipeline.config import AnnotateConfig, LoadConfig, LocalSourceConfig
+from know3d.pipeline.runtime import ClusterUnreachable, check_reachable
+from know3d.rendering.assets import AssetError, AssetFiltered, describe_exception, inspect_asset, load_asset
+from know3d.rendering.process import usable_pairs
+from know3d.rendering.sources.base import AssetRecord
+from know3d.rendering.sources.local import LocalSource
 from tests.hostile import MUTATIONS, good_assets, malformed_assets, write_good
 
 SECRET = "TOPSECRET-4f1c"
@@ -67,8 +67,17 @@ class _Source:
         return self.path
 
 
-@pytest.mark.parametrize("error", [KeyError("x"), TypeError("unhashable"), RecursionError(), IndexError(3),
-                                   UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), AttributeError("no")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyError("x"),
+        TypeError("unhashable"),
+        RecursionError(),
+        IndexError(3),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"),
+        AttributeError("no"),
+    ],
+)
 def test_ingest_one_turns_any_exception_into_this_assets_failure(tmp_path: Path, error: BaseException):
     record = AssetRecord("hub:abc", "test", "https://example.org/files/abc.glb")
     out = ingest_one(_Source(error, tmp_path), record, LoadConfig())
@@ -119,7 +128,8 @@ def test_describe_exception_keeps_kind_and_positions_but_no_quoted_content():
     assert describe_exception(cases[2]) == "FileNotFoundError: No such file or directory"
     assert describe_exception(OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2b>")) == "OSError"
     assert describe_exception(ValueError("cannot identify image file <_io.BytesIO object at 0x7f3a2b>")).endswith(
-        "at 0x…>")  # no memory address: the same file gives the same reason in every run
+        "at 0x…>"
+    )  # no memory address: the same file gives the same reason in every run
     try:
         json.loads('{"a": [1, 2')
     except ValueError as exc:
@@ -142,11 +152,15 @@ def test_main_file_symlink_out_of_the_input_is_refused_and_its_content_never_quo
     source = LocalSource(LocalSourceConfig(input=[str(inputs)]))
     records, filtered = source.discover()
     by_key = {r.key: r for r in records}
-    assert sorted(by_key) == ["local:inputs/evil.obj", "local:inputs/ok/alias.obj",
-                              "local:inputs/ok/good_00_obj/model.obj"]
+    assert sorted(by_key) == [
+        "local:inputs/evil.obj",
+        "local:inputs/ok/alias.obj",
+        "local:inputs/ok/good_00_obj/model.obj",
+    ]
     rows = {k: ingest_one(source, r, LoadConfig()) for k, r in by_key.items()}
     assert rows["local:inputs/evil.obj"] == {
-        "key": "local:inputs/evil.obj", "status": "failed",
+        "key": "local:inputs/evil.obj",
+        "status": "failed",
         "reason": "evil.obj: symlink to a file outside the input folder (refused)",
         "seconds": rows["local:inputs/evil.obj"]["seconds"],
     }
@@ -204,17 +218,29 @@ def _multi_primitive_gltf(folder: Path) -> Path:
 
 def test_part_names_are_the_same_in_every_process(tmp_path: Path):
     path = _multi_primitive_gltf(tmp_path / "multi")
-    code = ("import json, sys; from pathlib import Path; from pipeline.config import LoadConfig; "
-            "from rendering.assets import load_asset; "
-            "print(json.dumps(load_asset(Path(sys.argv[1]), LoadConfig()).part_names))")
-    runs = [subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                           cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1] for _ in range(3)]
+    code = (
+        "import json, sys; from pathlib import Path; from know3d.pipeline.config import LoadConfig; "
+        "from know3d.rendering.assets import load_asset; "
+        "print(json.dumps(load_asset(Path(sys.argv[1]), LoadConfig()).part_names))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+        for _ in range(3)
+    ]
     assert len(json.loads(runs[0])) == 2
     assert runs[0] == runs[1] == runs[2]
 
 
 def test_pyrender_scene_nodes_iterate_in_insertion_order():
-    from rendering.render import configure_gl, deterministic_scene
+    from know3d.rendering.render import configure_gl, deterministic_scene
 
     configure_gl(os.environ.get("PYOPENGL_PLATFORM", "egl"))
     import pyrender
@@ -233,8 +259,8 @@ def test_pyrender_scene_nodes_iterate_in_insertion_order():
 
 
 def test_identical_pairs_make_one_request_and_identical_records_on_rerun(tmp_path: Path):
-    from annotation.stage import annotate_assets
-    from rendering.process import asset_dir
+    from know3d.annotation.stage import annotate_assets
+    from know3d.rendering.process import asset_dir
 
     sha = "ab" * 32
     folder = asset_dir(tmp_path / "work", sha) / "rgba"
@@ -279,7 +305,9 @@ def test_unsupported_files_are_explicit_filtered_rows(tmp_path: Path):
     reasons = {f.record.key: (f.filter, f.detail) for f in filtered}
     assert sorted(reasons) == ["local:in/notes", "local:in/pack.zip", "local:in/scene.dae"]
     assert reasons["local:in/scene.dae"][0] == "unsupported_format"
-    assert reasons["local:in/scene.dae"][1].startswith("scene.dae: '.dae' is not a supported mesh format (supported: glb")
+    assert reasons["local:in/scene.dae"][1].startswith(
+        "scene.dae: '.dae' is not a supported mesh format (supported: glb"
+    )
     assert "archives ('.zip') are not unpacked" in reasons["local:in/pack.zip"][1]
     # a file named on the command line always gets a row, even a texture
     records, filtered = LocalSource(LocalSourceConfig(input=[str(good.parent / "texture.png")])).discover()
@@ -304,9 +332,11 @@ def _huge_headers(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     files["ply"] = folder / "big.ply"
-    files["ply"].write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\n"
-                             b"property float y\nproperty float z\nelement face 8000000\n"
-                             b"property list uchar int vertex_indices\nend_header\n" + b"\0" * 64)
+    files["ply"].write_bytes(
+        b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\n"
+        b"property float y\nproperty float z\nelement face 8000000\n"
+        b"property list uchar int vertex_indices\nend_header\n" + b"\0" * 64
+    )
     files["off"] = folder / "big.off"
     files["off"].write_text("OFF\n# comment\n3 8000000 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
     files["stl"] = folder / "big.stl"
@@ -395,25 +425,43 @@ def test_something_else_listening_is_not_taken_for_a_cluster(reply: bytes | None
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "know3d.pipeline.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 def test_cli_address_pointing_at_nothing_fails_fast_and_leaves_nothing(tmp_path: Path):
     asset = write_good(tmp_path / "in", 0, "glb")
-    res = _cli("data", "build", "--source", "local", "--input", str(asset), "--output", str(tmp_path / "out"),
-               "--address", f"127.0.0.1:{_closed_port()}", "--set", "ray.connect_timeout_s=3", cwd=tmp_path, timeout=60)
+    res = _cli(
+        "data",
+        "build",
+        "--source",
+        "local",
+        "--input",
+        str(asset),
+        "--output",
+        str(tmp_path / "out"),
+        "--address",
+        f"127.0.0.1:{_closed_port()}",
+        "--set",
+        "ray.connect_timeout_s=3",
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster at 127.0.0.1:")
     assert "Traceback" not in res.stderr and "Failed to connect to GCS" not in res.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("target, message", [
-    ("file", "exists and is not a folder"),
-    ("/proc/know3d-x", "cannot create folders in /proc"),
-    ("file/sub", "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("file", "exists and is not a folder"),
+        ("/proc/know3d-x", "cannot create folders in /proc"),
+        ("file/sub", "is not a folder"),
+    ],
+)
 def test_cli_bad_output_is_a_short_error(tmp_path: Path, target: str, message: str):
     (tmp_path / "file").write_text("x")
     asset = write_good(tmp_path / "in", 0, "glb")
@@ -428,13 +476,29 @@ def test_cli_bad_output_is_a_short_error(tmp_path: Path, target: str, message: s
 def test_train_and_eval_refuse_a_file_as_output_too(tmp_path: Path, command: str):
     (tmp_path / "file").write_text("x")
     if command == "train":
-        args = ["train", "backview", str(Path(__file__).resolve().parents[1] / "configs" / "backview_debug.yaml"),
-                "--shards", str(tmp_path), "--output", str(tmp_path / "file")]
+        args = [
+            "train",
+            "backview",
+            str(Path(__file__).resolve().parents[1] / "configs" / "backview_debug.yaml"),
+            "--shards",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "file"),
+        ]
     else:
         write_good(tmp_path / "pred", 0, "obj").parent.rename(tmp_path / "pred" / "uid0")
         (tmp_path / "pred" / "uid0" / "model.obj").rename(tmp_path / "pred" / "uid0" / "000.obj")
-        args = ["eval", "shapes", "--pred", str(tmp_path / "pred"), "--no-semantic", "--output", str(tmp_path / "file"),
-                "--set", "mlflow.enabled=false"]
+        args = [
+            "eval",
+            "shapes",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--no-semantic",
+            "--output",
+            str(tmp_path / "file"),
+            "--set",
+            "mlflow.enabled=false",
+        ]
     res = _cli(*args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-1500:]
     assert res.stderr.strip().splitlines()[-1] == f"error: --output {tmp_path / 'file'}: exists and is not a folder"
@@ -453,18 +517,25 @@ def test_generate_without_lora_says_what_to_give(tmp_path: Path):
 def test_generate_with_the_base_model_alone(tmp_path: Path):
     from PIL import Image
 
-    from training.generate import generate_backview
+    from know3d.training.generate import generate_backview
 
     Image.new("RGB", (48, 48), "red").save(tmp_path / "front.png")
-    path = generate_backview(tmp_path / "front.png", tmp_path / "back.png", None, model="debug:tiny-qwen-image-edit",
-                             image_size=32, steps=2, device="cpu")
+    path = generate_backview(
+        tmp_path / "front.png",
+        tmp_path / "back.png",
+        None,
+        model="debug:tiny-qwen-image-edit",
+        image_size=32,
+        steps=2,
+        device="cpu",
+    )
     with Image.open(path) as img:
         assert img.size == (32, 32)
         assert np.asarray(img).std() > 0  # an actual image, not a blank
 
 
 def test_a_torn_failure_record_means_render_again(tmp_path: Path):
-    from pipeline.build import _read_failure, _write_failure
+    from know3d.pipeline.build import _read_failure, _write_failure
 
     path = tmp_path / "_failed" / "x.json"
     _write_failure(path, {"status": "failed", "reason": "x.glb: no faces"})
@@ -478,8 +549,8 @@ def test_a_torn_failure_record_means_render_again(tmp_path: Path):
 def test_one_broken_pair_does_not_stop_the_annotation_of_the_others(tmp_path: Path):
     from PIL import Image
 
-    from annotation.stage import annotate_assets
-    from rendering.process import asset_dir
+    from know3d.annotation.stage import annotate_assets
+    from know3d.rendering.process import asset_dir
 
     summaries = []
     for n, sha in enumerate(("cd" * 32, "ef" * 32)):
@@ -487,10 +558,19 @@ def test_one_broken_pair_does_not_stop_the_annotation_of_the_others(tmp_path: Pa
         folder.mkdir(parents=True)
         for view in range(2):
             Image.new("RGBA", (8, 8), (n * 100, view * 100, 10, 255)).save(folder / f"{view:03d}.png")
-        summaries.append({"sha256": sha, "pairs": [[0, 1]], "coverage": [0.5, 0.5], "resolution": 8,
-                          "part_pixels": [{"body": 10}, {"body": 10, "strap": 5}]})
+        summaries.append(
+            {
+                "sha256": sha,
+                "pairs": [[0, 1]],
+                "coverage": [0.5, 0.5],
+                "resolution": 8,
+                "part_pixels": [{"body": 10}, {"body": 10, "strap": 5}],
+            }
+        )
     (asset_dir(tmp_path / "work", summaries[0]["sha256"]) / "rgba" / "001.png").unlink()  # a lost view
-    records, metrics = annotate_assets(summaries, tmp_path / "work", tmp_path / "cache", AnnotateConfig(backend="parts"))
+    records, metrics = annotate_assets(
+        summaries, tmp_path / "work", tmp_path / "cache", AnnotateConfig(backend="parts")
+    )
     broken, fine = records[(summaries[0]["sha256"], 0)], records[(summaries[1]["sha256"], 0)]
     assert broken["status"] == "annotation_failed" and broken["error"].startswith("pair 0: FileNotFoundError")
     assert fine["status"] in ("ok", "no_parts") and metrics["annotate.failed"] == 1
@@ -508,7 +588,7 @@ def test_glb_chunks_are_checked_as_the_parser_reads_them(tmp_path: Path):
     """The parser takes chunk 0 as the document: a decoy second JSON chunk must not hide it."""
     real = json.dumps({"asset": {"version": "2.0"}, "buffers": [{"uri": "../outside.bin", "byteLength": 4}]}).encode()
     decoy = json.dumps({"asset": {"version": "2.0"}}).encode()
-    pad = lambda b: b + b" " * (-len(b) % 4)  # noqa: E731
+    pad = lambda b: b + b" " * (-len(b) % 4)
     (tmp_path / "two.glb").write_bytes(_glb([(0x4E4F534A, pad(real)), (0x4E4F534A, pad(decoy))]))
     (tmp_path / "bin_first.glb").write_bytes(_glb([(0x004E4942, b"\0" * 8), (0x4E4F534A, pad(decoy))]))
     with pytest.raises(AssetError, match="two.glb: GLB has more than one JSON chunk"):
@@ -534,7 +614,7 @@ def test_repeated_material_references_cost_one_check(tmp_path: Path):
 def test_names_with_spaces_are_part_of_the_identity(tmp_path: Path):
     from PIL import Image
 
-    from rendering.assets import asset_sha256
+    from know3d.rendering.assets import asset_sha256
 
     shas = []
     for color in ("red", "blue"):
@@ -561,8 +641,9 @@ def test_data_uris_unicode_names_and_bad_accessors(tmp_path: Path, monkeypatch):
     assert SECRET not in str(exc.value) and "buffers[0].uri is an absolute path or URL" in str(exc.value)
     embedded = tmp_path / "b"
     embedded.mkdir()
-    (embedded / "m.gltf").write_bytes(trimesh.Scene(trimesh.creation.box()).export(file_type="gltf", embed_buffers=True)
-                                      ["model.gltf"])
+    (embedded / "m.gltf").write_bytes(
+        trimesh.Scene(trimesh.creation.box()).export(file_type="gltf", embed_buffers=True)["model.gltf"]
+    )
     assert load_asset(embedded / "m.gltf", LoadConfig()).num_faces == 12  # base64 data URIs are fine
     cjk = tmp_path / "c"
     from tests.test_assets import _gltf_with_image_uri
@@ -570,7 +651,11 @@ def test_data_uris_unicode_names_and_bad_accessors(tmp_path: Path, monkeypatch):
     cjk.mkdir()
     Image.new("RGB", (8, 8), "blue").save(cjk / "テクスチャ\u30001.png")
     assert load_asset(_gltf_with_image_uri(cjk, "テクスチャ\u30001.png"), LoadConfig()).num_faces == 12
-    for name, change in {"nodata": {"count": 30_000_000}, "view": {"bufferView": -1}, "bool": {"bufferView": True}}.items():
+    for name, change in {
+        "nodata": {"count": 30_000_000},
+        "view": {"bufferView": -1},
+        "bool": {"bufferView": True},
+    }.items():
         path = write_good(tmp_path / name, 1, "gltf")
         doc = json.loads(path.read_text())
         doc["accessors"].append({"componentType": 5126, "type": "VEC3", "count": 3, **change})
@@ -608,7 +693,7 @@ def test_odd_names_and_globs_in_the_local_source(tmp_path: Path):
 
 
 def test_output_name_too_long_is_a_usage_error(tmp_path: Path):
-    from pipeline.runtime import OutputUnusable, check_output
+    from know3d.pipeline.runtime import OutputUnusable, check_output
 
     with pytest.raises(OutputUnusable, match="cannot be used"):
         check_output(str(tmp_path / ("a" * 300) / "out"))
@@ -618,16 +703,19 @@ def test_inputs_with_the_same_folder_name_do_not_collide(tmp_path: Path):
     a = write_good(tmp_path / "a" / "models", 0, "glb")
     b = write_good(tmp_path / "b" / "models", 0, "glb")
     records, _ = LocalSource(LocalSourceConfig(input=[str(a.parents[1]), str(b.parents[1])])).discover()
-    assert sorted(r.key for r in records) == ["local:models/good_00_glb/model.glb", "local:models~2/good_00_glb/model.glb"]
+    assert sorted(r.key for r in records) == [
+        "local:models/good_00_glb/model.glb",
+        "local:models~2/good_00_glb/model.glb",
+    ]
     assert {r.uri for r in records} == {str(a), str(b)}
 
 
 def test_a_dead_vlm_worker_is_not_cached(tmp_path: Path):
     from PIL import Image
 
-    from annotation.stage import annotate_assets
-    from pipeline.build import worker_failure
-    from rendering.process import asset_dir
+    from know3d.annotation.stage import annotate_assets
+    from know3d.pipeline.build import worker_failure
+    from know3d.rendering.process import asset_dir
 
     sha = "12" * 32
     folder = asset_dir(tmp_path / "work", sha) / "rgba"
@@ -635,8 +723,10 @@ def test_a_dead_vlm_worker_is_not_cached(tmp_path: Path):
     for view in range(2):
         Image.new("RGBA", (8, 8), (view * 90, 0, 0, 255)).save(folder / f"{view:03d}.png")
     summary = {"sha256": sha, "pairs": [[0, 1]], "coverage": [0.5, 0.5]}
-    answers = [lambda reqs: [worker_failure("ActorDiedError")] * len(reqs),
-               lambda reqs: [{"components": ["a handle"], "status": "ok"}] * len(reqs)]
+    answers = [
+        lambda reqs: [worker_failure("ActorDiedError")] * len(reqs),
+        lambda reqs: [{"components": ["a handle"], "status": "ok"}] * len(reqs),
+    ]
     cfg = AnnotateConfig(backend="openai")
     first, _ = annotate_assets([summary], tmp_path / "work", tmp_path / "cache", cfg, answers[0])
     assert first[(sha, 0)]["status"] == "annotation_failed"
@@ -654,6 +744,9 @@ def test_the_image_bound_is_the_configured_one(tmp_path: Path):
     Image.new("1", (20000, 10000)).save(folder / "tex.png")  # 200 M pixels, a few KB on disk
     (folder / "m.mtl").write_text("newmtl a\nmap_Kd tex.png\n")
     (folder / "m.obj").write_text("mtllib m.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nusemtl a\nf 1/1 2/1 3/1\n")
-    assert [p.name for p in inspect_asset(folder / "m.obj", LoadConfig(max_image_pixels=250_000_000))] == ["m.mtl", "tex.png"]
+    assert [p.name for p in inspect_asset(folder / "m.obj", LoadConfig(max_image_pixels=250_000_000))] == [
+        "m.mtl",
+        "tex.png",
+    ]
     with pytest.raises(AssetError, match=r"tex.png: image is 20000x10000, above the decoding bound"):
         inspect_asset(folder / "m.obj", LoadConfig())

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipeline.config import LoadConfig, ProceduralSourceConfig
-from rendering.assets import load_asset
-from rendering.sources.base import AssetRecord, FetchError
-from rendering.sources.procedural import CATEGORIES, ProceduralSource, generate_asset, list_assets
+from know3d.pipeline.config import LoadConfig, ProceduralSourceConfig
+from know3d.rendering.assets import load_asset
+from know3d.rendering.sources.base import AssetRecord, FetchError
+from know3d.rendering.sources.procedural import CATEGORIES, ProceduralSource, generate_asset, list_assets
 
 NUM_ASSETS = 2 * len(CATEGORIES) + 3  # every category twice, a few three times
 

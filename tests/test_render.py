@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import BuildConfig, LoadConfig
-from rendering.assets import file_sha256, load_asset
-from rendering.camera import backview_plan, make_camera, project
-from rendering.isolation import IsolatedRenderer
-from rendering.process import asset_dir, compose_background, read_asset, render_asset
-from rendering.render import ViewRenderer, normals_from_depth
+from know3d.pipeline.config import BuildConfig, LoadConfig
+from know3d.rendering.assets import file_sha256, load_asset
+from know3d.rendering.camera import backview_plan, make_camera, project
+from know3d.rendering.isolation import IsolatedRenderer
+from know3d.rendering.process import asset_dir, compose_background, read_asset, render_asset
+from know3d.rendering.render import ViewRenderer, normals_from_depth
 
 RES = 96
 
@@ -140,7 +140,11 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
 def test_isolated_renderer_reports_bad_assets(bad_dir: Path, tmp_path: Path):
     with IsolatedRenderer(_cfg(), tmp_path) as iso:
         bad = iso.run(bad_dir / "empty_nodes.glb", "0" * 64, {})
-        assert bad == {"status": "failed", "reason": "empty_nodes.glb: no geometry (empty scene)", "wall_s": bad["wall_s"]}
+        assert bad == {
+            "status": "failed",
+            "reason": "empty_nodes.glb: no geometry (empty scene)",
+            "wall_s": bad["wall_s"],
+        }
         filtered = iso.run(bad_dir.parent / "real" / "Duck.glb", "1" * 64, {}, timeout_s=60)
         assert filtered["status"] == "ok"
         assert iso.num_restarts == 0  # asset errors do not cost a new child

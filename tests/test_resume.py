@@ -14,18 +14,37 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.shards import sample_key
-from rendering.assets import file_sha256
+from know3d.pipeline.shards import sample_key
+from know3d.rendering.assets import file_sha256
 
 pytestmark = pytest.mark.slow
 NUM_ASSETS = 8
 
 
 def _cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "data", "build", "--source", "procedural", "--output", str(out),
-            "--set", f"source.procedural.num_assets={NUM_ASSETS}", "--set", "render.resolution=128",
-            "--set", "shard.max_samples=7", "--set", "shard.val_fraction=0.25", "--set", "mlflow.enabled=false",
-            "--set", "ray.num_cpus=2"]
+    return [
+        sys.executable,
+        "-m",
+        "know3d.pipeline.cli",
+        "data",
+        "build",
+        "--source",
+        "procedural",
+        "--output",
+        str(out),
+        "--set",
+        f"source.procedural.num_assets={NUM_ASSETS}",
+        "--set",
+        "render.resolution=128",
+        "--set",
+        "shard.max_samples=7",
+        "--set",
+        "shard.val_fraction=0.25",
+        "--set",
+        "mlflow.enabled=false",
+        "--set",
+        "ray.num_cpus=2",
+    ]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -112,8 +131,9 @@ def test_kill_driver_then_resume(tmp_path: Path):
 
 def test_kill_a_worker_mid_run(tmp_path: Path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _cmd(out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     killed = []
 
     def render_actor() -> bool:

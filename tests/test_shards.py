@@ -9,8 +9,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import BuildConfig, ShardConfig
-from pipeline.shards import (
+from know3d.pipeline.config import BuildConfig, ShardConfig
+from know3d.pipeline.shards import (
     iter_shard_keys,
     plan_shards,
     reusable_entry,
@@ -20,9 +20,9 @@ from pipeline.shards import (
     write_index,
     write_shard,
 )
-from rendering.assets import file_sha256
-from rendering.process import read_asset, render_asset
-from rendering.render import ViewRenderer
+from know3d.rendering.assets import file_sha256
+from know3d.rendering.process import read_asset, render_asset
+from know3d.rendering.render import ViewRenderer
 
 NAMES = ["Duck.glb", "BoxTextured.glb", "monkey.glb", "testplate.glb"]
 
@@ -111,7 +111,9 @@ def test_optional_channels_can_be_left_out(work, tmp_path: Path):
     with tarfile.open(tmp_path / entry["name"]) as tar:
         suffixes = {m.name.split(".", 1)[1] for m in tar}
     assert suffixes == {"front.png", "back.png", "json"}
-    assert iter_shard_keys(tmp_path / entry["name"]) == [sample_key(summaries[0]["sha256"], "backview", i) for i in range(6)]
+    assert iter_shard_keys(tmp_path / entry["name"]) == [
+        sample_key(summaries[0]["sha256"], "backview", i) for i in range(6)
+    ]
 
 
 def test_reuse_only_when_content_is_unchanged(work, tmp_path: Path):

@@ -20,16 +20,16 @@ import huggingface_hub.constants
 import objaverse
 import pytest
 
-from pipeline.config import (
+from know3d.pipeline.config import (
     LocalSourceConfig,
     ObjaverseSourceConfig,
     SourceConfig,
     TexVerseSourceConfig,
 )
-from rendering.sources import build_source
-from rendering.sources.base import FetchError
-from rendering.sources.objaverse import ObjaverseSource
-from rendering.sources.texverse import TexVerseSource
+from know3d.rendering.sources import build_source
+from know3d.rendering.sources.base import FetchError
+from know3d.rendering.sources.objaverse import ObjaverseSource
+from know3d.rendering.sources.texverse import TexVerseSource
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,11 @@ def test_objaverse_discover_shards_and_records(objaverse_cache: Path) -> None:
     duck = next(r for r in kept if r.uri == DUCK)
     assert duck.key == f"objaverse:{DUCK}" and duck.source == "objaverse" and duck.license == "by"
     assert duck.meta == {
-        "uid": DUCK, "name": "Duck", "face_count": 4212, "categories": ["animals-pets"], "tags": ["duck", "toy"],
+        "uid": DUCK,
+        "name": "Duck",
+        "face_count": 4212,
+        "categories": ["animals-pets"],
+        "tags": ["duck", "toy"],
         "object_path": f"glbs/000-000/{DUCK}.glb",
     }
     json.dumps(duck.to_json())
@@ -282,7 +286,11 @@ def test_texverse_discover_records_and_captions(hf_cache: Path) -> None:
     assert duck.key == "texverse:duck" and duck.license == "CC Attribution"
     assert duck.uri == f"{ONE_K}::glbs/glbs_1k/000-000/duck_1024.glb"
     assert duck.meta == {
-        "uid": "duck", "name": "Duck", "face_count": 4212, "max_texture": 2048, "caption": "a yellow rubber duck"
+        "uid": "duck",
+        "name": "Duck",
+        "face_count": 4212,
+        "max_texture": 2048,
+        "caption": "a yellow rubber duck",
     }
     by_uid = {r.meta["uid"]: r.meta for r in kept}
     assert by_uid["box"]["caption"] == "a textured box" and by_uid["big"]["caption"] == "big one"
@@ -334,7 +342,7 @@ def test_texverse_fetch(hf_cache: Path, real: Path) -> None:
 
 def test_texverse_missing_captions_and_metadata(hf_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     (hf_cache / "datasets--YiboZhang2001--TexVerse" / "snapshots" / MAIN_COMMIT / "caption.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="rendering.sources.texverse"):
+    with caplog.at_level(logging.WARNING, logger="know3d.rendering.sources.texverse"):
         kept, _ = _tv_source(hf_cache).discover()
     assert len(kept) == 4 and all("caption" not in r.meta for r in kept)
     assert "captions unavailable" in caplog.text
@@ -350,5 +358,5 @@ def test_build_source_dispatch(tmp_path: Path) -> None:
     assert build_source(local, tmp_path).name == "local"
     assert isinstance(build_source(SourceConfig(kind="objaverse"), tmp_path), ObjaverseSource)
     assert isinstance(build_source(SourceConfig(kind="texverse"), tmp_path), TexVerseSource)
-    pytest.importorskip("rendering.sources.procedural")
+    pytest.importorskip("know3d.rendering.sources.procedural")
     assert build_source(SourceConfig(kind="procedural"), tmp_path).name == "procedural"

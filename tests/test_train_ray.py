@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build import run_build
-from pipeline.config import TrainBackviewConfig, load_config
-from training.backview_train import STATE_FILE, steps_done
+from know3d.pipeline.build import run_build
+from know3d.pipeline.config import TrainBackviewConfig, load_config
+from know3d.training.backview_train import STATE_FILE, steps_done
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,26 +25,46 @@ ROOT = Path(__file__).resolve().parents[1]
 def shards(tmp_path_factory, ray_local) -> Path:
     """A small data build (procedural assets with part descriptions), like the quickstart's."""
     out = tmp_path_factory.mktemp("data") / "build"
-    cfg = load_config(None, [
-        f"output={out}", "source.kind=procedural", "source.procedural.num_assets=6", "render.resolution=64",
-        "shard.max_samples=12", "shard.val_fraction=0.3", "mlflow.enabled=false", "ray.render_concurrency=2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output={out}",
+            "source.kind=procedural",
+            "source.procedural.num_assets=6",
+            "render.resolution=64",
+            "shard.max_samples=12",
+            "shard.val_fraction=0.3",
+            "mlflow.enabled=false",
+            "ray.render_concurrency=2",
+        ],
+    )
     summary = run_build(cfg)
     assert summary.num_failed == 0 and summary.num_samples == 36
     return out
 
 
 def _train_cfg(shards: Path, out: Path, db: Path, *extra: str) -> TrainBackviewConfig:
-    return load_config(ROOT / "configs" / "backview_debug.yaml", [
-        f"output={out}", f"data.shards=[{shards}]", "data.image_size=32", "schedule.max_steps=6",
-        "schedule.checkpoint_every=2", "schedule.validate_every=3", "schedule.log_every=1",
-        "schedule.validation_steps=2", f"mlflow.tracking_uri=sqlite:///{db}", *extra,
-    ], model=TrainBackviewConfig)
+    return load_config(
+        ROOT / "configs" / "backview_debug.yaml",
+        [
+            f"output={out}",
+            f"data.shards=[{shards}]",
+            "data.image_size=32",
+            "schedule.max_steps=6",
+            "schedule.checkpoint_every=2",
+            "schedule.validate_every=3",
+            "schedule.log_every=1",
+            "schedule.validation_steps=2",
+            f"mlflow.tracking_uri=sqlite:///{db}",
+            *extra,
+        ],
+        model=TrainBackviewConfig,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(shards: Path, tmp_path_factory, ray_local):
-    from pipeline.train import run_train_backview
+    from know3d.pipeline.train import run_train_backview
 
     root = tmp_path_factory.mktemp("train")
     cfg = _train_cfg(shards, root / "run", root / "mlflow.db")
@@ -63,8 +83,11 @@ def test_ray_train_deepspeed_zero2_two_workers(trained):
     last = json.loads((ckpts[-1] / STATE_FILE).read_text())
     assert last["step"] == 6 and last["world_size"] == 2 and len(last["streams"]) == 2
     ds_files = sorted(p.name for p in (ckpts[-1] / "ds").iterdir())
-    assert ds_files == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert ds_files == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     # frozen parameters are not in the checkpoint: only LoRA weights
     import torch
 
@@ -99,8 +122,8 @@ def test_training_logs_to_mlflow(trained):
 def test_exported_lora_generates_a_back_view(trained, tmp_path: Path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from pipeline.shards import iter_samples
+    from know3d.pipeline.cli import app
+    from know3d.pipeline.shards import iter_samples
 
     _, cfg, _ = trained
     lora = Path(cfg.output) / "lora"
@@ -111,8 +134,23 @@ def test_exported_lora_generates_a_back_view(trained, tmp_path: Path):
     sample = next(iter_samples([shard], fields=("front.png",)))
     front.write_bytes(sample["front.png"])
     out = tmp_path / "back.png"
-    res = CliRunner().invoke(app, ["generate", "backview", "--image", str(front), "--lora", str(lora),
-                                   "--prompt", "a handle", "--steps", "2", "--output", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "backview",
+            "--image",
+            str(front),
+            "--lora",
+            str(lora),
+            "--prompt",
+            "a handle",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     from PIL import Image
 
@@ -126,13 +164,34 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(trained, shards: Pa
     root, ref_cfg, _ = trained
     reference = steps_done(Path(ref_cfg.output) / "metrics.jsonl")
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "pipeline.cli", "train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
-            "--output", str(out), "--set", f"data.shards=[{shards}]", "--set", "data.image_size=32",
-            "--set", "schedule.max_steps=6", "--set", "schedule.checkpoint_every=2", "--set", "schedule.log_every=1",
-            "--set", "schedule.validate_every=0", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "know3d.pipeline.cli",
+        "train",
+        "backview",
+        str(ROOT / "configs" / "backview_debug.yaml"),
+        "--output",
+        str(out),
+        "--set",
+        f"data.shards=[{shards}]",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "schedule.max_steps=6",
+        "--set",
+        "schedule.checkpoint_every=2",
+        "--set",
+        "schedule.log_every=1",
+        "--set",
+        "schedule.validate_every=0",
+        "--set",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     store = out / "ray" / out.name
     while time.time() < deadline:
@@ -159,28 +218,54 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(trained, shards: Pa
 def test_bad_training_inputs_fail_cleanly(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from know3d.pipeline.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
-                              "--shards", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "backview",
+            str(ROOT / "configs" / "backview_debug.yaml"),
+            "--shards",
+            str(tmp_path / "nowhere"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "nowhere" in res.output and "shard_index.json" in res.output
     res = runner.invoke(app, ["train", "backview", "--set", "lora.rnk=4"])
     assert res.exit_code == 2 and "lora.rank" in res.output
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "shard_index.json").write_text(json.dumps({"shards": [{"name": "val-000000.tar", "split": "val"}]}))
-    res = runner.invoke(app, ["train", "backview", str(ROOT / "configs" / "backview_debug.yaml"),
-                              "--shards", str(empty), "--output", str(tmp_path / "o")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "backview",
+            str(ROOT / "configs" / "backview_debug.yaml"),
+            "--shards",
+            str(empty),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "no 'train' shards" in res.output
 
 
 def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_path: Path, ray_local):
-    from pipeline.train import run_train_backview
-    from training.latent_cache import cache_folder
+    from know3d.pipeline.train import run_train_backview
+    from know3d.training.latent_cache import cache_folder
 
-    cfg = _train_cfg(shards, tmp_path / "run", tmp_path / "m.db", "cache.enabled=true", "schedule.max_steps=2",
-                     "schedule.validate_every=0")
+    cfg = _train_cfg(
+        shards,
+        tmp_path / "run",
+        tmp_path / "m.db",
+        "cache.enabled=true",
+        "schedule.max_steps=2",
+        "schedule.validate_every=0",
+    )
     metrics = run_train_backview(cfg)
     assert metrics["step"] == 2
     index = json.loads((shards / "shard_index.json").read_text())
@@ -191,20 +276,37 @@ def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_pat
 
 def _torchrun(shards: Path, out: Path, *sets: str) -> None:
     """2 processes of the training body under torchrun (gloo), 2 steps on the test shards."""
-    settings = [f"output={out}", f"data.shards=[{shards}]", "data.image_size=32", "schedule.max_steps=2",
-                "schedule.checkpoint_every=2", "mlflow.enabled=false", *sets]
+    settings = [
+        f"output={out}",
+        f"data.shards=[{shards}]",
+        "data.image_size=32",
+        "schedule.max_steps=2",
+        "schedule.checkpoint_every=2",
+        "mlflow.enabled=false",
+        *sets,
+    ]
     torchrun = Path(sys.executable).with_name("torchrun")
     res = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "training.backview_train",
-         str(ROOT / "configs" / "backview_debug.yaml"), *[a for s in settings for a in ("--set", s)]],
-        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600,
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "know3d.training.backview_train",
+            str(ROOT / "configs" / "backview_debug.yaml"),
+            *[a for s in settings for a in ("--set", s)],
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path):
-    """torchrun --nproc_per_node 2 -m training.backview_train: same losses as under Ray Train."""
+    """torchrun --nproc_per_node 2 -m know3d.training.backview_train: same losses as under Ray Train."""
     out = tmp_path / "run"
     _torchrun(shards, out, "schedule.validate_every=0")
     losses = steps_done(out / "metrics.jsonl")

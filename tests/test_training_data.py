@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from training.data import PairStream, StreamState, decode_image, shards_for
+from know3d.training.data import PairStream, StreamState, decode_image, shards_for
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,14 @@ def shards(tmp_path_factory) -> list[str]:
         with wds.TarWriter(url) as w:
             for i in range(10):
                 meta = {"asset_id": f"{s:02d}{i:02d}", "pair_index": i % 6, "components": ["a handle"] if i % 2 else []}
-                w.write({"__key__": f"s{s}_{i}", "front.png": buf.getvalue(), "back.png": buf.getvalue(),
-                         "json": json.dumps(meta).encode()})
+                w.write(
+                    {
+                        "__key__": f"s{s}_{i}",
+                        "front.png": buf.getvalue(),
+                        "back.png": buf.getvalue(),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
         urls.append(url)
     return urls
 
@@ -110,8 +116,13 @@ def test_max_pairs_per_asset_picks_distinct_objects(tmp_path):
     with wds.TarWriter(url) as w:
         for asset in ("a", "b", "c"):
             for pair in range(3):
-                w.write({"__key__": f"{asset}_{pair}", "front.png": _png((0, 0, 0, 255)),
-                         "back.png": _png((0, 0, 0, 255)),
-                         "json": json.dumps({"asset_id": asset, "pair_index": pair}).encode()})
+                w.write(
+                    {
+                        "__key__": f"{asset}_{pair}",
+                        "front.png": _png((0, 0, 0, 255)),
+                        "back.png": _png((0, 0, 0, 255)),
+                        "json": json.dumps({"asset_id": asset, "pair_index": pair}).encode(),
+                    }
+                )
     assert sorted(PairStream([url], seed=0, max_pairs_per_asset=1).keys(0)) == ["a_0", "b_0", "c_0"]
     assert sorted(PairStream([url], seed=0, max_pairs_per_asset=2, max_pairs=3).keys(0)) == ["a_0", "a_1", "b_0"]

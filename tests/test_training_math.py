@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from training.flow_matching import (
+from know3d.training.flow_matching import (
     binned_means,
     euler_step,
     flow_matching_loss,
@@ -14,7 +14,7 @@ from training.flow_matching import (
     timestep_bins,
     velocity_target,
 )
-from training.prompting import DEFAULT_INSTRUCTION, prompt_variants, stochastic_prompt
+from know3d.training.prompting import DEFAULT_INSTRUCTION, prompt_variants, stochastic_prompt
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "shifted"])
@@ -54,7 +54,11 @@ def test_timestep_bins():
     t = torch.tensor([0.0, 0.24, 0.25, 0.7, 0.999])
     assert timestep_bins(t, 4).tolist() == [0, 0, 1, 2, 3]
     assert binned_means(torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0]), t, 4) == {
-        "t0.00-0.25": 2.0, "t0.25-0.50": 5.0, "t0.50-0.75": 7.0, "t0.75-1.00": 9.0}
+        "t0.00-0.25": 2.0,
+        "t0.25-0.50": 5.0,
+        "t0.50-0.75": 7.0,
+        "t0.75-1.00": 9.0,
+    }
 
 
 def test_stochastic_prompting_rate_and_content():
@@ -69,8 +73,9 @@ def test_stochastic_prompting_rate_and_content():
         assert (d is None and prompt == DEFAULT_INSTRUCTION) or (d is not None and d in prompt)
     # pairs without descriptions always get the bare instruction
     assert all(stochastic_prompt([], 1.0, rng) == (DEFAULT_INSTRUCTION, None) for _ in range(10))
-    assert [stochastic_prompt(comps, 0.5, random.Random(7)) for _ in range(3)] == \
-        [stochastic_prompt(comps, 0.5, random.Random(7)) for _ in range(3)]
+    assert [stochastic_prompt(comps, 0.5, random.Random(7)) for _ in range(3)] == [
+        stochastic_prompt(comps, 0.5, random.Random(7)) for _ in range(3)
+    ]
     assert len(prompt_variants(comps)) == 3
     with pytest.raises(ValueError):
         stochastic_prompt(comps, 1.5, rng)

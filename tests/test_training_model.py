@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LORA_TARGETS, TrainBackviewConfig
-from training.backview_train import deepspeed_config, derive_seed, training_loss
-from training.debug_models import DEBUG_EDIT_MODEL
-from training.edit_model import (EditModel, add_lora, export_lora, load_pipeline, pack_latents, pad_prompts,
-                                 unpack_latents)
+from know3d.pipeline.config import LORA_TARGETS, TrainBackviewConfig
+from know3d.training.backview_train import deepspeed_config, derive_seed, training_loss
+from know3d.training.debug_models import DEBUG_EDIT_MODEL
+from know3d.training.edit_model import (
+    EditModel,
+    add_lora,
+    export_lora,
+    load_pipeline,
+    pack_latents,
+    pad_prompts,
+    unpack_latents,
+)
 
 SIZE = 32
 
@@ -41,8 +48,16 @@ def _samples(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         front = rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32)
-        out.append({"front": front, "back": -front[:, :, ::-1].copy(), "components": ["a handle"] if i % 2 else [],
-                    "key": f"k{i}", "asset_id": f"a{i}", "pair_index": 0})
+        out.append(
+            {
+                "front": front,
+                "back": -front[:, :, ::-1].copy(),
+                "components": ["a handle"] if i % 2 else [],
+                "key": f"k{i}",
+                "asset_id": f"a{i}",
+                "pair_index": 0,
+            }
+        )
     return out
 
 
@@ -76,7 +91,7 @@ def test_encoders_shapes_and_prompt_padding():
     padded, mask = pad_prompts([a, b], torch.device("cpu"))
     assert padded.shape == (2, b.shape[0], 32)
     assert mask[0].sum() == a.shape[0] and mask[1].sum() == b.shape[0]
-    assert torch.equal(padded[0, : a.shape[0]], a) and not padded[0, a.shape[0]:].any()
+    assert torch.equal(padded[0, : a.shape[0]], a) and not padded[0, a.shape[0] :].any()
     assert pad_prompts([a, a], torch.device("cpu"))[1] is None
 
 
@@ -157,7 +172,7 @@ def test_loss_falls_when_one_batch_is_repeated():
 def test_lora_export_loads_with_diffusers_and_reproduces_the_trained_model(tmp_path: Path, base_pipe):
     from diffusers import QwenImageEditPlusPipeline
 
-    from training.generate import generate
+    from know3d.training.generate import generate
 
     model = _fresh_model()
     with torch.no_grad():  # a "trained" LoRA: B != 0
@@ -196,11 +211,12 @@ def test_deepspeed_config_from_the_run_config():
 def test_generate_cli_rejects_bad_inputs(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from know3d.pipeline.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["generate", "backview", "--image", str(tmp_path / "missing.png"),
-                              "--model", DEBUG_EDIT_MODEL])
+    res = runner.invoke(
+        app, ["generate", "backview", "--image", str(tmp_path / "missing.png"), "--model", DEBUG_EDIT_MODEL]
+    )
     assert res.exit_code == 2 and "missing.png" in res.output and "no such image" in res.output
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
@@ -214,15 +230,26 @@ def test_generate_cli_several_images_load_the_model_once(tmp_path: Path):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from know3d.pipeline.cli import app
 
     fronts = []
     for i, color in enumerate(("red", "blue")):
         fronts += ["--image", str(tmp_path / f"f{i}.png")]
         Image.new("RGB", (40, 40), color).save(tmp_path / f"f{i}.png")
     runner = CliRunner()
-    common = ["generate", "backview", "--model", DEBUG_EDIT_MODEL, "--size", str(SIZE), "--steps", "2",
-              "--output", str(tmp_path / "out"), *fronts]
+    common = [
+        "generate",
+        "backview",
+        "--model",
+        DEBUG_EDIT_MODEL,
+        "--size",
+        str(SIZE),
+        "--steps",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+        *fronts,
+    ]
     res = runner.invoke(app, [*common, "--prompt", "a handle", "--prompt", ""])
     assert res.exit_code == 0, res.output
     backs = sorted((tmp_path / "out").glob("*.png"))
@@ -237,7 +264,7 @@ def test_generate_cli_several_images_load_the_model_once(tmp_path: Path):
 
 
 def test_lr_warmup_then_cosine_decay():
-    from training.backview_train import lr_lambda
+    from know3d.training.backview_train import lr_lambda
 
     constant = lr_lambda(4)
     assert [constant(s) for s in (0, 1, 3, 4, 1000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
@@ -250,7 +277,7 @@ def test_lr_warmup_then_cosine_decay():
 
 def test_stochastic_prompts_in_training_follow_p():
     """The per-step prompt generators of training give descriptions at rate p."""
-    from training.prompting import stochastic_prompt
+    from know3d.training.prompting import stochastic_prompt
 
     cfg = _cfg(data__prompt_probability=0.3)
     with_desc = 0
@@ -269,7 +296,7 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
 
     from PIL import Image
 
-    from training.latent_cache import LatentEncoder, cache_folder, load_entry
+    from know3d.training.latent_cache import LatentEncoder, cache_folder, load_entry
 
     cfg = _cfg(data__prompt_probability=1.0, model__name=DEBUG_EDIT_MODEL)
     cfg.output = str(tmp_path)
@@ -283,8 +310,12 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
     fronts = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
     backs = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
     comps = [[], ["a handle", "a lid"]]
-    batch = {"key": np.array(["k0", "k1"]), "front": [png(f) for f in fronts], "back": [png(b) for b in backs],
-             "components": np.array([json.dumps(c) for c in comps])}
+    batch = {
+        "key": np.array(["k0", "k1"]),
+        "front": [png(f) for f in fronts],
+        "back": [png(b) for b in backs],
+        "components": np.array([json.dumps(c) for c in comps]),
+    }
     encoder = LatentEncoder(cfg.model_dump_json())
     assert encoder(batch)["status"] == ["encoded", "encoded"]
     assert encoder(batch)["status"] == ["cached", "cached"]  # resumable: present files are skipped
@@ -294,25 +325,33 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="not in the latent cache"):
         load_entry(folder, "missing")
 
-    from training.data import decode_image
+    from know3d.training.data import decode_image
 
-    samples = [{"key": f"k{i}", "front": decode_image(png(fronts[i]), SIZE), "back": decode_image(png(backs[i]), SIZE),
-                "components": comps[i]} for i in range(2)]
+    samples = [
+        {
+            "key": f"k{i}",
+            "front": decode_image(png(fronts[i]), SIZE),
+            "back": decode_image(png(backs[i]), SIZE),
+            "components": comps[i],
+        }
+        for i in range(2)
+    ]
     model = _fresh_model()
     direct, per_direct, _, used = training_loss(model, model.transformer, samples, cfg, (0, 0, 1, 0))
     lean = load_pipeline(DEBUG_EDIT_MODEL, vae=None, text_encoder=None)
     lean_model = EditModel(lean, torch.device("cpu"), torch.float32, SIZE)
     lean_model.pipe.transformer = model.transformer  # same LoRA'd MMDiT
     keys_only = [{"key": s["key"], "components": s["components"]} for s in samples]
-    cached, per_cached, _, used_cached = training_loss(lean_model, model.transformer, keys_only, cfg, (0, 0, 1, 0),
-                                                       cache=folder)
+    cached, per_cached, _, used_cached = training_loss(
+        lean_model, model.transformer, keys_only, cfg, (0, 0, 1, 0), cache=folder
+    )
     assert used == used_cached and used[1] in comps[1]
     torch.testing.assert_close(per_cached, per_direct, rtol=1e-5, atol=1e-6)
 
 
 def test_latent_cache_folder_follows_the_weights_not_just_the_name(tmp_path: Path):
     """A rebuilt or edited model behind the same name must not reuse stale latents/prompt embeddings."""
-    from training.latent_cache import cache_folder
+    from know3d.training.latent_cache import cache_folder
 
     model = tmp_path / "model"
     (model / "vae").mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 One function, :func:`run_worker`, runs on every data-parallel rank. It is called by Ray Train's
 ``TorchTrainer`` (:func:`ray_train_loop`) and by ``torchrun`` (``python -m
-training.backview_train CONFIG``); both set up ``torch.distributed`` and hand it a
+know3d.training.backview_train CONFIG``); both set up ``torch.distributed`` and hand it a
 :class:`WorkerEnv` that says where to resume from and how to report checkpoints.
 
 Per optimizer step, on each rank: ``micro_batch_size × grad_accum`` pairs from the rank's shard
@@ -35,13 +35,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import TrainBackviewConfig, dump_config
-from training.data import PairStream, StreamState, resolve_shards
-from training.debug_models import DEBUG_PREFIX
-from training.edit_model import (EditModel, EncodedPair, add_lora, export_lora, load_pipeline, pack_latents,
-                                 pad_prompts, resolve_model_path, torch_dtype)
-from training.flow_matching import flow_matching_loss, interpolate, sample_timesteps, timestep_bins
-from training.prompting import build_prompt, stochastic_prompt
+from know3d.pipeline.config import TrainBackviewConfig, dump_config
+from know3d.training.data import PairStream, StreamState, resolve_shards
+from know3d.training.debug_models import DEBUG_PREFIX
+from know3d.training.edit_model import (
+    EditModel,
+    EncodedPair,
+    add_lora,
+    export_lora,
+    load_pipeline,
+    pack_latents,
+    pad_prompts,
+    resolve_model_path,
+    torch_dtype,
+)
+from know3d.training.flow_matching import flow_matching_loss, interpolate, sample_timesteps, timestep_bins
+from know3d.training.prompting import build_prompt, stochastic_prompt
 
 log = logging.getLogger(__name__)
 STATE_FILE = "know3d_state.json"
@@ -136,7 +145,7 @@ def _encode_batch(model: EditModel, samples: list[dict], prompts: list[str]):
 
 
 def _cached_batch(model: EditModel, samples: list[dict], chosen: list[tuple[str, str | None]], cache: Path):
-    from training.latent_cache import load_entry
+    from know3d.training.latent_cache import load_entry
 
     entries = [load_entry(cache, s["key"]) for s in samples]
     front = torch.from_numpy(np.stack([e["front_latent"] for e in entries])).to(model.device)
@@ -151,22 +160,28 @@ def _cached_batch(model: EditModel, samples: list[dict], chosen: list[tuple[str,
 
 
 def training_loss(
-    model: EditModel, transformer, samples: list[dict], cfg: TrainBackviewConfig, seed_parts: tuple,
+    model: EditModel,
+    transformer,
+    samples: list[dict],
+    cfg: TrainBackviewConfig,
+    seed_parts: tuple,
     cache: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
     """(mean loss, per-sample losses, timesteps, descriptions used) of one micro-batch; with
     ``cache`` the latents and prompt embeddings come from the pre-pass instead of the encoders."""
     rng = random.Random(derive_seed("prompt", *seed_parts))
-    chosen = [stochastic_prompt(s["components"], cfg.data.prompt_probability, rng, cfg.data.instruction)
-              for s in samples]
+    chosen = [
+        stochastic_prompt(s["components"], cfg.data.prompt_probability, rng, cfg.data.instruction) for s in samples
+    ]
     if cache is not None:
         pair, embeds, mask = _cached_batch(model, samples, chosen, cache)
     else:
         pair, embeds, mask = _encode_batch(model, samples, [p for p, _ in chosen])
     gen = torch.Generator().manual_seed(derive_seed("noise", *seed_parts))
     f = cfg.flow
-    t = sample_timesteps(f.timestep_sampling, len(samples), gen, logit_mean=f.logit_mean, logit_std=f.logit_std,
-                         shift=f.shift).to(model.device)
+    t = sample_timesteps(
+        f.timestep_sampling, len(samples), gen, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift
+    ).to(model.device)
     noise = torch.randn(pair.target.shape, generator=gen).to(model.device)
     x_t = interpolate(pair.target, noise, t)
     pred = model.velocity(transformer, x_t, pair.reference, t, embeds, mask, pair.latent_hw)
@@ -184,8 +199,9 @@ def validation_loss(model: EditModel, transformer, samples: list[dict], cfg: Tra
         noise = torch.randn(pair.target.shape, generator=gen).to(model.device)
         for tv in (0.25, 0.5, 0.75):
             t = torch.full((1,), tv, device=model.device)
-            pred = model.velocity(transformer, interpolate(pair.target, noise, t), pair.reference, t, embeds, mask,
-                                  pair.latent_hw)
+            pred = model.velocity(
+                transformer, interpolate(pair.target, noise, t), pair.reference, t, embeds, mask, pair.latent_hw
+            )
             losses.append(float(flow_matching_loss(pred, pair.target, noise)[0]))
     return float(np.mean(losses)) if losses else float("nan")
 
@@ -194,18 +210,34 @@ def validation_grid(model: EditModel, samples: list[dict], cfg: TrainBackviewCon
     """Rows: front | generated (no prompt) | generated (with a description) | true back."""
     from PIL import Image, ImageDraw
 
-    from training.edit_model import to_pil
-    from training.generate import generate
+    from know3d.training.edit_model import to_pil
+    from know3d.training.generate import generate
 
     size = model.image_size
     cell = max(size, 128)  # small debug images are upscaled so the grid stays readable
     rows = []
     for i, s in enumerate(samples):
         description = s["components"][0] if s["components"] else None
-        plain = generate(model.pipe, s["front"], build_prompt(None, cfg.data.instruction), size,
-                         steps=cfg.schedule.validation_steps, seed=cfg.seed + i)
-        prompted = (generate(model.pipe, s["front"], build_prompt(description, cfg.data.instruction), size,
-                             steps=cfg.schedule.validation_steps, seed=cfg.seed + i) if description else None)
+        plain = generate(
+            model.pipe,
+            s["front"],
+            build_prompt(None, cfg.data.instruction),
+            size,
+            steps=cfg.schedule.validation_steps,
+            seed=cfg.seed + i,
+        )
+        prompted = (
+            generate(
+                model.pipe,
+                s["front"],
+                build_prompt(description, cfg.data.instruction),
+                size,
+                steps=cfg.schedule.validation_steps,
+                seed=cfg.seed + i,
+            )
+            if description
+            else None
+        )
         rows.append((s, plain, prompted, description))
     header = 16
     grid = Image.new("RGB", (4 * cell, len(rows) * (cell + header)), "white")
@@ -229,8 +261,11 @@ def _load_validation(cfg: TrainBackviewConfig, urls: list[str]) -> list[dict]:
     if not urls:
         return []
     d = cfg.data
-    selection = ({"keys": d.keys, "max_pairs": d.max_pairs, "max_pairs_per_asset": d.max_pairs_per_asset}
-                 if d.validation_split == "train" else {})
+    selection = (
+        {"keys": d.keys, "max_pairs": d.max_pairs, "max_pairs_per_asset": d.max_pairs_per_asset}
+        if d.validation_split == "train"
+        else {}
+    )
     stream = PairStream(urls, seed=cfg.seed, shuffle_buffer=1, image_size=d.image_size, **selection)
     out = []
     for sample in stream.iterate(StreamState()):
@@ -263,7 +298,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     """Train on this rank until ``schedule.max_steps``; returns the last logged metrics."""
     import deepspeed
 
-    from pipeline.tracking import NullTracker, make_tracker
+    from know3d.pipeline.tracking import NullTracker, make_tracker
 
     torch.manual_seed(derive_seed("init", cfg.seed))
     device = env.device
@@ -280,7 +315,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     cache = None
     encoders: dict = {}
     if cfg.cache.enabled:
-        from training.latent_cache import cache_folder
+        from know3d.training.latent_cache import cache_folder
 
         cache = cache_folder(cfg)
         needs_encoders = cfg.schedule.validate_every > 0 and (env.rank == 0 or cfg.deepspeed.zero_stage == 3)
@@ -296,13 +331,18 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
         transformer.enable_gradient_checkpointing()
     transformer.train()
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        cfg.optim.warmup_steps, cfg.optim.decay, cfg.schedule.max_steps, cfg.optim.min_lr_ratio))
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.decay, cfg.schedule.max_steps, cfg.optim.min_lr_ratio)
+    )
     engine, _, _, _ = deepspeed.initialize(
-        model=transformer, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env.world_size, bf16), dist_init_required=False,
+        model=transformer,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, env.world_size, bf16),
+        dist_init_required=False,
     )
 
     train_urls, data_digest = resolve_shards(cfg.data.shards, "train")
@@ -311,19 +351,32 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     if cfg.data.validation_split == "train":
         val_urls = train_urls
     else:
-        val_urls = (resolve_shards(cfg.data.val_shards, "val")[0] if cfg.data.val_shards
-                    else resolve_shards(cfg.data.shards, "val")[0])
-    stream = PairStream(train_urls, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                        shuffle_buffer=cfg.data.shuffle_buffer, image_size=cfg.data.image_size, decode=cache is None,
-                        keys=cfg.data.keys, max_pairs=cfg.data.max_pairs,
-                        max_pairs_per_asset=cfg.data.max_pairs_per_asset)
+        val_urls = (
+            resolve_shards(cfg.data.val_shards, "val")[0]
+            if cfg.data.val_shards
+            else resolve_shards(cfg.data.shards, "val")[0]
+        )
+    stream = PairStream(
+        train_urls,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        image_size=cfg.data.image_size,
+        decode=cache is None,
+        keys=cfg.data.keys,
+        max_pairs=cfg.data.max_pairs,
+        max_pairs_per_asset=cfg.data.max_pairs_per_asset,
+    )
 
     step, state, run_id = 0, StreamState(), None
     if env.resume_from is not None:
         saved = json.loads((env.resume_from / STATE_FILE).read_text())
         if saved["world_size"] != env.world_size:
-            raise ValueError(f"checkpoint {env.resume_from} was written by {saved['world_size']} workers, "
-                             f"this run has {env.world_size}: resuming mid-epoch needs the same number")
+            raise ValueError(
+                f"checkpoint {env.resume_from} was written by {saved['world_size']} workers, "
+                f"this run has {env.world_size}: resuming mid-epoch needs the same number"
+            )
         engine.load_checkpoint(str(env.resume_from), tag=DS_TAG, load_module_strict=False)
         step, run_id = saved["step"], saved.get("mlflow_run_id")
         state = StreamState(**saved["streams"][env.rank])
@@ -334,12 +387,19 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     tracker = NullTracker()
     if env.rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        tracker = make_tracker(cfg.mlflow, run_name=output.name, tags={"know3d.stage": "train-backview"},
-                               resume_run_id=run_id)
+        tracker = make_tracker(
+            cfg.mlflow, run_name=output.name, tags={"know3d.stage": "train-backview"}, resume_run_id=run_id
+        )
         if run_id is None:
-            tracker.log_params({"config": cfg.model_dump(mode="json"), "world_size": env.world_size,
-                                "trainable_parameters": sum(p.numel() for p in params),
-                                "data.train_shards": len(train_urls), "data.digest": data_digest})
+            tracker.log_params(
+                {
+                    "config": cfg.model_dump(mode="json"),
+                    "world_size": env.world_size,
+                    "trainable_parameters": sum(p.numel() for p in params),
+                    "data.train_shards": len(train_urls),
+                    "data.digest": data_digest,
+                }
+            )
             tracker.log_dataset("train-shards", data_digest, ",".join(cfg.data.shards))
         (output / "config.yaml").write_text(dump_config(cfg))
     val_samples = _load_validation(cfg, val_urls) if env.rank == 0 or cfg.deepspeed.zero_stage == 3 else []
@@ -364,8 +424,9 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                     window["bins"][b] += v
                     window["bins"][NUM_BINS + b] += 1
             step += 1
-            step_loss = _all_reduce(torch.stack([torch.cat(step_losses).mean().double().cpu(),
-                                                 torch.ones((), dtype=torch.float64)]))
+            step_loss = _all_reduce(
+                torch.stack([torch.cat(step_losses).mean().double().cpu(), torch.ones((), dtype=torch.float64)])
+            )
             window["loss"] += float(step_loss[0] / step_loss[1])
             window["n"] += 1
             if env.rank == 0:
@@ -376,18 +437,28 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                 bins_all = _all_reduce(window["bins"])
                 elapsed = time.perf_counter() - window["t0"]
                 samples_per_step = cfg.schedule.micro_batch_size * cfg.schedule.grad_accum * env.world_size
-                last = {"loss": window["loss"] / window["n"], "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": window["n"] * samples_per_step / elapsed, "epoch": state.epoch}
+                last = {
+                    "loss": window["loss"] / window["n"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window["n"] * samples_per_step / elapsed,
+                    "epoch": state.epoch,
+                }
                 for b in range(NUM_BINS):
                     if bins_all[NUM_BINS + b] > 0:
                         last[f"loss_t{b / NUM_BINS:.2f}-{(b + 1) / NUM_BINS:.2f}"] = float(
-                            bins_all[b] / bins_all[NUM_BINS + b])
+                            bins_all[b] / bins_all[NUM_BINS + b]
+                        )
                 tracker.log_metrics(last, step=step)
-                window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2 * NUM_BINS, dtype=torch.float64),
-                          "t0": time.perf_counter()}
+                window = {
+                    "loss": 0.0,
+                    "n": 0,
+                    "bins": torch.zeros(2 * NUM_BINS, dtype=torch.float64),
+                    "t0": time.perf_counter(),
+                }
 
-            validate = cfg.schedule.validate_every and (step % cfg.schedule.validate_every == 0
-                                                        or step == cfg.schedule.max_steps)
+            validate = cfg.schedule.validate_every and (
+                step % cfg.schedule.validate_every == 0 or step == cfg.schedule.max_steps
+            )
             if validate and val_samples:
                 engine.eval()
                 val = {"val_loss": validation_loss(model, engine, val_samples, cfg)}
@@ -407,24 +478,42 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
                     ckpt = Path(tmp)
                     engine.save_checkpoint(str(ckpt), tag=DS_TAG, exclude_frozen_parameters=True)
                     if env.rank == 0:
-                        (ckpt / STATE_FILE).write_text(json.dumps({
-                            "step": step, "world_size": env.world_size, "streams": streams,
-                            "mlflow_run_id": tracker.run_id, "data_digest": data_digest,
-                        }))
+                        (ckpt / STATE_FILE).write_text(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "world_size": env.world_size,
+                                    "streams": streams,
+                                    "mlflow_run_id": tracker.run_id,
+                                    "data_digest": data_digest,
+                                }
+                            )
+                        )
                     env.report({"step": step, **last}, ckpt)
 
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.deepspeed.zero_stage == 3
-                  else contextlib.nullcontext())  # ZeRO-3 partitions the LoRA weights: gather on all ranks
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if cfg.deepspeed.zero_stage == 3
+            else contextlib.nullcontext()
+        )  # ZeRO-3 partitions the LoRA weights: gather on all ranks
         with gather:
             if env.rank == 0:
-                lora_dir = export_lora(engine.module, output / "lora", {
-                    "model": cfg.model.name, "revision": cfg.model.revision, "image_size": cfg.data.image_size,
-                    "instruction": cfg.data.instruction, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                    "steps": step, "data_digest": data_digest,
-                    # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
-                    "trained_on": ([s["__key__"] for s in stream.selection()]
-                                   if stream.selective else None),
-                })
+                lora_dir = export_lora(
+                    engine.module,
+                    output / "lora",
+                    {
+                        "model": cfg.model.name,
+                        "revision": cfg.model.revision,
+                        "image_size": cfg.data.image_size,
+                        "instruction": cfg.data.instruction,
+                        "rank": cfg.lora.rank,
+                        "alpha": cfg.lora.alpha,
+                        "steps": step,
+                        "data_digest": data_digest,
+                        # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
+                        "trained_on": ([s["__key__"] for s in stream.selection()] if stream.selective else None),
+                    },
+                )
                 tracker.log_artifact(lora_dir, "lora")
         status = "FINISHED"
     finally:
@@ -454,15 +543,16 @@ def ray_train_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
     try:
-        run_worker(cfg, WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device,
-                                  resume, report))
+        run_worker(
+            cfg, WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device, resume, report)
+        )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def torchrun_main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc_per_node N -m training.backview_train CONFIG [--set k=v ...]``.
+    """``torchrun --nproc_per_node N -m know3d.training.backview_train CONFIG [--set k=v ...]``.
 
     Checkpoints go to ``<output>/checkpoints/step_XXXXXXXX`` (the output must be on shared
     storage for multi-node runs); a restart resumes from the newest complete one.
@@ -471,9 +561,9 @@ def torchrun_main(argv: list[str] | None = None) -> None:
 
     import torch.distributed as dist
 
-    from pipeline.config import load_config
+    from know3d.pipeline.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m training.backview_train")
+    parser = argparse.ArgumentParser(prog="python -m know3d.training.backview_train")
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args(argv)

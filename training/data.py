@@ -79,7 +79,12 @@ class PairStream:
     """Iterates one rank's samples of one epoch from ``state`` on (and advances ``state``)."""
 
     def __init__(
-        self, urls: list[str], seed: int, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256,
+        self,
+        urls: list[str],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 256,
         image_size: int | None = None,
         decode: bool = True,
         keys: list[str] | None = None,
@@ -137,7 +142,7 @@ class PairStream:
             chosen = self.selection()
             if len(chosen) < self.world_size:
                 raise ValueError(f"{len(chosen)} selected pairs cannot feed {self.world_size} workers")
-            mine = chosen[self.rank::self.world_size]
+            mine = chosen[self.rank :: self.world_size]
             return _shuffled(iter(mine), self.shuffle_buffer, rng)
         if len(self.urls) >= self.world_size:
             urls = shards_for(self.urls, self.seed, epoch, self.rank, self.world_size)
@@ -227,8 +232,9 @@ def resolve_shards(specs: list[str], split: str) -> tuple[list[str], str]:
             with fsspec.open(index_url, "rt") as f:
                 index = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{spec}: no {INDEX_FILE} (expected a data-build output folder or .tar shards)") \
-                from None
+            raise FileNotFoundError(
+                f"{spec}: no {INDEX_FILE} (expected a data-build output folder or .tar shards)"
+            ) from None
         except ValueError as exc:
             raise ValueError(f"{index_url}: unreadable shard index ({exc})") from None
         for entry in index.get("shards", []):

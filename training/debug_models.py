@@ -24,8 +24,15 @@ import hashlib
 import os
 from pathlib import Path
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
@@ -58,19 +65,31 @@ def _bpe_merges(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], lis
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(corpus, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
 
 
-def _tiny_vl_parts(seed: int, min_pixels: int, max_pixels: int, processor_cls: str = "qwen2_5_vl",
-                   merges_corpus: list[str] | None = None):
+def _tiny_vl_parts(
+    seed: int,
+    min_pixels: int,
+    max_pixels: int,
+    processor_cls: str = "qwen2_5_vl",
+    merges_corpus: list[str] | None = None,
+):
     import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLProcessor,
-                              Qwen2Tokenizer, Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
 
@@ -78,27 +97,50 @@ def _tiny_vl_parts(seed: int, min_pixels: int, max_pixels: int, processor_cls: s
         vocab, merges = _bpe_merges(merges_corpus, vocab_size=1024)
     else:
         vocab, merges = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}, []
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS})
     ids = dict(zip(SPECIALS, tokenizer.convert_tokens_to_ids(SPECIALS)))
     cls = Qwen2_5_VLProcessor if processor_cls == "qwen2_5_vl" else Qwen2VLProcessor  # 2511 ships Qwen2VLProcessor
     processor = cls(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
     )
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
-                           window_size=56),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -115,28 +157,48 @@ def build_tiny_qwen_vl(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def _edit_pipeline(folder: Path, seed: int, vae, num_layers: int, head_dim: int, heads: int,
-                   merges_corpus: list[str] | None = None) -> Path:
+def _edit_pipeline(
+    folder: Path, seed: int, vae, num_layers: int, head_dim: int, heads: int, merges_corpus: list[str] | None = None
+) -> Path:
     """Tiny text encoder + an MMDiT of the given size + ``vae`` + the scheduler -> saved pipeline."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 
-    text_encoder, processor, tokenizer = _tiny_vl_parts(seed, min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28,
-                                                       processor_cls="qwen2_vl", merges_corpus=merges_corpus)
+    text_encoder, processor, tokenizer = _tiny_vl_parts(
+        seed, min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28, processor_cls="qwen2_vl", merges_corpus=merges_corpus
+    )
     z_dim = vae.config.z_dim
     torch.manual_seed(seed + 1)
     rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)  # (frame, height, width), like 2511's 16/56/56
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=num_layers, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=text_encoder.config.text_config.hidden_size,
-        axes_dims_rope=rope, zero_cond_t=True,
+        patch_size=2,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_encoder.config.text_config.hidden_size,
+        axes_dims_rope=rope,
+        zero_cond_t=True,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=16,
-        max_image_seq_len=1024, shift_terminal=0.02, time_shift_type="exponential",
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=16,
+        max_image_seq_len=1024,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
     )
-    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     processor=processor, transformer=transformer)
+    pipe = QwenImageEditPlusPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -149,8 +211,13 @@ def build_tiny_qwen_image_edit(folder: Path, seed: int = 0) -> Path:
     z_dim = 4
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+        base_dim=16,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
     )
     return _edit_pipeline(folder, seed, vae, num_layers=2, head_dim=16, heads=2)
 
@@ -159,9 +226,8 @@ def build_small_qwen_image_edit(folder: Path, seed: int = 0) -> Path:
     """The learning-capable debug pipeline: the shipped trained VAE and a 4-block, 4×32-head MMDiT."""
     from diffusers import AutoencoderKLQwenImage
 
-    from training.debug_vae import SHIPPED_VAE
-
-    from training.prompting import DEFAULT_INSTRUCTION
+    from know3d.training.debug_vae import SHIPPED_VAE
+    from know3d.training.prompting import DEFAULT_INSTRUCTION
 
     vae = AutoencoderKLQwenImage.from_pretrained(SHIPPED_VAE, use_safetensors=True)
     corpus = [_EDIT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION] * 8
@@ -172,7 +238,7 @@ def _fingerprint(name: str) -> str:
     """What a cached build depends on besides its name and seed: the shipped VAE's bytes."""
     if name != DEBUG_SMALL_EDIT_MODEL:
         return ""
-    from training.debug_vae import SHIPPED_VAE
+    from know3d.training.debug_vae import SHIPPED_VAE
 
     vae = hashlib.sha256((SHIPPED_VAE / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:16]
     return f"bpe1024:{vae}"  # the tokenizer recipe and the VAE

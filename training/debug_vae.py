@@ -1,6 +1,6 @@
 """A debug-size ``AutoencoderKLQwenImage`` that actually reconstructs renders (issue 11, part 1).
 
-The tiny random VAE of :mod:`training.debug_models` makes every generated image noise, so no
+The tiny random VAE of :mod:`know3d.training.debug_models` makes every generated image noise, so no
 back-view run on CPU can show learning. This trains the *same diffusers class* at debug size on
 rendered views, so a debug pipeline can use it unchanged (``from_pretrained``, the pipeline's
 ``vae.encode``/``vae.decode``, latent normalization from ``latents_mean``/``latents_std``).
@@ -53,9 +53,13 @@ def build_vae(cfg: DebugVaeConfig):
 
     torch.manual_seed(cfg.seed)
     return AutoencoderKLQwenImage(
-        base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=1,
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=1,
         temperal_downsample=[False] + [True] * (len(cfg.dim_mult) - 2),
-        latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim,
+        latents_mean=[0.0] * cfg.z_dim,
+        latents_std=[1.0] * cfg.z_dim,
     )
 
 
@@ -74,13 +78,12 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 10.0 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def train_debug_vae(train: torch.Tensor, heldout: torch.Tensor, cfg: DebugVaeConfig,
-                    progress=None) -> DebugVaeResult:
+def train_debug_vae(train: torch.Tensor, heldout: torch.Tensor, cfg: DebugVaeConfig, progress=None) -> DebugVaeResult:
     """Fit the VAE to ``train`` ([N, 3, H, W] in [-1, 1]) with L1 + MSE on reconstructions;
     held-out PSNR (through the clamped ``decode``, as the pipeline decodes) every ``log_every``."""
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
-    cosine = lambda i: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))  # noqa: E731
+    cosine = lambda i: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = DebugVaeResult(vae)
@@ -102,8 +105,14 @@ def train_debug_vae(train: torch.Tensor, heldout: torch.Tensor, cfg: DebugVaeCon
         if step % cfg.log_every == 0 or step == cfg.steps:
             with torch.no_grad():
                 score = psnr(reconstruct(vae, heldout), heldout)
-            result.history.append({"step": step, "seconds": time.perf_counter() - start,
-                                   "loss": float(loss.detach()), "heldout_psnr": score})
+            result.history.append(
+                {
+                    "step": step,
+                    "seconds": time.perf_counter() - start,
+                    "loss": float(loss.detach()),
+                    "heldout_psnr": score,
+                }
+            )
             if progress is not None:
                 progress(result.history[-1])
     vae.eval()
@@ -115,7 +124,7 @@ def load_views(specs: list[str], split: str, size: int) -> torch.Tensor:
     import numpy as np
     import webdataset as wds
 
-    from training.data import decode_image, resolve_shards
+    from know3d.training.data import decode_image, resolve_shards
 
     urls = resolve_shards(specs, split)[0]
     if not urls:
@@ -130,8 +139,9 @@ def load_views(specs: list[str], split: str, size: int) -> torch.Tensor:
 def latent_stats(vae, images: torch.Tensor, batch: int = 32) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior modes: the ``latents_mean``/``latents_std`` the
     pipeline normalizes with (the real Qwen-Image VAE ships its own, computed the same way)."""
-    modes = torch.cat([vae.encode(images[i:i + batch].unsqueeze(2)).latent_dist.mode()
-                       for i in range(0, len(images), batch)])
+    modes = torch.cat(
+        [vae.encode(images[i : i + batch].unsqueeze(2)).latent_dist.mode() for i in range(0, len(images), batch)]
+    )
     dims = [0, 2, 3, 4]
     return [round(float(v), 6) for v in modes.mean(dims)], [round(float(v), 6) for v in modes.std(dims)]
 

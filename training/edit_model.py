@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.debug_models import DEBUG_PREFIX, resolve_debug_model
+from know3d.training.debug_models import DEBUG_PREFIX, resolve_debug_model
 
 
 def resolve_model_path(name: str, seed: int = 0) -> str:
@@ -51,8 +51,10 @@ def load_pipeline(name: str, revision: str | None = None, dtype: torch.dtype = t
     except (OSError, ValueError) as exc:
         hint = ""
         if not Path(path).exists():
-            hint = (f" ('{path}' is not a local folder; on a machine without internet download it first, e.g. "
-                    f"`hf download {path} --local-dir <dir>`, and set model.name to that folder)")
+            hint = (
+                f" ('{path}' is not a local folder; on a machine without internet download it first, e.g. "
+                f"`hf download {path} --local-dir <dir>`, and set model.name to that folder)"
+            )
         raise RuntimeError(f"cannot load the edit model '{name}': {exc}{hint}") from None
 
 
@@ -144,8 +146,10 @@ class EditModel:
 
     def condition_image(self, front: np.ndarray) -> Image.Image:
         """The text encoder's view of the reference, resized like the pipeline does."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (CONDITION_IMAGE_SIZE,
-                                                                               calculate_dimensions)
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+            CONDITION_IMAGE_SIZE,
+            calculate_dimensions,
+        )
 
         img = to_pil(front)
         w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, img.width / img.height)
@@ -211,8 +215,9 @@ def add_lora(transformer, rank: int, alpha: float, dropout: float, targets: list
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
     transformer.add_adapter(config, adapter_name=adapter)
     params = [p for n, p in transformer.named_parameters() if p.requires_grad]
     if not params:
@@ -238,10 +243,15 @@ def export_lora(transformer, folder: Path, metadata: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_config = transformer.peft_config["default"]
-    adapter_meta = {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
-                    "target_modules": sorted(peft_config.target_modules)}
+    adapter_meta = {
+        "r": peft_config.r,
+        "lora_alpha": peft_config.lora_alpha,
+        "target_modules": sorted(peft_config.target_modules),
+    }
     QwenImageEditPlusPipeline.save_lora_weights(
-        folder, transformer_lora_layers=lora_state_dict(transformer), transformer_lora_adapter_metadata=adapter_meta,
+        folder,
+        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_adapter_metadata=adapter_meta,
     )
     (folder / "know3d_lora.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
     return folder

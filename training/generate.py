@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data import image_to_array
-from training.edit_model import load_pipeline, to_pil, torch_dtype, vae_image_size
-from training.prompting import DEFAULT_INSTRUCTION, build_prompt
+from know3d.training.data import image_to_array
+from know3d.training.edit_model import load_pipeline, to_pil, torch_dtype, vae_image_size
+from know3d.training.prompting import DEFAULT_INSTRUCTION, build_prompt
 
 LORA_META = "know3d_lora.json"
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -58,14 +58,21 @@ def generate(
     if steps < 2 and pipe.scheduler.config.get("shift_terminal"):
         # diffusers stretches the schedule so its last sigma is shift_terminal: with one step that
         # divides 0 by 0 and the whole image is NaN (Qwen-Image's scheduler sets shift_terminal)
-        raise ValueError(f"steps must be at least 2 for this scheduler (shift_terminal="
-                         f"{pipe.scheduler.config['shift_terminal']} makes a 1-step schedule NaN)")
+        raise ValueError(
+            f"steps must be at least 2 for this scheduler (shift_terminal="
+            f"{pipe.scheduler.config['shift_terminal']} makes a 1-step schedule NaN)"
+        )
     kwargs = {"true_cfg_scale": cfg_scale, "negative_prompt": " "} if cfg_scale > 1 else {"true_cfg_scale": 1.0}
     with vae_image_size(image_size * image_size):
         out = pipe(
-            image=[to_pil(front)], prompt=prompt, height=image_size, width=image_size,
-            num_inference_steps=steps, generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="np", **kwargs,
+            image=[to_pil(front)],
+            prompt=prompt,
+            height=image_size,
+            width=image_size,
+            num_inference_steps=steps,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="np",
+            **kwargs,
         ).images[0]
     return (np.asarray(out, np.float32).transpose(2, 0, 1) * 2.0) - 1.0
 
@@ -96,7 +103,9 @@ def generate_backviews(
     meta = read_lora_meta(lora) if lora else {}
     model = model or meta.get("model")
     if not model and lora is None:
-        raise ValueError("give --lora DIR (a trained back-view LoRA) or --model NAME to generate with the base model alone")
+        raise ValueError(
+            "give --lora DIR (a trained back-view LoRA) or --model NAME to generate with the base model alone"
+        )
     if not model:
         raise ValueError(f"no base model: pass --model ({lora} has no {LORA_META} naming the model it was trained on)")
     size = image_size or int(meta.get("image_size", 512))
@@ -109,8 +118,9 @@ def generate_backviews(
     instruction = meta.get("instruction", DEFAULT_INSTRUCTION)
     written = []
     for front, prompt, output in zip(fronts, prompts, outputs):
-        back = generate(pipe, front, build_prompt(prompt, instruction), size, steps=steps, seed=seed,
-                        cfg_scale=cfg_scale)
+        back = generate(
+            pipe, front, build_prompt(prompt, instruction), size, steps=steps, seed=seed, cfg_scale=cfg_scale
+        )
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         to_pil(back).save(output)

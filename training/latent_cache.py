@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import TrainBackviewConfig
-from training.data import decode_image
-from training.prompting import prompt_variants
+from know3d.pipeline.config import TrainBackviewConfig
+from know3d.training.data import decode_image
+from know3d.training.prompting import prompt_variants
 
 
 def model_identity(name: str) -> str:
     """What identifies the encoders' weights behind a model name: for ``debug:`` models the cached
     build folder (its name carries the build tag), for local folders the bytes of every config
     file and the size and mtime of every weight file; hub ids are identified by name + revision."""
-    from training.edit_model import resolve_model_path
+    from know3d.training.edit_model import resolve_model_path
 
     path = Path(resolve_model_path(name))
     if not path.is_dir():
@@ -47,8 +47,11 @@ def model_identity(name: str) -> str:
 def cache_folder(cfg: TrainBackviewConfig) -> Path:
     """Keyed by the encoders' identity, resolution and instruction: a rebuilt debug model or
     changed local weights get a new folder instead of stale latents."""
-    tag = hashlib.sha256(json.dumps([model_identity(cfg.model.name), cfg.model.revision, cfg.data.image_size,
-                                     cfg.data.instruction]).encode()).hexdigest()[:12]
+    tag = hashlib.sha256(
+        json.dumps(
+            [model_identity(cfg.model.name), cfg.model.revision, cfg.data.image_size, cfg.data.instruction]
+        ).encode()
+    ).hexdigest()[:12]
     root = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output) / "latent_cache"
     return root / tag
 
@@ -73,8 +76,14 @@ def _shard_rows(row: dict) -> list[dict]:
     for r in rows:
         if {"front.png", "back.png", "json"} <= set(r):
             meta = json.loads(r["json"])
-            out.append({"key": r["key"], "front": r["front.png"], "back": r["back.png"],
-                        "components": json.dumps(list(meta.get("components") or []))})
+            out.append(
+                {
+                    "key": r["key"],
+                    "front": r["front.png"],
+                    "back": r["back.png"],
+                    "components": json.dumps(list(meta.get("components") or [])),
+                }
+            )
     return out
 
 
@@ -84,12 +93,16 @@ class LatentEncoder:
     def __init__(self, cfg_json: str) -> None:
         import torch
 
-        from training.edit_model import EditModel, load_pipeline, torch_dtype
+        from know3d.training.edit_model import EditModel, load_pipeline, torch_dtype
 
         self.cfg = TrainBackviewConfig.model_validate_json(cfg_json)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(self.cfg.model.name, self.cfg.model.revision,
-                             dtype=torch_dtype(self.cfg.model.dtype, device), transformer=None)
+        pipe = load_pipeline(
+            self.cfg.model.name,
+            self.cfg.model.revision,
+            dtype=torch_dtype(self.cfg.model.dtype, device),
+            transformer=None,
+        )
         pipe.set_progress_bar_config(disable=True)
         self.model = EditModel(pipe, device, torch_dtype(self.cfg.model.dtype, device), self.cfg.data.image_size)
         self.folder = cache_folder(self.cfg)
@@ -107,8 +120,11 @@ class LatentEncoder:
             size = self.cfg.data.image_size
             front, back = decode_image(bytes(front_png), size), decode_image(bytes(back_png), size)
             lat = self.model.encode_images(torch.from_numpy(np.stack([front, back])))
-            arrays = {"front_latent": lat[0].cpu().numpy(), "back_latent": lat[1].cpu().numpy(),
-                      "components": np.array(json.loads(comps), dtype=np.str_)}
+            arrays = {
+                "front_latent": lat[0].cpu().numpy(),
+                "back_latent": lat[1].cpu().numpy(),
+                "components": np.array(json.loads(comps), dtype=np.str_),
+            }
             for i, prompt in enumerate(prompt_variants(json.loads(comps), self.cfg.data.instruction)):
                 arrays[f"prompt_{i}"] = self.model.encode_prompt(prompt, front).cpu().numpy()
             buf = io.BytesIO()
@@ -131,14 +147,25 @@ def build_cache(cfg: TrainBackviewConfig, urls: list[str], ray) -> dict[str, int
     gpus = cfg.cache.num_gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items([{"url": u} for u in urls]).flat_map(_shard_rows)
     if cfg.data.keys or cfg.data.max_pairs or cfg.data.max_pairs_per_asset:  # a subset trains: encode only it
-        from training.data import PairStream
+        from know3d.training.data import PairStream
 
-        stream = PairStream(urls, cfg.seed, keys=cfg.data.keys, max_pairs=cfg.data.max_pairs,
-                            max_pairs_per_asset=cfg.data.max_pairs_per_asset)
+        stream = PairStream(
+            urls,
+            cfg.seed,
+            keys=cfg.data.keys,
+            max_pairs=cfg.data.max_pairs,
+            max_pairs_per_asset=cfg.data.max_pairs_per_asset,
+        )
         wanted = {s["__key__"] for s in stream.selection()}
         ds = ds.filter(lambda row: row["key"] in wanted)
-    ds = ds.map_batches(LatentEncoder, fn_constructor_args=(cfg.model_dump_json(),), batch_size=cfg.cache.batch_size,
-                        concurrency=cfg.cache.concurrency, num_gpus=gpus, batch_format="numpy")
+    ds = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_args=(cfg.model_dump_json(),),
+        batch_size=cfg.cache.batch_size,
+        concurrency=cfg.cache.concurrency,
+        num_gpus=gpus,
+        batch_format="numpy",
+    )
     counts: dict[str, int] = {}
     for row in ds.iter_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from evaluation.models.pointtok import Group, PointNetTokens, position_mlp
+from know3d.evaluation.models.pointtok import Group, PointNetTokens, position_mlp
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class UlipConfig:
     encoder_dims: int = 256
 
     @classmethod
-    def tiny(cls) -> "UlipConfig":
+    def tiny(cls) -> UlipConfig:
         return cls(
             vision_overrides=dict(embed_dim=32, depth=1, num_heads=2),
             vision_width=32,
@@ -75,7 +75,10 @@ class PointBert(nn.Module):
         self.pos_embed = position_mlp(cfg.trans_dim)
         self.blocks = nn.Module()
         self.blocks.blocks = nn.ModuleList(
-            [Block(cfg.trans_dim, cfg.num_heads, mlp_ratio=4.0, qkv_bias=False, norm_layer=nn.LayerNorm) for _ in range(cfg.depth)]
+            [
+                Block(cfg.trans_dim, cfg.num_heads, mlp_ratio=4.0, qkv_bias=False, norm_layer=nn.LayerNorm)
+                for _ in range(cfg.depth)
+            ]
         )
         self.norm = nn.LayerNorm(cfg.trans_dim)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from evaluation.models.pointtok import Group, PointNetTokens, position_mlp
+from know3d.evaluation.models.pointtok import Group, PointNetTokens, position_mlp
 
 UNI3D_COLOR = 100.0 / 255.0  # the constant RGB HY3D-Bench gives every point
 
@@ -40,7 +40,7 @@ class Uni3dModelConfig:
     clip_image_size: int = 224
 
     @classmethod
-    def tiny(cls) -> "Uni3dModelConfig":
+    def tiny(cls) -> Uni3dModelConfig:
         return cls(
             pc_model_overrides=dict(embed_dim=32, depth=2, num_heads=2, img_size=28),
             pc_feat_dim=32,
@@ -96,7 +96,12 @@ def clip_image_tower(cfg: Uni3dModelConfig) -> nn.Module:
     from open_clip.timm_model import TimmModel
 
     return TimmModel(
-        cfg.clip_model, embed_dim=cfg.embed_dim, image_size=cfg.clip_image_size, pool="token", proj=None, pretrained=False
+        cfg.clip_model,
+        embed_dim=cfg.embed_dim,
+        image_size=cfg.clip_image_size,
+        pool="token",
+        proj=None,
+        pretrained=False,
     )
 
 

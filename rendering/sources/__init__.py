@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import SourceConfig
-from rendering.sources.base import AssetRecord, AssetSource, FetchError, FilteredRecord
+from know3d.pipeline.config import SourceConfig
+from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError, FilteredRecord
 
 __all__ = ["AssetRecord", "AssetSource", "FetchError", "FilteredRecord", "build_source"]
 
@@ -14,19 +14,19 @@ def build_source(cfg: SourceConfig, cache_dir: Path) -> AssetSource:
     """The source named by ``cfg.kind``; hub sources are imported only when chosen, so a local
     build never imports objaverse or huggingface_hub."""
     if cfg.kind == "local":
-        from rendering.sources.local import LocalSource
+        from know3d.rendering.sources.local import LocalSource
 
         return LocalSource(cfg.local)
     if cfg.kind == "objaverse":
-        from rendering.sources.objaverse import ObjaverseSource
+        from know3d.rendering.sources.objaverse import ObjaverseSource
 
         return ObjaverseSource(cfg.objaverse)
     if cfg.kind == "texverse":
-        from rendering.sources.texverse import TexVerseSource
+        from know3d.rendering.sources.texverse import TexVerseSource
 
         return TexVerseSource(cfg.texverse)
     if cfg.kind == "procedural":
-        from rendering.sources.procedural import ProceduralSource
+        from know3d.rendering.sources.procedural import ProceduralSource
 
         return ProceduralSource(cfg.procedural, cache_dir)
     raise ValueError(f"unknown source kind {cfg.kind!r} (choose local, objaverse, texverse or procedural)")

@@ -30,7 +30,7 @@ class AssetRecord:
         return {"key": self.key, "source": self.source, "uri": self.uri, "license": self.license, "meta": self.meta}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "AssetRecord":
+    def from_json(cls, data: dict[str, Any]) -> AssetRecord:
         return cls(data["key"], data["source"], data["uri"], data.get("license"), dict(data.get("meta") or {}))
 
 

@@ -15,13 +15,27 @@ import glob
 import os
 from pathlib import Path
 
-from pipeline.config import LocalSourceConfig
-from rendering.sources.base import AssetRecord, FetchError, FilteredRecord
+from know3d.pipeline.config import LocalSourceConfig
+from know3d.rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
 # Files that belong to another asset (materials, textures, buffers) are never assets themselves.
 _SIDECAR_SUFFIXES = {
-    ".mtl", ".bin", ".png", ".jpg", ".jpeg", ".ktx2", ".webp", ".tga", ".bmp", ".tif", ".tiff", ".gif",
-    ".exr", ".hdr", ".dds", ".basis",
+    ".mtl",
+    ".bin",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".ktx2",
+    ".webp",
+    ".tga",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".exr",
+    ".hdr",
+    ".dds",
+    ".basis",
 }
 _ARCHIVES = {".zip", ".7z", ".rar", ".tar", ".gz", ".tgz", ".bz2", ".xz"}
 
@@ -63,7 +77,9 @@ class LocalSource:
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
         if not matches:
             raise FileNotFoundError(f"input '{item}' matches no file or folder")
-        return [(p, _static_prefix(path)) for p in matches if _is_candidate(p) and p.suffix.lower() not in _SIDECAR_SUFFIXES]
+        return [
+            (p, _static_prefix(path)) for p in matches if _is_candidate(p) and p.suffix.lower() not in _SIDECAR_SUFFIXES
+        ]
 
     def _unsupported(self, rel: str, suffix: str) -> str:
         supported = ", ".join(sorted(e.lstrip(".") for e in self.extensions))
@@ -93,12 +109,15 @@ class LocalSource:
                 key = f"local:{root_name}/{rel}"
                 suffix = file.suffix.lower()
                 # the path as found (not resolved): fetch checks where a symlink leads
-                record = AssetRecord(key, "local", os.path.abspath(file), None,
-                                     {"name": file.stem, "root": os.path.abspath(root)})
+                record = AssetRecord(
+                    key, "local", os.path.abspath(file), None, {"name": file.stem, "root": os.path.abspath(root)}
+                )
                 if suffix in self.extensions:
                     records.setdefault(key, record)
                 elif named or suffix not in _SIDECAR_SUFFIXES:
-                    filtered.setdefault(key, FilteredRecord(record, "unsupported_format", self._unsupported(rel, suffix)))
+                    filtered.setdefault(
+                        key, FilteredRecord(record, "unsupported_format", self._unsupported(rel, suffix))
+                    )
         return list(records.values()), list(filtered.values())
 
     def fetch(self, record: AssetRecord) -> Path:

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import objaverse
 
-from pipeline.config import ObjaverseSourceConfig
-from rendering.sources.base import (
+from know3d.pipeline.config import ObjaverseSourceConfig
+from know3d.rendering.sources.base import (
     AssetRecord,
     FetchError,
     FilteredRecord,

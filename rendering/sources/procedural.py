@@ -33,8 +33,8 @@ import trimesh
 from trimesh import creation
 from trimesh.transformations import rotation_matrix, translation_matrix
 
-from pipeline.config import ProceduralSourceConfig
-from rendering.sources.base import AssetRecord, FetchError, FilteredRecord
+from know3d.pipeline.config import ProceduralSourceConfig
+from know3d.rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
 # Bump when the geometry code changes: files live in a folder named after it, so a cache made by
 # an older generator is never mistaken for the current one.

@@ -17,8 +17,8 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from pipeline.config import TexVerseSourceConfig
-from rendering.sources.base import (
+from know3d.pipeline.config import TexVerseSourceConfig
+from know3d.rendering.sources.base import (
     AssetRecord,
     FetchError,
     FilteredRecord,
@@ -102,9 +102,7 @@ class TexVerseSource:
         cfg = self.cfg
         # A pinned revision is a commit of the main repo; the 1K repo has its own history.
         revision = cfg.revision if repo_id == cfg.repo_id else None
-        return Path(
-            hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cfg.cache_dir)
-        )
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cfg.cache_dir))
 
     def _load_json(self, filename: str) -> Any:
         with open(self._download(self.cfg.repo_id, filename), "rb") as f:
@@ -113,7 +111,7 @@ class TexVerseSource:
     def _captions(self) -> dict[str, str]:
         try:
             data = self._load_json("caption.json")
-        except Exception as exc:  # captions are optional: a missing file must not stop discovery
+        except Exception as exc:  # noqa: BLE001 - captions are optional: a missing file must not stop discovery
             log.warning("TexVerse captions unavailable (%s: %s); continuing without", type(exc).__name__, exc)
             return {}
         if not isinstance(data, dict):
