@@ -21,8 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
-from know3d.pipeline.config import AnnotateConfig
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from know3d.pipeline.shards import iter_samples, iter_shard_keys
+from know3d.core.shards import iter_samples, iter_shard_keys
 
 _STATUS_COLOUR = {"ok": "#2e7d32", "repaired": "#f9a825", "annotation_failed": "#c62828", "no_parts": "#757575"}
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.parts import describe_pair
-from know3d.pipeline.config import AnnotateConfig
-from know3d.rendering.assets import describe_exception
+from know3d.core.errors import describe_exception
 from know3d.rendering.process import asset_dir, usable_pairs
 
 

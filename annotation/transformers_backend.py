@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
+from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.openai_backend import PairRequest, build_prompt
 from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
-from know3d.pipeline.config import AnnotateConfig
 
 
 def _rgb(png: bytes) -> Image.Image:

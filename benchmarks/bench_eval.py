@@ -49,10 +49,11 @@ def main() -> None:
     import torch._dynamo
     import trimesh
 
+    from know3d.evaluation.config import EvalConfig
     from know3d.evaluation.demo import make_demo_set
     from know3d.evaluation.geometry import point_metrics, voxel_iou
     from know3d.evaluation.meshes import load_mesh, normalize, sample_surface, semantic_points, uid_rng
-    from know3d.pipeline.config import EvalConfig, load_config
+    from know3d.pipeline.config import load_config
     from know3d.pipeline.evaluate import evaluate_shapes
     from know3d.rendering.sources.procedural import ProceduralSource
 

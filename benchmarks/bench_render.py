@@ -39,8 +39,9 @@ def main() -> None:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
     warnings.filterwarnings("ignore")
 
-    from know3d.pipeline.config import BuildConfig, LoadConfig
+    from know3d.pipeline.config import BuildConfig
     from know3d.rendering.assets import MESH_EXTENSIONS, file_sha256, load_asset
+    from know3d.rendering.config import LoadConfig
     from know3d.rendering.process import view_plan, write_views
     from know3d.rendering.render import ViewRenderer
 

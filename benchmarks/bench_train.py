@@ -12,18 +12,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def train_rate(shards: str, workers: int, steps: int, image_size: int, out: Path) -> dict:
-    from know3d.pipeline.config import TrainBackviewConfig, load_config
+    from know3d.pipeline.config import load_config
     from know3d.pipeline.train import run_train_backview
+    from know3d.training.config import TrainBackviewConfig
 
     window = max(steps // 2, 1)
     cfg = load_config(
@@ -52,7 +51,8 @@ def train_rate(shards: str, workers: int, steps: int, image_size: int, out: Path
 
 
 def loader_rate(shards: str, image_size: int, samples: int) -> float:
-    from know3d.training.data import PairStream, StreamState, resolve_shards
+    from know3d.core.shards import resolve_shards
+    from know3d.training.data import PairStream, StreamState
 
     urls, _ = resolve_shards([shards], "train")
     stream = PairStream(urls, seed=0, shuffle_buffer=64, image_size=image_size)

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from know3d.pipeline.config import LORA_TARGETS
+from know3d.training.config import LORA_TARGETS
 
 # transformer/config.json of Qwen/Qwen-Image-Edit-2511 (diffusers 0.42 field names)
 TRANSFORMER = dict(

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from know3d.core.shards import resolve_shards
+from know3d.evaluation.images import psnr, ssim
+from know3d.training.data import decode_image, image_to_array
+from know3d.training.edit_model import EditModel, load_pipeline
 
-from know3d.evaluation.images import psnr, ssim  # noqa: E402
-from know3d.training.data import decode_image, image_to_array, resolve_shards  # noqa: E402
-from know3d.training.edit_model import EditModel, load_pipeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KNOW3D = str(Path(sys.executable).with_name("know3d"))
 
@@ -110,7 +110,8 @@ def main() -> None:
             (out / kind).mkdir(parents=True, exist_ok=True)
             (out / kind / f"{name}.png").write_bytes(p[kind])
         fronts.append(out / "front" / f"{name}.png")
-    from know3d.pipeline.config import TrainBackviewConfig, load_config
+    from know3d.pipeline.config import load_config
+    from know3d.training.config import TrainBackviewConfig
 
     cfg = load_config(ROOT / args.config, args.overrides, model=TrainBackviewConfig)
     size, model_name = cfg.data.image_size, cfg.model.name

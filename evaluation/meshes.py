@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from know3d.pipeline.config import LoadConfig
 from know3d.rendering.assets import AssetError, AssetFiltered, load_asset
+from know3d.rendering.config import LoadConfig
 
 HY3D_SCALE = 2.0 * 0.98  # the longest bbox side after normalization
 

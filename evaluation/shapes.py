@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from know3d.evaluation.config import EvalConfig
 from know3d.evaluation.geometry import GeometryOptions, compare_meshes
 from know3d.evaluation.meshes import MeshError, load_mesh, normalize, semantic_points
 from know3d.evaluation.results import uid_filename
-from know3d.pipeline.config import EvalConfig
 
 VIEW_ANGLES = {"front": (0.0, 15.0), "back": (180.0, 15.0)}  # azimuth, elevation (degrees)
 

@@ -35,25 +35,17 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from know3d.pipeline.config import BuildConfig, LoadConfig, ShardConfig, dump_config
+from know3d.core.errors import describe_exception
+from know3d.core.manifest import ManifestRow, summarize, write_manifest
+from know3d.core.runtime import OutputUnusable, UsageError, check_output, ray_session
+from know3d.core.shards import INDEX_FILE, load_index, remove_stale, write_index
+from know3d.core.tracking import make_tracker
+from know3d.pipeline.config import BuildConfig, dump_config
 from know3d.pipeline.contact_sheet import make_contact_sheet
-from know3d.pipeline.manifest import ManifestRow, summarize, write_manifest
-from know3d.pipeline.runtime import OutputUnusable, UsageError, check_output, ray_session
-from know3d.pipeline.shards import (
-    INDEX_FILE,
-    ShardPlan,
-    annotation_id,
-    load_index,
-    plan_shards,
-    remove_stale,
-    reusable_entry,
-    split_of,
-    write_index,
-    write_shard,
-)
-from know3d.pipeline.tracking import make_tracker
-from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, describe_exception, inspect_asset
+from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, inspect_asset
+from know3d.rendering.config import LoadConfig, RenderJob
 from know3d.rendering.process import read_asset, render_fingerprint, usable_pairs
+from know3d.rendering.shards import ShardPlan, annotation_id, plan_shards, reusable_entry, split_of, write_shard
 from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError
 
 console = Console(stderr=True)
@@ -127,16 +119,16 @@ class RenderActor:
     def __init__(self, cfg_json: str, work: str) -> None:
         from know3d.rendering.isolation import IsolatedRenderer
 
-        self.renderer = IsolatedRenderer(BuildConfig.model_validate_json(cfg_json), Path(work))
+        self.renderer = IsolatedRenderer(RenderJob.model_validate_json(cfg_json), Path(work))
 
     def render(self, path: str, sha: str, record: dict) -> dict:
         return self.renderer.run(Path(path), sha, record)
 
 
 def _write_shard_task(
-    work: str, out: str, plan: ShardPlan, cfg: ShardConfig, records: dict[str, dict], annotations: dict[str, dict]
+    work: str, out: str, plan: ShardPlan, records: dict[str, dict], annotations: dict[str, dict]
 ) -> dict:
-    return write_shard(Path(work), Path(out), plan, cfg, records, annotations)
+    return write_shard(Path(work), Path(out), plan, records, annotations)
 
 
 def _progress() -> Progress:
@@ -271,7 +263,7 @@ def _run_build(
     config_text = dump_config(cfg)
     (out / "config.yaml").write_text(config_text)
     (run_dir / "config.yaml").write_text(config_text)
-    work = out / "work" / render_fingerprint(cfg)
+    work = out / "work" / render_fingerprint(cfg.render_job())
     work.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
 
@@ -395,7 +387,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
             todo.append(r)
     actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
     num_actors = min(cfg.ray.render_concurrency, len(todo))
-    actors = [actor_cls.remote(cfg.model_dump_json(), str(work)) for _ in range(num_actors)]
+    actors = [actor_cls.remote(cfg.render_job().model_dump_json(), str(work)) for _ in range(num_actors)]
 
     def submit(r: dict, actor: Any) -> Any:
         return actor.render.remote(r["path"], r["sha256"], run.by_key[r["key"]].to_json())
@@ -533,7 +525,7 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
     entries: list[dict] = []
     to_write: list[ShardPlan] = []
     for plan in plans:
-        entry = reusable_entry(out, plan, previous, cfg.shard, members_records(plan), members_annotations(plan))
+        entry = reusable_entry(out, work, plan, previous, members_records(plan), members_annotations(plan))
         (entries.append(entry) if entry else to_write.append(plan))
     shard_remote = ray.remote(num_cpus=0.5)(_write_shard_task)
     errors: list[str] = []
@@ -543,7 +535,7 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
 
     def submit(plan: ShardPlan, _: Any) -> Any:
         return shard_remote.remote(
-            str(work), str(out), plan, cfg.shard, members_records(plan), members_annotations(plan)
+            str(work), str(out), plan, members_records(plan), members_annotations(plan)
         )
 
     run_bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")

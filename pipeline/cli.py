@@ -73,8 +73,8 @@ def data_build(
     if input and cfg.source.kind != "local":
         err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
 
+    from know3d.core.runtime import UsageError
     from know3d.pipeline.build import run_build
-    from know3d.pipeline.runtime import UsageError
 
     try:
         summary = run_build(cfg, retry_failed=retry_failed)
@@ -118,8 +118,8 @@ def data_status(
     failures: Annotated[int, typer.Option(help="List up to N failed assets.")] = 20,
 ) -> None:
     """Counts per stage, filter and failure reason of a build, and its shards."""
-    from know3d.pipeline.manifest import read_manifest, summarize
-    from know3d.pipeline.shards import load_index
+    from know3d.core.manifest import read_manifest, summarize
+    from know3d.core.shards import load_index
 
     try:
         rows = read_manifest(output)
@@ -153,7 +153,7 @@ def data_review(
 ) -> None:
     """Write a static HTML gallery (front, back, descriptions, status) for N pairs."""
     from know3d.annotation.review import write_gallery
-    from know3d.pipeline.shards import load_index
+    from know3d.core.shards import load_index
 
     index = load_index(output)
     shards = [output / e["name"] for e in index.get("shards", []) if split is None or e["split"] == split]
@@ -178,7 +178,7 @@ def train_backview(
 ) -> None:
     """LoRA of Qwen-Image-Edit for front -> back views; resumes from the last checkpoint."""
     _quiet_libraries()
-    from know3d.pipeline.config import TrainBackviewConfig
+    from know3d.training.config import TrainBackviewConfig
 
     overrides = list(set_ or [])
     if shards:
@@ -192,7 +192,7 @@ def train_backview(
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
-    from know3d.pipeline.runtime import UsageError
+    from know3d.core.runtime import UsageError
     from know3d.pipeline.train import run_train_backview
 
     try:
@@ -275,7 +275,7 @@ def _run_eval(
     config: Path | None, set_: list[str] | None, extra: list[str], address: str | None, strict: bool, run
 ) -> None:
     """Resolve the eval config (file, flags, --set), run, print the summary; usage errors exit 2."""
-    from know3d.pipeline.config import EvalConfig
+    from know3d.evaluation.config import EvalConfig
     from know3d.pipeline.evaluate import EvalError
 
     if address:
@@ -285,7 +285,7 @@ def _run_eval(
     except ConfigError as exc:
         err.print(f"[red]config error:[/] {exc}")
         raise typer.Exit(2) from None
-    from know3d.pipeline.runtime import UsageError
+    from know3d.core.runtime import UsageError
 
     try:
         summary = run(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from know3d.pipeline.shards import iter_samples
+from know3d.core.shards import iter_samples
 
 TILE = 192
 LABEL_H = 18

@@ -14,9 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
-from know3d.pipeline.config import TrainBackviewConfig
-from know3d.pipeline.runtime import check_output, ray_session
-from know3d.pipeline.tracking import check_uri, default_tracking_uri
+from know3d.core.runtime import check_output, ray_session
+from know3d.core.tracking import check_uri, default_tracking_uri
+from know3d.training.config import TrainBackviewConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
         raise ValueError(
             "data.shards is empty: give a data-build output folder, e.g. --set data.shards=[runs/quickstart]"
         )
-    from know3d.training.data import resolve_shards
+    from know3d.core.shards import resolve_shards
 
     urls, _ = resolve_shards(cfg.data.shards, "train")  # fail early, in the driver, on bad inputs
     if not urls:
@@ -74,7 +74,7 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
         from know3d.training.backview_train import ray_train_loop
 
         if cfg.cache.enabled:
-            from know3d.training.data import resolve_shards
+            from know3d.core.shards import resolve_shards
             from know3d.training.latent_cache import build_cache, cache_folder
 
             counts = build_cache(cfg, resolve_shards(cfg.data.shards, "train")[0], ray)

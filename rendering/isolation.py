@@ -18,13 +18,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from know3d.pipeline.config import BuildConfig
+from know3d.rendering.config import RenderJob
 
 
 def short_traceback(exc: BaseException, limit: int = 6) -> str:
     """The last ``limit`` frames and the exception, its message redacted as in manifest reasons
     (a parser's message may quote the file's content)."""
-    from know3d.rendering.assets import describe_exception
+    from know3d.core.errors import describe_exception
 
     frames = traceback.format_list(traceback.extract_tb(exc.__traceback__)[-limit:])
     return ("".join(frames) + describe_exception(exc, limit=300))[-2000:]
@@ -32,12 +32,13 @@ def short_traceback(exc: BaseException, limit: int = 6) -> str:
 
 def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
     """Child loop: one renderer, jobs in, result dicts out; None ends it."""
-    from know3d.rendering.assets import AssetError, AssetFiltered, describe_exception
+    from know3d.core.errors import describe_exception
+    from know3d.rendering.assets import AssetError, AssetFiltered
     from know3d.rendering.process import render_asset
     from know3d.rendering.render import ViewRenderer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    cfg = BuildConfig.model_validate_json(cfg_json)
+    cfg = RenderJob.model_validate_json(cfg_json)
     if cfg.render.gl_threads:
         os.environ["LP_NUM_THREADS"] = str(cfg.render.gl_threads)  # read by Mesa at context creation
     renderer = ViewRenderer(cfg.render.resolution, cfg.render.backend, cfg.render.light_intensity, cfg.render.ambient)
@@ -75,7 +76,9 @@ def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
 class IsolatedRenderer:
     """Parent side. ``run`` never raises for the asset's sake; it returns a result dict."""
 
-    def __init__(self, cfg: BuildConfig, work: Path) -> None:
+    def __init__(self, cfg: RenderJob, work: Path) -> None:
+        """``cfg``: the render job, or a config that makes one (``render_job()``, e.g. the build's)."""
+        cfg = cfg.render_job() if hasattr(cfg, "render_job") else cfg
         self.cfg = cfg
         self.work = Path(work)
         self._cfg_json = cfg.model_dump_json()

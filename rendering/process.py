@@ -15,25 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from know3d.pipeline.config import BuildConfig
+from know3d.core.io import atomic_dir
 from know3d.rendering.assets import load_asset
 from know3d.rendering.camera import ViewPlan, backview_plan, geometry_plan
+from know3d.rendering.config import RenderJob
 from know3d.rendering.render import View, ViewRenderer, light_setup
 
 PNG_LEVEL = 3
 RESULT_FILE = "asset.json"
 
 
-def render_fingerprint(cfg: BuildConfig) -> str:
+def render_fingerprint(cfg: RenderJob) -> str:
     """Hash of every setting that changes rendered pixels; names the work folder."""
     payload = {
         "seed": cfg.seed,
@@ -44,7 +42,7 @@ def render_fingerprint(cfg: BuildConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def view_plan(sha: str, cfg: BuildConfig) -> ViewPlan:
+def view_plan(sha: str, cfg: RenderJob) -> ViewPlan:
     r = cfg.render
     if r.profile == "backview":
         return backview_plan(sha, cfg.seed, r.resolution, r.fov_range_deg, r.elevation_range_deg)
@@ -76,7 +74,7 @@ def compose_background(rgba: np.ndarray, background: str) -> np.ndarray:
     return np.concatenate([rgb.astype(np.uint8), rgba[..., 3:4]], axis=-1)
 
 
-def write_views(views: list[View], out: Path, cfg: BuildConfig, depth_scale: float) -> None:
+def write_views(views: list[View], out: Path, cfg: RenderJob, depth_scale: float) -> None:
     outputs = cfg.render.outputs
     for sub, enabled in (("rgba", True), ("depth", outputs.depth), ("normal", outputs.normal), ("mask", outputs.mask)):
         if enabled:
@@ -94,7 +92,7 @@ def write_views(views: list[View], out: Path, cfg: BuildConfig, depth_scale: flo
             _save_png((view.mask * 255).astype(np.uint8), out / "mask" / name)
 
 
-def render_asset(path: Path, sha: str, record: dict, cfg: BuildConfig, work: Path, renderer: ViewRenderer) -> dict:
+def render_asset(path: Path, sha: str, record: dict, cfg: RenderJob, work: Path, renderer: ViewRenderer) -> dict:
     """Load, render and write one asset; returns the summary stored in ``asset.json``.
 
     Raises AssetError / AssetFiltered for the asset's own problems; the caller records them.
@@ -107,9 +105,7 @@ def render_asset(path: Path, sha: str, record: dict, cfg: BuildConfig, work: Pat
     views = renderer.render(asset, plan.cameras, part_visibility=cfg.render.part_visibility)
     t2 = time.perf_counter()
     depth_scale = max(cam.distance + 1.0 for cam in plan.cameras) / 65535.0
-    tmp = final.parent / f".{sha}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:  # another worker finishing first is fine: same content
         write_views(views, tmp, cfg, depth_scale)
         t3 = time.perf_counter()
         summary = {
@@ -134,15 +130,6 @@ def render_asset(path: Path, sha: str, record: dict, cfg: BuildConfig, work: Pat
             "gl_backend": renderer.backend,
         }
         (tmp / RESULT_FILE).write_text(json.dumps(summary))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / RESULT_FILE).is_file():  # a half-written final folder cannot exist
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another worker finished it first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

@@ -20,8 +20,9 @@ rm -rf "$bv"
 .venv/bin/python - "$out" "$train" "$bv" <<'PY'
 import json, sys
 from pathlib import Path
-from know3d.pipeline.shards import iter_samples
-from know3d.training.data import decode_image, resolve_shards
+from know3d.core.shards import iter_samples
+from know3d.core.shards import resolve_shards
+from know3d.training.data import decode_image
 from know3d.training.edit_model import to_pil
 out, train, bv = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 meta = json.loads((train / "lora" / "know3d_lora.json").read_text())

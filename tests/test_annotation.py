@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.openai_backend import OpenAIAnnotator, PairRequest
 from know3d.annotation.parts import back_parts, part_phrases
 from know3d.annotation.schema import AnnotationError, parse_components, validate_components
 from know3d.annotation.stage import AnnotationCache, annotate_assets, cache_key
-from know3d.pipeline.config import AnnotateConfig
 
 # --------------------------------------------------------------------------- contract
 
@@ -92,7 +92,7 @@ def test_back_parts_thresholds():
 
 @pytest.fixture(scope="module")
 def procedural_rendered(tmp_path_factory) -> tuple[Path, list[dict]]:
-    from know3d.pipeline.config import ProceduralSourceConfig
+    from know3d.rendering.config import ProceduralSourceConfig
     from know3d.rendering.sources.procedural import ProceduralSource
 
     tmp = tmp_path_factory.mktemp("parts")

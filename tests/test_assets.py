@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from know3d.pipeline.config import LoadConfig
 from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, file_sha256, inspect_asset, load_asset
+from know3d.rendering.config import LoadConfig
 from tests.conftest import ACCEPTED_FROM_BAD, BAD_ASSETS, REAL_ASSETS, REFUSED_BAD
 
 EXPECTED_BAD = {

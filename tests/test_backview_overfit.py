@@ -15,9 +15,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from know3d.core.shards import resolve_shards
 from know3d.pipeline.build import run_build
 from know3d.pipeline.config import load_config
-from know3d.training.data import decode_image, resolve_shards
+from know3d.training.data import decode_image
 from know3d.training.debug_models import DEBUG_SMALL_EDIT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -60,8 +61,8 @@ def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path)
 
     shards, chosen = pairs
     run = tmp_path / "run"
-    from know3d.pipeline.config import TrainBackviewConfig
     from know3d.pipeline.train import run_train_backview
+    from know3d.training.config import TrainBackviewConfig
 
     cfg = load_config(
         ROOT / "configs" / "backview_overfit.yaml",

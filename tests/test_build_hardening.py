@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import trimesh
 
+from know3d.core.manifest import safe_text
 from know3d.pipeline.build import run_build
 from know3d.pipeline.config import load_config
-from know3d.pipeline.manifest import safe_text
 from tests.hostile import (
     MUTATIONS,
     CrashingSource,

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from know3d.pipeline.config import BuildConfig, EvalConfig, TrainBackviewConfig, load_config
+from know3d.evaluation.config import EvalConfig
+from know3d.pipeline.config import BuildConfig, load_config
+from know3d.training.config import TrainBackviewConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

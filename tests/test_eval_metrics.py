@@ -284,8 +284,8 @@ def test_lpips_reports_unusable_backbone_files(tmp_path: Path):
 
 
 def test_geometry_only_loading_ignores_broken_textures(real_dir: Path, tmp_path: Path):
-    from know3d.pipeline.config import LoadConfig
     from know3d.rendering.assets import AssetError, load_asset
+    from know3d.rendering.config import LoadConfig
 
     data = bytearray((real_dir / "Duck.glb").read_bytes())
     start = data.find(b"IDAT")  # corrupt the embedded texture's pixel data, keep its header
@@ -311,7 +311,8 @@ def test_degenerate_faces_do_not_make_a_mesh_non_manifold():
 
 
 def test_eval_config_rejects_inconsistent_settings():
-    from know3d.pipeline.config import ConfigError, EvalConfig, load_config
+    from know3d.evaluation.config import EvalConfig
+    from know3d.pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="surface_samples .* must exceed points.fps_points"):
         load_config(None, ["points.surface_samples=1000", "points.fps_points=8192"], model=EvalConfig)
@@ -321,8 +322,8 @@ def test_eval_config_rejects_inconsistent_settings():
 
 def test_a_render_failure_keeps_the_metrics(real_dir: Path, tmp_path: Path, monkeypatch):
     from know3d.evaluation import shapes
+    from know3d.evaluation.config import EvalConfig
     from know3d.evaluation.shapes import ShapeJob, measure_shape
-    from know3d.pipeline.config import EvalConfig
 
     def broken(*args, **kwargs):
         raise RuntimeError("GL context lost")

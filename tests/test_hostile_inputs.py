@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import trimesh
 
+from know3d.annotation.config import AnnotateConfig
+from know3d.core.errors import describe_exception
+from know3d.core.runtime import ClusterUnreachable, check_reachable
 from know3d.pipeline.build import ingest_one
-from know3d.pipeline.config import AnnotateConfig, LoadConfig, LocalSourceConfig
-from know3d.pipeline.runtime import ClusterUnreachable, check_reachable
-from know3d.rendering.assets import AssetError, AssetFiltered, describe_exception, inspect_asset, load_asset
+from know3d.rendering.assets import AssetError, AssetFiltered, inspect_asset, load_asset
+from know3d.rendering.config import LoadConfig, LocalSourceConfig
 from know3d.rendering.process import usable_pairs
 from know3d.rendering.sources.base import AssetRecord
 from know3d.rendering.sources.local import LocalSource
@@ -693,7 +695,7 @@ def test_odd_names_and_globs_in_the_local_source(tmp_path: Path):
 
 
 def test_output_name_too_long_is_a_usage_error(tmp_path: Path):
-    from know3d.pipeline.runtime import OutputUnusable, check_output
+    from know3d.core.runtime import OutputUnusable, check_output
 
     with pytest.raises(OutputUnusable, match="cannot be used"):
         check_output(str(tmp_path / ("a" * 300) / "out"))

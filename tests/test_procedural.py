@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from know3d.pipeline.config import LoadConfig, ProceduralSourceConfig
 from know3d.rendering.assets import load_asset
+from know3d.rendering.config import LoadConfig, ProceduralSourceConfig
 from know3d.rendering.sources.base import AssetRecord, FetchError
 from know3d.rendering.sources.procedural import CATEGORIES, ProceduralSource, generate_asset, list_assets
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from know3d.pipeline.config import BuildConfig, LoadConfig
+from know3d.pipeline.config import BuildConfig
 from know3d.rendering.assets import file_sha256, load_asset
 from know3d.rendering.camera import backview_plan, make_camera, project
+from know3d.rendering.config import LoadConfig
 from know3d.rendering.isolation import IsolatedRenderer
 from know3d.rendering.process import asset_dir, compose_background, read_asset, render_asset
 from know3d.rendering.render import ViewRenderer, normals_from_depth

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from know3d.pipeline.shards import sample_key
+from know3d.core.shards import sample_key
 from know3d.rendering.assets import file_sha256
 
 pytestmark = pytest.mark.slow

@@ -9,20 +9,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from know3d.pipeline.config import BuildConfig, ShardConfig
-from know3d.pipeline.shards import (
-    iter_shard_keys,
-    plan_shards,
-    reusable_entry,
-    sample_key,
-    shard_sha256,
-    split_of,
-    write_index,
-    write_shard,
-)
+from know3d.core.shards import ShardConfig, iter_shard_keys, sample_key, shard_sha256, write_index
+from know3d.pipeline.config import BuildConfig
 from know3d.rendering.assets import file_sha256
 from know3d.rendering.process import read_asset, render_asset
 from know3d.rendering.render import ViewRenderer
+from know3d.rendering.shards import plan_shards, reusable_entry, split_of, write_shard
 
 NAMES = ["Duck.glb", "BoxTextured.glb", "monkey.glb", "testplate.glb"]
 
@@ -72,8 +64,8 @@ def test_shards_are_byte_identical_and_read_back(work, tmp_path: Path):
     work_dir, summaries = work
     cfg = ShardConfig(max_samples=10, val_fraction=0.0)
     plans = plan_shards(work_dir, summaries, cfg, seed=0)
-    a = [write_shard(work_dir, tmp_path / "a", p, cfg) for p in plans]
-    b = [write_shard(work_dir, tmp_path / "b", p, cfg) for p in plans]
+    a = [write_shard(work_dir, tmp_path / "a", p) for p in plans]
+    b = [write_shard(work_dir, tmp_path / "b", p) for p in plans]
     assert [e["sha256"] for e in a] == [e["sha256"] for e in b]
     assert all(shard_sha256(tmp_path / "a" / e["name"]) == e["sha256"] for e in a)
 
@@ -101,11 +93,18 @@ def test_shards_are_byte_identical_and_read_back(work, tmp_path: Path):
         assert np.array_equal(np.asarray(back), np.asarray(on_disk))
 
 
-def test_optional_channels_can_be_left_out(work, tmp_path: Path):
-    work_dir, summaries = work
-    cfg = ShardConfig(include_depth=False, include_normal=False, include_mask=False)
-    plan = plan_shards(work_dir, summaries[:1], cfg, seed=0)[0]
-    entry = write_shard(work_dir, tmp_path, plan, cfg)
+def test_optional_channels_can_be_left_out(real_dir: Path, tmp_path: Path):
+    """The shards ship the optional images the renderer wrote: render.outputs is their one switch."""
+    cfg = BuildConfig.model_validate(
+        {"render": {"resolution": 48, "outputs": {"depth": False, "normal": False, "mask": False}}}
+    )
+    work_dir = tmp_path / "work"
+    path = real_dir / NAMES[0]
+    renderer = ViewRenderer(48, "egl")
+    summaries = [render_asset(path, file_sha256(path), {"key": "local:x"}, cfg.render_job(), work_dir, renderer)]
+    renderer.close()
+    plan = plan_shards(work_dir, summaries, ShardConfig(), seed=0)[0]
+    entry = write_shard(work_dir, tmp_path, plan)
     import tarfile
 
     with tarfile.open(tmp_path / entry["name"]) as tar:
@@ -121,13 +120,14 @@ def test_reuse_only_when_content_is_unchanged(work, tmp_path: Path):
     cfg = ShardConfig()
     plan = plan_shards(work_dir, summaries, cfg, seed=0)[0]
     records = {summaries[0]["sha256"]: {"license": "a"}}
-    entry = write_shard(work_dir, tmp_path, plan, cfg, records)
+    entry = write_shard(work_dir, tmp_path, plan, records)
     index = write_index(tmp_path, [entry], {})
     previous = {e["name"]: e for e in index["shards"]}
-    assert reusable_entry(tmp_path, plan, previous, cfg, records) == entry
-    assert reusable_entry(tmp_path, plan, previous, cfg, {summaries[0]["sha256"]: {"license": "b"}}) is None
-    assert reusable_entry(tmp_path, plan, previous, ShardConfig(include_depth=False), records) is None
+    assert reusable_entry(tmp_path, work_dir, plan, previous, records) == entry
+    assert reusable_entry(tmp_path, work_dir, plan, previous, {summaries[0]["sha256"]: {"license": "b"}}) is None
+    # another render setting (another work folder) never reuses the shard
+    assert reusable_entry(tmp_path, work_dir.with_name("other-fingerprint"), plan, previous, records) is None
     (tmp_path / entry["name"]).write_bytes(b"truncated")
-    assert reusable_entry(tmp_path, plan, previous, cfg, records) is None
+    assert reusable_entry(tmp_path, work_dir, plan, previous, records) is None
     assert json.loads((tmp_path / "shard_index.json").read_text())["num_samples"] == len(plan.members)
     assert read_asset(work_dir, summaries[0]["sha256"])["license"] == "CC-BY-4.0"

@@ -20,12 +20,7 @@ import huggingface_hub.constants
 import objaverse
 import pytest
 
-from know3d.pipeline.config import (
-    LocalSourceConfig,
-    ObjaverseSourceConfig,
-    SourceConfig,
-    TexVerseSourceConfig,
-)
+from know3d.rendering.config import LocalSourceConfig, ObjaverseSourceConfig, SourceConfig, TexVerseSourceConfig
 from know3d.rendering.sources import build_source
 from know3d.rendering.sources.base import FetchError
 from know3d.rendering.sources.objaverse import ObjaverseSource

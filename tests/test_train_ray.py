@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from know3d.pipeline.build import run_build
-from know3d.pipeline.config import TrainBackviewConfig, load_config
+from know3d.pipeline.config import load_config
 from know3d.training.backview_train import STATE_FILE, steps_done
+from know3d.training.config import TrainBackviewConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +123,8 @@ def test_training_logs_to_mlflow(trained):
 def test_exported_lora_generates_a_back_view(trained, tmp_path: Path):
     from typer.testing import CliRunner
 
+    from know3d.core.shards import iter_samples
     from know3d.pipeline.cli import app
-    from know3d.pipeline.shards import iter_samples
 
     _, cfg, _ = trained
     lora = Path(cfg.output) / "lora"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from know3d.pipeline.config import LORA_TARGETS, TrainBackviewConfig
 from know3d.training.backview_train import deepspeed_config, derive_seed, training_loss
+from know3d.training.config import LORA_TARGETS, TrainBackviewConfig
 from know3d.training.debug_models import DEBUG_EDIT_MODEL
 from know3d.training.edit_model import (
     EditModel,

@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from know3d.pipeline.config import TrainBackviewConfig, dump_config
-from know3d.training.data import PairStream, StreamState, resolve_shards
+from know3d.core.config import dump_config
+from know3d.core.shards import resolve_shards
+from know3d.training.config import TrainBackviewConfig
+from know3d.training.data import PairStream, StreamState
 from know3d.training.debug_models import DEBUG_PREFIX
 from know3d.training.edit_model import (
     EditModel,
@@ -298,7 +300,7 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
     """Train on this rank until ``schedule.max_steps``; returns the last logged metrics."""
     import deepspeed
 
-    from know3d.pipeline.tracking import NullTracker, make_tracker
+    from know3d.core.tracking import NullTracker, make_tracker
 
     torch.manual_seed(derive_seed("init", cfg.seed))
     device = env.device
@@ -561,7 +563,7 @@ def torchrun_main(argv: list[str] | None = None) -> None:
 
     import torch.distributed as dist
 
-    from know3d.pipeline.config import load_config
+    from know3d.core.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m know3d.training.backview_train")
     parser.add_argument("config")

@@ -124,7 +124,8 @@ def load_views(specs: list[str], split: str, size: int) -> torch.Tensor:
     import numpy as np
     import webdataset as wds
 
-    from know3d.training.data import decode_image, resolve_shards
+    from know3d.core.shards import resolve_shards
+    from know3d.training.data import decode_image
 
     urls = resolve_shards(specs, split)[0]
     if not urls:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from know3d.pipeline.config import TrainBackviewConfig
+from know3d.training.config import TrainBackviewConfig
 from know3d.training.data import decode_image
 from know3d.training.prompting import prompt_variants
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from know3d.pipeline.config import SourceConfig
+from know3d.rendering.config import SourceConfig
 from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError, FilteredRecord
 
 __all__ = ["AssetRecord", "AssetSource", "FetchError", "FilteredRecord", "build_source"]

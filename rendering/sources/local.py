@@ -15,7 +15,7 @@ import glob
 import os
 from pathlib import Path
 
-from know3d.pipeline.config import LocalSourceConfig
+from know3d.rendering.config import LocalSourceConfig
 from know3d.rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
 # Files that belong to another asset (materials, textures, buffers) are never assets themselves.

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import objaverse
 
-from know3d.pipeline.config import ObjaverseSourceConfig
+from know3d.rendering.config import ObjaverseSourceConfig
 from know3d.rendering.sources.base import (
     AssetRecord,
     FetchError,

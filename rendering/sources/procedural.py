@@ -33,7 +33,7 @@ import trimesh
 from trimesh import creation
 from trimesh.transformations import rotation_matrix, translation_matrix
 
-from know3d.pipeline.config import ProceduralSourceConfig
+from know3d.rendering.config import ProceduralSourceConfig
 from know3d.rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
 # Bump when the geometry code changes: files live in a folder named after it, so a cache made by

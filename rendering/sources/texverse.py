@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from know3d.pipeline.config import TexVerseSourceConfig
+from know3d.rendering.config import TexVerseSourceConfig
 from know3d.rendering.sources.base import (
     AssetRecord,
     FetchError,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from know3d.pipeline.config import MlflowConfig
+from know3d.core.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class MlflowTracker:
     """MLflow run for one stage invocation (rank 0 / the driver only)."""
 
     def __init__(
-        self, cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
+        self, cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
     ) -> None:
         import mlflow
 
@@ -166,7 +166,7 @@ class MlflowTracker:
 
 
 def make_tracker(
-    cfg: MlflowConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
+    cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None, resume_run_id: str | None = None
 ) -> Tracker:
     if not cfg.enabled:
         return NullTracker()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from know3d.rendering.assets import describe_exception
+from know3d.core.errors import describe_exception
 
 
 class UsageError(RuntimeError):
