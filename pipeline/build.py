@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from know3d.core.errors import describe_exception
+from know3d.core.fanout import console, make_progress, run_bounded, task_error_kind
 from know3d.core.manifest import ManifestRow, summarize, write_manifest
 from know3d.core.runtime import OutputUnusable, UsageError, check_output, ray_session
 from know3d.core.shards import INDEX_FILE, load_index, remove_stale, write_index
@@ -47,8 +47,6 @@ from know3d.rendering.config import LoadConfig, RenderJob
 from know3d.rendering.process import read_asset, render_fingerprint, usable_pairs
 from know3d.rendering.shards import ShardPlan, annotation_id, plan_shards, reusable_entry, split_of, write_shard
 from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError
-
-console = Console(stderr=True)
 
 
 class BuildError(UsageError):
@@ -103,12 +101,6 @@ def dedupe(results: list[dict]) -> tuple[list[dict], list[dict]]:
 # --------------------------------------------------------------------------- Ray adapters
 
 
-def _task_error_kind(exc: BaseException) -> str:
-    """Plain name of what killed a Ray task (no Ray traceback, no colour codes)."""
-    cause = getattr(exc, "cause", None)
-    return type(cause).__name__ if isinstance(cause, BaseException) else type(exc).__name__
-
-
 def _ingest_batch(source: AssetSource, records: list[dict], load_cfg: LoadConfig) -> list[dict]:
     return [ingest_one(source, AssetRecord.from_json(r), load_cfg) for r in records]
 
@@ -129,45 +121,6 @@ def _write_shard_task(
     work: str, out: str, plan: ShardPlan, records: dict[str, dict], annotations: dict[str, dict]
 ) -> dict:
     return write_shard(Path(work), Path(out), plan, records, annotations)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal and os.environ.get("KNOW3D_PROGRESS") != "1",
-    )
-
-
-def run_bounded(ray: Any, submit: Any, items: list, slots: list, on_done: Any, progress: Progress, label: str) -> None:
-    """Run ``submit(item, slot)`` with one call in flight per slot; ``on_done(item, result_or_exc)``.
-
-    A finished call frees *its* slot, so with actors as slots each actor always has work
-    queued behind the current one and a slow asset never holds back the others' queue.
-    """
-    task = progress.add_task(label, total=len(items))
-    pending: dict[Any, tuple[Any, Any]] = {}
-    queue = list(reversed(items))
-    free = list(slots)
-    while queue or pending:
-        while queue and free:
-            item, slot = queue.pop(), free.pop()
-            pending[submit(item, slot)] = (item, slot)
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            item, slot = pending.pop(ref)
-            free.append(slot)
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - reported per item
-                result = exc
-            on_done(item, result)
-            progress.advance(task)
 
 
 # --------------------------------------------------------------------------- the build
@@ -337,7 +290,7 @@ def _ingest_stage(
             {
                 "key": record.key,
                 "status": "failed",
-                "reason": f"{_file_name(record)}: ingest worker died ({_task_error_kind(result)})",
+                "reason": f"{_file_name(record)}: ingest worker died ({task_error_kind(result)})",
             }
         )
 
@@ -398,7 +351,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
             # the worker, not the asset, failed (after Ray's retries): not remembered
             result = {
                 "status": "failed",
-                "reason": f"{Path(r['path']).name}: render worker died ({_task_error_kind(result)})",
+                "reason": f"{Path(r['path']).name}: render worker died ({task_error_kind(result)})",
             }
         elif result["status"] != "ok":
             _write_failure(failure, result)
@@ -473,7 +426,7 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
 
         def on_done(ids: list[int], result: Any) -> None:
             if isinstance(result, Exception):
-                result = [worker_failure(_task_error_kind(result))] * len(ids)
+                result = [worker_failure(task_error_kind(result))] * len(ids)
             for i, r in zip(ids, result):
                 results[i] = r
 
@@ -534,9 +487,7 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
         (errors.append(f"{plan.name}: {result}") if isinstance(result, Exception) else entries.append(result))
 
     def submit(plan: ShardPlan, _: Any) -> Any:
-        return shard_remote.remote(
-            str(work), str(out), plan, members_records(plan), members_annotations(plan)
-        )
+        return shard_remote.remote(str(work), str(out), plan, members_records(plan), members_annotations(plan))
 
     run_bounded(ray, submit, to_write, [None] * cfg.ray.shard_concurrency, on_shard, progress, "shard")
     if errors:
@@ -605,7 +556,7 @@ def _stages(
         f"{len(filtered)} filtered by metadata -> {out}"
     )
 
-    with _progress() as progress:
+    with make_progress() as progress:
         kept = _ingest_stage(run, ray, progress, source, records)
         ok_assets = _render_stage(run, ray, progress, kept, retry_failed)
         annotations = _annotate_stage(run, ray, progress, ok_assets)

@@ -38,11 +38,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from know3d.core.fanout import run_bounded
 from know3d.core.runtime import check_output, ray_session
 from know3d.core.tracking import check_uri, make_tracker
 from know3d.evaluation.config import EvalConfig
 from know3d.evaluation.results import aggregate, flat_metrics, json_safe, uid_filename, write_tables
-from know3d.pipeline.build import run_bounded
 from know3d.pipeline.config import dump_config
 from know3d.rendering.assets import MESH_EXTENSIONS
 
