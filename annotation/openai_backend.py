@@ -16,11 +16,11 @@ import base64
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from know3d.annotation.base import PairRequest, Replicas
 from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
 
@@ -29,14 +29,6 @@ _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 class RequestFailed(RuntimeError):
     """The server did not give a usable answer after every HTTP attempt."""
-
-
-@dataclass(slots=True)
-class PairRequest:
-    key: str  # cache key of the pair
-    front_png: bytes
-    back_png: bytes
-    hint: list[str] = field(default_factory=list)
 
 
 def _data_url(png: bytes) -> str:
@@ -49,6 +41,26 @@ def build_prompt(cfg: AnnotateConfig, hint: list[str]) -> str:
 
 
 class OpenAIAnnotator:
+    """Client of an OpenAI-compatible server (vLLM, SGLang serving Qwen2.5-VL): the server batches,
+    so the build calls it from the driver with ``openai.concurrency`` requests in flight."""
+
+
+    @staticmethod
+    def replicas(cfg: AnnotateConfig) -> Replicas | None:
+        return None
+
+    @staticmethod
+    def wants_parts(cfg: AnnotateConfig) -> bool:
+        return cfg.parts_hint
+
+    @staticmethod
+    def model_name(cfg: AnnotateConfig) -> str:
+        return cfg.openai.model
+
+    @staticmethod
+    def cache_salt(cfg: AnnotateConfig) -> str:
+        return ""
+
     def __init__(self, cfg: AnnotateConfig) -> None:
         self.cfg = cfg
         self.api = cfg.openai

@@ -13,6 +13,9 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
+from know3d.annotation.base import PairRequest, Replicas
+from know3d.annotation.config import AnnotateConfig
+
 _POSITIONS = ("front", "rear", "back", "top", "bottom", "upper", "lower", "inner", "outer", "side")
 _PAIR_SIDES = {"left", "right"}
 _MEANINGLESS = re.compile(
@@ -105,3 +108,30 @@ def describe_pair(
         pixels[front], pixels[back], num_pixels, min_fraction, back_ratio, frozenset([body]) if body else frozenset()
     )
     return part_phrases(names)[:max_items]
+
+
+class PartsAnnotator:
+    """The offline annotator: the request's hint *is* the answer (the pair's back-view parts)."""
+
+
+    def __init__(self, cfg: AnnotateConfig) -> None:
+        self.cfg = cfg
+
+    @staticmethod
+    def replicas(cfg: AnnotateConfig) -> Replicas | None:
+        return None
+
+    @staticmethod
+    def wants_parts(cfg: AnnotateConfig) -> bool:
+        return True
+
+    @staticmethod
+    def model_name(cfg: AnnotateConfig) -> str:
+        return "parts"
+
+    @staticmethod
+    def cache_salt(cfg: AnnotateConfig) -> str:
+        return f":{cfg.parts_min_fraction}:{cfg.parts_back_ratio}:{cfg.parts_skip_body}:{cfg.max_items}"
+
+    def annotate(self, requests: list[PairRequest]) -> list[dict]:
+        return [{"components": list(r.hint), "status": "ok" if r.hint else "no_parts"} for r in requests]

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from know3d.annotation.base import Annotator, PairRequest, annotator_class
 from know3d.annotation.config import AnnotateConfig
 from know3d.annotation.parts import describe_pair
 from know3d.core.errors import describe_exception
+from know3d.core.io import atomic_write
 from know3d.rendering.process import asset_dir, usable_pairs
 
 
@@ -30,26 +29,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_name(cfg: AnnotateConfig) -> str:
-    return {"openai": cfg.openai.model, "transformers": cfg.transformers.model}.get(cfg.backend, cfg.backend)
-
-
-def local_runner(cfg: AnnotateConfig) -> Callable[[list], list[dict]]:
-    """The VLM backend in this process (the build distributes it over Ray actors instead)."""
-    if cfg.backend == "openai":
-        from know3d.annotation.openai_backend import OpenAIAnnotator
-
-        return OpenAIAnnotator(cfg).annotate
-    from know3d.annotation.transformers_backend import TransformersAnnotator
-
-    return TransformersAnnotator(cfg).annotate
-
-
-def cache_key(front_sha: str, back_sha: str, cfg: AnnotateConfig) -> str:
-    text = f"{front_sha}:{back_sha}:{cfg.backend}:{model_name(cfg)}:{cfg.prompt_version}"
-    if cfg.backend == "parts":  # the parts backend's own settings change its answers
-        text += f":{cfg.parts_min_fraction}:{cfg.parts_back_ratio}:{cfg.parts_skip_body}:{cfg.max_items}"
-    return _sha(text.encode())
+def cache_key(front_sha: str, back_sha: str, cfg: AnnotateConfig, annotator: type[Annotator] | None = None) -> str:
+    annotator = annotator or annotator_class(cfg.backend)
+    text = f"{front_sha}:{back_sha}:{cfg.backend}:{annotator.model_name(cfg)}:{cfg.prompt_version}"
+    return _sha((text + annotator.cache_salt(cfg)).encode())
 
 
 class AnnotationCache:
@@ -71,9 +54,7 @@ class AnnotationCache:
     def put(self, key: str, record: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(record))
 
 
 def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, bytes]:
@@ -82,24 +63,16 @@ def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, byt
     return (folder / f"{front:03d}.png").read_bytes(), (folder / f"{back:03d}.png").read_bytes()
 
 
-def _prepare_pair(summary: dict, pair_index: int, work: Path, cfg: AnnotateConfig) -> tuple[str, Callable[[], Any]]:
-    """The pair's cache key, and what to do for it if it is not cached: the parts backend's
-    record, or the VLM request payload (images + optional parts hint)."""
+def _request(summary: dict, pair_index: int, work: Path, cfg: AnnotateConfig, annotator: type[Annotator]) -> PairRequest:
+    """The pair's request: its images, its cache key and, if the annotator wants it, the named
+    parts visible from the back."""
     front_png, back_png = _pair_images(work, summary, pair_index)
-    key = cache_key(_sha(front_png), _sha(back_png), cfg)
-
-    def parts() -> list[str]:
-        return describe_pair(
+    hint = []
+    if annotator.wants_parts(cfg):
+        hint = describe_pair(
             summary, pair_index, cfg.parts_min_fraction, cfg.parts_back_ratio, cfg.max_items, cfg.parts_skip_body
         )
-
-    def job() -> Any:
-        if cfg.backend == "parts":
-            components = parts()
-            return {"components": components, "status": "ok" if components else "no_parts"}
-        return front_png, back_png, parts() if cfg.parts_hint else []
-
-    return key, job
+    return PairRequest(cache_key(_sha(front_png), _sha(back_png), cfg, annotator), front_png, back_png, hint)
 
 
 def annotate_assets(
@@ -112,10 +85,12 @@ def annotate_assets(
 ) -> tuple[dict[tuple[str, int], dict], dict[str, float]]:
     """Records for every (sha256, pair_index) of ``assets`` and the stage's metrics.
 
-    ``runner`` answers a list of :class:`PairRequest` for the VLM backends (one result each, in
-    order); by default the backend runs in this process, and only for pairs not in the cache.
+    ``runner`` answers a list of :class:`PairRequest` (one record each, in order) — the build
+    passes Ray actors for replicated annotators; by default the annotator runs in this process,
+    and only for pairs not in the cache.
     """
-    if cfg.backend == "none":
+    annotator = annotator_class(cfg.backend)
+    if annotator is None:
         return {}, {}
     start = time.perf_counter()
     cache = AnnotationCache(cache_root)
@@ -123,13 +98,14 @@ def annotate_assets(
     # one request per cache key: identical image pairs (symmetric assets, duplicate views) share
     # one answer, one cache entry and so the same record in every run
     waiting: dict[str, list[tuple[str, int]]] = {}
-    pending: list[tuple[str, Any]] = []
+    pending: list[PairRequest] = []
     num_cached = num_shared = 0
     for summary in assets:
         for pair_index in usable_pairs(summary, min_view_coverage)[0]:
             ident = (summary["sha256"], pair_index)
             try:  # one pair's problem (an unreadable view, odd part data) never costs the others
-                key, job = _prepare_pair(summary, pair_index, work, cfg)
+                request = _request(summary, pair_index, work, cfg, annotator)
+                key = request.key
                 if key in waiting:
                     waiting[key].append(ident)
                     num_shared += 1
@@ -139,7 +115,7 @@ def annotate_assets(
                     records[ident] = cached
                     num_cached += 1
                     continue
-                pending.append((key, job()))
+                pending.append(request)
                 waiting[key] = [ident]
             except Exception as exc:  # noqa: BLE001
                 records[ident] = {
@@ -149,28 +125,27 @@ def annotate_assets(
                     "error": f"pair {pair_index}: {describe_exception(exc)}",
                 }
 
-    if cfg.backend in ("openai", "transformers") and pending:
-        from know3d.annotation.openai_backend import PairRequest
+    answered: list[tuple[str, dict]] = []
+    if pending:
+        results = (runner or annotator(cfg).annotate)(pending)
+        answered = [(request.key, result) for request, result in zip(pending, results, strict=True)]
 
-        run = runner or local_runner(cfg)
-        results = run([PairRequest(key, *payload) for key, payload in pending])
-        pending = [(key, result) for (key, _), result in zip(pending, results)]
-
-    for key, record in pending:
-        record = {**record, "backend": cfg.backend, "model": model_name(cfg), "prompt_version": cfg.prompt_version}
+    model = annotator.model_name(cfg)
+    for key, record in answered:
+        record = {**record, "backend": cfg.backend, "model": model, "prompt_version": cfg.prompt_version}
         if not record.get("transient"):  # a worker that died says nothing about the pair: ask again next run
             cache.put(key, record)
         for ident in waiting[key]:
             records[ident] = record
     statuses = [r["status"] for r in records.values()]
-    fresh = [r for _, r in pending]
+    fresh = [r for _, r in answered]
     latencies = [r["latency_s"] for r in fresh if "latency_s" in r]
     seconds = time.perf_counter() - start
     metrics: dict[str, float] = {
         "annotate_s": seconds,
         "annotate.pairs": len(records),
         "annotate.cached": num_cached,
-        "annotate.requests": len(pending),
+        "annotate.requests": len(answered),
         "annotate.shared": num_shared,
         "annotate.ok": statuses.count("ok"),
         "annotate.repaired": statuses.count("repaired"),

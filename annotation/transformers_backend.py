@@ -18,8 +18,9 @@ from typing import Any
 
 from PIL import Image
 
+from know3d.annotation.base import PairRequest, Replicas
 from know3d.annotation.config import AnnotateConfig
-from know3d.annotation.openai_backend import PairRequest, build_prompt
+from know3d.annotation.openai_backend import build_prompt
 from know3d.annotation.schema import AnnotationError, ask_again, check_answer, failure_record, success_record
 
 
@@ -33,6 +34,25 @@ def _rgb(png: bytes) -> Image.Image:
 
 
 class TransformersAnnotator:
+    """Qwen2.5-VL in this process (batched ``generate``); the build replicates it over Ray actors."""
+
+
+    @staticmethod
+    def replicas(cfg: AnnotateConfig) -> Replicas | None:
+        return Replicas(cfg.transformers.num_actors, cfg.transformers.batch_size, cfg.transformers.num_gpus_per_actor)
+
+    @staticmethod
+    def wants_parts(cfg: AnnotateConfig) -> bool:
+        return cfg.parts_hint
+
+    @staticmethod
+    def model_name(cfg: AnnotateConfig) -> str:
+        return cfg.transformers.model
+
+    @staticmethod
+    def cache_salt(cfg: AnnotateConfig) -> str:
+        return ""
+
     def __init__(self, cfg: AnnotateConfig, model: Any = None, processor: Any = None) -> None:
         import torch
 

@@ -48,8 +48,9 @@ def main() -> None:
 
     from PIL import Image
 
+    from know3d.annotation.base import PairRequest
     from know3d.annotation.config import AnnotateConfig
-    from know3d.annotation.openai_backend import OpenAIAnnotator, PairRequest
+    from know3d.annotation.openai_backend import OpenAIAnnotator
 
     port = free_port()
     ready = mp.get_context("spawn").Event()

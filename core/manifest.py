@@ -10,15 +10,15 @@ leaves it half-written.
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from know3d.core.io import atomic_writer
 
 MANIFEST_FILE = "manifest.parquet"
 STAGES = ("discover", "ingest", "render", "pairs", "shard")
@@ -75,9 +75,8 @@ def write_manifest(out_dir: Path, rows: list[ManifestRow]) -> Path:
     rows = sorted(rows, key=lambda r: (r.key, order.get(r.stage, 99)))
     table = pa.Table.from_pylist([{k: safe_text(v) for k, v in asdict(r).items()} for r in rows], schema=SCHEMA)
     final = out_dir / MANIFEST_FILE
-    tmp = out_dir / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    with atomic_writer(final) as fh:
+        pq.write_table(table, fh)
     return final
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
 import time
 import uuid
@@ -34,19 +33,28 @@ from typing import Any
 
 from rich.progress import Progress
 
-from know3d.core.errors import describe_exception
+from know3d.annotation.base import AnnotatorReplica, Replicas, annotator_class, worker_failure
+from know3d.annotation.stage import annotate_assets
 from know3d.core.fanout import console, make_progress, run_bounded, task_error_kind
+from know3d.core.io import remove_temps
 from know3d.core.manifest import ManifestRow, summarize, write_manifest
 from know3d.core.runtime import OutputUnusable, UsageError, check_output, ray_session
 from know3d.core.shards import INDEX_FILE, load_index, remove_stale, write_index
 from know3d.core.tracking import make_tracker
 from know3d.pipeline.config import BuildConfig, dump_config
 from know3d.pipeline.contact_sheet import make_contact_sheet
-from know3d.rendering.assets import AssetError, AssetFiltered, asset_sha256, inspect_asset
-from know3d.rendering.config import LoadConfig, RenderJob
-from know3d.rendering.process import read_asset, render_fingerprint, usable_pairs
+from know3d.rendering.config import RenderJob
+from know3d.rendering.ingest import Ingested, dedupe, file_name, ingest_batch
+from know3d.rendering.process import (
+    failure_file,
+    read_asset,
+    read_failure,
+    remember_failure,
+    render_fingerprint,
+    usable_pairs,
+)
 from know3d.rendering.shards import ShardPlan, annotation_id, plan_shards, reusable_entry, split_of, write_shard
-from know3d.rendering.sources.base import AssetRecord, AssetSource, FetchError
+from know3d.rendering.sources.base import AssetRecord, AssetSource
 
 
 class BuildError(UsageError):
@@ -54,55 +62,6 @@ class BuildError(UsageError):
 
 
 # --------------------------------------------------------------------------- stage functions
-
-
-def _file_name(record: AssetRecord) -> str:
-    """How a reason names an asset before its file is fetched."""
-    return Path(record.uri).name or record.key
-
-
-def ingest_one(source: AssetSource, record: AssetRecord, load_cfg: LoadConfig) -> dict[str, Any]:
-    """Fetch, check and hash one asset. Pure per-asset stage (no Ray); never raises.
-
-    Whatever a malformed file triggers, only this asset fails, with a plain-text reason that
-    names the file and the kind of problem (never the file's content)."""
-    start = time.perf_counter()
-    out: dict[str, Any] = {"key": record.key}
-    name = _file_name(record)
-    try:
-        path = source.fetch(record)
-        name = path.name
-        sidecars = inspect_asset(path, load_cfg)
-        out.update(status="ok", path=str(path), sha256=asset_sha256(path, sidecars))
-    except AssetFiltered as exc:
-        out.update(status="filtered", filter=exc.filter, reason=str(exc))
-    except (AssetError, FetchError) as exc:
-        out.update(status="failed", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - an unexpected error is still this asset's alone
-        out.update(status="failed", reason=f"{name}: {describe_exception(exc)}")
-    out["seconds"] = time.perf_counter() - start
-    return out
-
-
-def dedupe(results: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Keep one asset per content hash (the smallest key); the others are duplicates."""
-    first: dict[str, dict] = {}
-    for r in sorted((r for r in results if r["status"] == "ok"), key=lambda r: r["key"]):
-        first.setdefault(r["sha256"], r)
-    kept = sorted(first.values(), key=lambda r: r["sha256"])
-    dupes = [
-        {**r, "status": "filtered", "filter": "duplicate", "reason": f"same content as {first[r['sha256']]['key']}"}
-        for r in results
-        if r["status"] == "ok" and first[r["sha256"]] is not r
-    ]
-    return kept, dupes
-
-
-# --------------------------------------------------------------------------- Ray adapters
-
-
-def _ingest_batch(source: AssetSource, records: list[dict], load_cfg: LoadConfig) -> list[dict]:
-    return [ingest_one(source, AssetRecord.from_json(r), load_cfg) for r in records]
 
 
 class RenderActor:
@@ -165,30 +124,8 @@ def _output_folder(out: Path) -> Iterator[None]:
 
 def _remove_leftovers(out: Path) -> None:
     """Temporary files of an interrupted run (we hold the output lock, so none is live)."""
-    for tmp in out.glob("work/*/*/.*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in [*out.glob(".*.tmp"), *out.glob("work/*/_failed/.*.tmp")]:
-        tmp.unlink(missing_ok=True)
-
-
-def _failure_file(work: Path, sha: str) -> Path:
-    return work / "_failed" / f"{sha}.json"
-
-
-def _read_failure(path: Path) -> dict | None:
-    """A remembered render failure; None if absent or torn (the asset is then tried again)."""
-    try:
-        failure = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return failure if isinstance(failure, dict) and failure.get("status") in ("failed", "filtered") else None
-
-
-def _write_failure(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    for pattern in (".*.tmp", "work/*/*/.*.tmp", "work/*/_failed/.*.tmp", "annotations/*/.*.tmp"):
+        remove_temps(out, pattern)
 
 
 def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
@@ -267,13 +204,13 @@ def _discover(cfg: BuildConfig, out: Path) -> tuple[AssetSource, list[AssetRecor
 
 def _ingest_stage(
     run: _Run, ray: Any, progress: Progress, source: AssetSource, records: list[AssetRecord]
-) -> list[dict]:
+) -> list[Ingested]:
     """Fetch + security checks + content hash on Ray tasks; returns the unique assets."""
     t0 = time.perf_counter()
-    ingest_remote = ray.remote(num_cpus=0.5)(_ingest_batch)
+    ingest_remote = ray.remote(num_cpus=0.5)(ingest_batch)
     source_ref = ray.put(source)
     batches = [records[i : i + 16] for i in range(0, len(records), 16)]
-    ingested: list[dict] = []
+    ingested: list[Ingested] = []
     retry: list[list[AssetRecord]] = []
 
     def on_batch(batch: list[AssetRecord], result: Any) -> None:
@@ -286,13 +223,8 @@ def _ingest_stage(
             ingested.extend(result)
             return
         record = batch[0]
-        ingested.append(
-            {
-                "key": record.key,
-                "status": "failed",
-                "reason": f"{_file_name(record)}: ingest worker died ({task_error_kind(result)})",
-            }
-        )
+        reason = f"{file_name(record)}: ingest worker died ({task_error_kind(result)})"
+        ingested.append(Ingested(record.key, "failed", reason=reason))
 
     def submit(batch: list[AssetRecord], _: Any) -> Any:
         return ingest_remote.remote(source_ref, [r.to_json() for r in batch], run.cfg.load)
@@ -303,24 +235,17 @@ def _ingest_stage(
         run_bounded(ray, submit, retry, slots, on_single, progress, "ingest (retry one by one)")
     kept, dupes = dedupe(ingested)
     for r in ingested:
-        if r["status"] != "ok":
-            run.row(
-                r["key"],
-                "ingest",
-                r["status"],
-                filter=r.get("filter"),
-                reason=r.get("reason"),
-                seconds=r.get("seconds"),
-            )
+        if r.status != "ok":
+            run.row(r.key, "ingest", r.status, filter=r.filter, reason=r.reason, seconds=r.seconds)
     for r in dupes:
-        run.row(r["key"], "ingest", "filtered", sha256=r["sha256"], filter="duplicate", reason=r["reason"])
+        run.row(r.key, "ingest", "filtered", sha256=r.sha256, filter="duplicate", reason=r.reason)
     for r in kept:
-        run.row(r["key"], "ingest", "ok", sha256=r["sha256"], seconds=r.get("seconds"))
+        run.row(r.key, "ingest", "ok", sha256=r.sha256, seconds=r.seconds)
     run.metrics["ingest_s"] = time.perf_counter() - t0
     return kept
 
 
-def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], retry_failed: bool) -> list[dict]:
+def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested], retry_failed: bool) -> list[dict]:
     """Isolated, time-limited renders on Ray actors; finished (or remembered failed) assets are
     skipped. Returns the asset.json summaries of every rendered asset, with this run's record."""
     t0 = time.perf_counter()
@@ -329,24 +254,24 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     summaries: dict[str, dict] = {}  # asset.json of rendered assets, read once
     todo: list[dict] = []
     for r in kept:
-        failure = None if retry_failed else _read_failure(_failure_file(work, r["sha256"]))
-        done = read_asset(work, r["sha256"])
+        failure = None if retry_failed else read_failure(failure_file(work, r.sha256))
+        done = read_asset(work, r.sha256)
         if done is not None:
-            summaries[r["sha256"]] = done
-            results[r["sha256"]] = {"status": "ok", "skipped": True}
+            summaries[r.sha256] = done
+            results[r.sha256] = {"status": "ok", "skipped": True}
         elif failure is not None:
-            results[r["sha256"]] = {**failure, "skipped": True}
+            results[r.sha256] = {**failure, "skipped": True}
         else:
             todo.append(r)
     actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
     num_actors = min(cfg.ray.render_concurrency, len(todo))
     actors = [actor_cls.remote(cfg.render_job().model_dump_json(), str(work)) for _ in range(num_actors)]
 
-    def submit(r: dict, actor: Any) -> Any:
-        return actor.render.remote(r["path"], r["sha256"], run.by_key[r["key"]].to_json())
+    def submit(r: Ingested, actor: Any) -> Any:
+        return actor.render.remote(r.path, r.sha256, run.by_key[r.key].to_json())
 
-    def on_render(r: dict, result: Any) -> None:
-        failure = _failure_file(work, r["sha256"])
+    def on_render(r: Ingested, result: Any) -> None:
+        failure = failure_file(work, r.sha256)
         if isinstance(result, Exception):
             # the worker, not the asset, failed (after Ray's retries): not remembered
             result = {
@@ -354,10 +279,10 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
                 "reason": f"{Path(r['path']).name}: render worker died ({task_error_kind(result)})",
             }
         elif result["status"] != "ok":
-            _write_failure(failure, result)
+            remember_failure(failure, result)
         else:
             failure.unlink(missing_ok=True)
-        results[r["sha256"]] = result
+        results[r.sha256] = result
 
     # two calls per actor: the next asset is already queued when the current one finishes
     run_bounded(ray, submit, todo, actors * 2, on_render, progress, "render")
@@ -371,16 +296,16 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
 
     ok_assets: list[dict] = []
     for r in kept:
-        res = results[r["sha256"]]
-        summary = summaries.get(r["sha256"]) or (read_asset(work, r["sha256"]) if res["status"] == "ok" else None)
+        res = results[r.sha256]
+        summary = summaries.get(r.sha256) or (read_asset(work, r.sha256) if res["status"] == "ok" else None)
         if summary is not None:
             # metadata of this run wins over what was stored when the asset was rendered
-            ok_assets.append({**summary, **run.by_key[r["key"]].to_json()})
+            ok_assets.append({**summary, **run.by_key[r.key].to_json()})
         run.row(
-            r["key"],
+            r.key,
             "render",
             res["status"],
-            sha256=r["sha256"],
+            sha256=r.sha256,
             filter=res.get("filter"),
             reason=res.get("reason"),
             traceback=res.get("traceback"),
@@ -389,56 +314,29 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[dict], ret
     return ok_assets
 
 
-class VLMActor:
-    """Ray actor holding one VLM replica (transformers backend)."""
-
-    def __init__(self, cfg_json: str) -> None:
-        from know3d.annotation.transformers_backend import TransformersAnnotator
-
-        self.annotator = TransformersAnnotator(BuildConfig.model_validate_json(cfg_json).annotate)
-
-    def annotate(self, requests: list) -> list[dict]:
-        return self.annotator.annotate(requests)
-
-
-def worker_failure(kind: str) -> dict:
-    """The record of a pair whose VLM worker failed: transient, so it is not cached and the next
-    run asks again."""
-    return {
-        "components": [],
-        "status": "annotation_failed",
-        "error": f"annotation worker failed: {kind}",
-        "transient": True,
-    }
-
-
-def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
-    """Spread VLM requests over Ray actors, with GPUs when the cluster has them."""
-    tcfg = run.cfg.annotate.transformers
-    gpus = tcfg.num_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+def _replica_runner(run: _Run, ray: Any, progress: Progress, replicas: Replicas) -> Any:
+    """Spread an annotator's requests over Ray actors holding one replica each (GPUs when the
+    cluster has them)."""
+    gpus = replicas.num_gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    cfg_json = run.cfg.annotate.model_dump_json()
 
     def runner(requests: list) -> list[dict]:
-        actor_cls = ray.remote(num_gpus=gpus, num_cpus=1, max_restarts=1, max_task_retries=1)(VLMActor)
-        actors = [actor_cls.remote(run.cfg.model_dump_json()) for _ in range(min(tcfg.num_actors, len(requests)))]
-        chunk = tcfg.batch_size * 4
+        actor_cls = ray.remote(num_gpus=gpus, num_cpus=1, max_restarts=1, max_task_retries=1)(AnnotatorReplica)
+        actors = [actor_cls.remote(cfg_json) for _ in range(min(replicas.num_actors, len(requests)))]
+        chunk = replicas.batch_size * 4
         chunks = [list(range(i, min(i + chunk, len(requests)))) for i in range(0, len(requests), chunk)]
         results: list[dict | None] = [None] * len(requests)
 
         def on_done(ids: list[int], result: Any) -> None:
             if isinstance(result, Exception):
                 result = [worker_failure(task_error_kind(result))] * len(ids)
-            for i, r in zip(ids, result):
+            for i, r in zip(ids, result, strict=False):
                 results[i] = r
 
-        run_bounded(
-            ray,
-            lambda ids, actor: actor.annotate.remote([requests[i] for i in ids]),
-            chunks,
-            actors * 2,
-            on_done,
-            progress,
-            "annotate",
-        )
+        def submit(ids: list[int], actor: Any) -> Any:
+            return actor.annotate.remote([requests[i] for i in ids])
+
+        run_bounded(ray, submit, chunks, actors * 2, on_done, progress, "annotate")
         for actor in actors:
             ray.kill(actor)
         # one result per request, in order: a missing one must not shift the others onto other pairs
@@ -449,9 +347,9 @@ def _vlm_runner(run: _Run, ray: Any, progress: Progress) -> Any:
 
 def _annotate_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict]) -> dict[str, dict]:
     """Annotation records keyed ``sha:pair`` (cached by content; see know3d.annotation.stage)."""
-    from know3d.annotation.stage import annotate_assets
-
-    runner = _vlm_runner(run, ray, progress) if run.cfg.annotate.backend == "transformers" else None
+    annotator = annotator_class(run.cfg.annotate.backend)
+    replicas = annotator.replicas(run.cfg.annotate) if annotator is not None else None
+    runner = _replica_runner(run, ray, progress, replicas) if replicas is not None else None
     records, metrics = annotate_assets(
         ok_assets, run.work, run.out / "annotations", run.cfg.annotate, runner, run.cfg.shard.min_view_coverage
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from know3d.core.io import atomic_dir
+from know3d.core.io import atomic_dir, atomic_write
 from know3d.rendering.assets import load_asset
 from know3d.rendering.camera import ViewPlan, backview_plan, geometry_plan
 from know3d.rendering.config import RenderJob
@@ -158,3 +158,25 @@ def usable_pairs(summary: dict, min_coverage: float) -> tuple[list[int], list[tu
         else:
             kept.append(pair_index)
     return kept, dropped
+
+
+# --------------------------------------------------------------------------- remembered failures
+# A render failure is remembered per content hash, so a re-run skips the asset (like a success)
+# unless --retry-failed.
+
+
+def failure_file(work: Path, sha: str) -> Path:
+    return work / "_failed" / f"{sha}.json"
+
+
+def read_failure(path: Path) -> dict | None:
+    """A remembered render failure; None if absent or torn (the asset is then tried again)."""
+    try:
+        failure = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return failure if isinstance(failure, dict) and failure.get("status") in ("failed", "filtered") else None
+
+
+def remember_failure(path: Path, result: dict) -> None:
+    atomic_write(path, json.dumps(result))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from know3d.annotation.base import PairRequest
 from know3d.annotation.config import AnnotateConfig
-from know3d.annotation.openai_backend import OpenAIAnnotator, PairRequest
+from know3d.annotation.openai_backend import OpenAIAnnotator
 from know3d.annotation.parts import back_parts, part_phrases
 from know3d.annotation.schema import AnnotationError, parse_components, validate_components
 from know3d.annotation.stage import AnnotationCache, annotate_assets, cache_key
@@ -396,3 +397,52 @@ def test_real_qwen25_vl_describes_the_back_of_a_backpack(procedural_rendered):
     )
     assert records[(backpack["sha256"], 0)]["status"] in ("ok", "repaired")
     assert any("strap" in c for c in records[(backpack["sha256"], 0)]["components"])
+
+
+class EchoAnnotator:
+    """A backend defined outside the package: one class, one registry line."""
+
+    calls: list[int] = []
+
+    @staticmethod
+    def replicas(cfg: AnnotateConfig) -> None:
+        return None
+
+    @staticmethod
+    def wants_parts(cfg: AnnotateConfig) -> bool:
+        return True
+
+    @staticmethod
+    def model_name(cfg: AnnotateConfig) -> str:
+        return "echo-1"
+
+    @staticmethod
+    def cache_salt(cfg: AnnotateConfig) -> str:
+        return ""
+
+    def __init__(self, cfg: AnnotateConfig) -> None:
+        self.cfg = cfg
+
+    def annotate(self, requests: list[PairRequest]) -> list[dict]:
+        EchoAnnotator.calls.append(len(requests))
+        return [{"components": [p.upper() for p in r.hint], "status": "ok"} for r in requests]
+
+
+def test_a_registered_annotator_is_used_by_the_stage(procedural_rendered, monkeypatch):
+    from know3d.annotation import base
+
+    tmp, summaries = procedural_rendered
+    monkeypatch.setitem(base.ANNOTATORS, "parts", f"{__name__}:EchoAnnotator")
+    records, metrics = annotate_assets(summaries, tmp / "work", tmp / "echo-cache", AnnotateConfig(backend="parts"))
+    mug = next(s for s in summaries if s["meta"]["name"] == "mug_000")
+    assert records[(mug["sha256"], 0)]["components"] == ["A HANDLE"]
+    assert records[(mug["sha256"], 0)]["model"] == "echo-1"
+    assert sum(EchoAnnotator.calls) == metrics["annotate.requests"] > 0  # one batched call for the uncached pairs
+
+
+def test_unknown_annotator_is_named_with_the_known_ones():
+    from know3d.annotation.base import annotator_class
+
+    assert annotator_class("none") is None
+    with pytest.raises(ValueError, match="unknown annotation backend 'blip'.*parts, openai, transformers"):
+        annotator_class("blip")

@@ -18,9 +18,9 @@ import trimesh
 from know3d.annotation.config import AnnotateConfig
 from know3d.core.errors import describe_exception
 from know3d.core.runtime import ClusterUnreachable, check_reachable
-from know3d.pipeline.build import ingest_one
 from know3d.rendering.assets import AssetError, AssetFiltered, inspect_asset, load_asset
 from know3d.rendering.config import LoadConfig, LocalSourceConfig
+from know3d.rendering.ingest import Ingested, ingest_one
 from know3d.rendering.process import usable_pairs
 from know3d.rendering.sources.base import AssetRecord
 from know3d.rendering.sources.local import LocalSource
@@ -83,8 +83,8 @@ class _Source:
 def test_ingest_one_turns_any_exception_into_this_assets_failure(tmp_path: Path, error: BaseException):
     record = AssetRecord("hub:abc", "test", "https://example.org/files/abc.glb")
     out = ingest_one(_Source(error, tmp_path), record, LoadConfig())
-    assert out["status"] == "failed" and out["key"] == "hub:abc"
-    assert out["reason"].startswith(f"abc.glb: {type(error).__name__}") and _plain(out["reason"])
+    assert out.status == "failed" and out.key == "hub:abc"
+    assert out.reason.startswith(f"abc.glb: {type(error).__name__}") and _plain(out.reason)
 
 
 def test_wrong_types_in_a_gltf_fail_that_asset_only(tmp_path: Path):
@@ -105,9 +105,9 @@ def test_wrong_types_in_a_gltf_fail_that_asset_only(tmp_path: Path):
             text = text[:-1] + ', "extras": ' + "[" * 200_000 + "]" * 200_000 + "}"
         path.write_text(text)
         rows.append(ingest_one(_Source(None, path), AssetRecord(f"local:{name}", "local", str(path)), LoadConfig()))
-    assert rows[0]["status"] == "ok"
-    reasons = {r["key"]: r["reason"] for r in rows[1:]}
-    assert all(r["status"] == "failed" for r in rows[1:])
+    assert rows[0].status == "ok"
+    reasons = {r.key: r.reason for r in rows[1:]}
+    assert all(r.status == "failed" for r in rows[1:])
     assert reasons["local:buffers"] == "model.gltf: glTF 'buffers' is a number, expected an array"
     assert reasons["local:images"] == "model.gltf: glTF images[0].uri is an array, expected a string"
     assert reasons["local:nul"] == "model.gltf: buffers[0].uri contains control characters (refused)"
@@ -160,13 +160,13 @@ def test_main_file_symlink_out_of_the_input_is_refused_and_its_content_never_quo
         "local:inputs/ok/good_00_obj/model.obj",
     ]
     rows = {k: ingest_one(source, r, LoadConfig()) for k, r in by_key.items()}
-    assert rows["local:inputs/evil.obj"] == {
-        "key": "local:inputs/evil.obj",
-        "status": "failed",
-        "reason": "evil.obj: symlink to a file outside the input folder (refused)",
-        "seconds": rows["local:inputs/evil.obj"]["seconds"],
-    }
-    assert rows["local:inputs/ok/alias.obj"]["status"] == "ok"
+    assert rows["local:inputs/evil.obj"] == Ingested(
+        "local:inputs/evil.obj",
+        "failed",
+        reason="evil.obj: symlink to a file outside the input folder (refused)",
+        seconds=rows["local:inputs/evil.obj"].seconds,
+    )
+    assert rows["local:inputs/ok/alias.obj"].status == "ok"
     # the OBJ check itself never quotes the offending token
     with pytest.raises(AssetError) as exc:
         load_asset(outside / "secret.obj", LoadConfig())
@@ -303,7 +303,7 @@ def test_unsupported_files_are_explicit_filtered_rows(tmp_path: Path):
     records, filtered = source.discover()
     assert [r.key for r in records] == ["local:in/gone.glb", f"local:in/{good.parent.name}/model.obj"]
     gone = ingest_one(source, records[0], LoadConfig())
-    assert (gone["status"], gone["reason"]) == ("failed", "gone.glb: file not found")
+    assert (gone.status, gone.reason) == ("failed", "gone.glb: file not found")
     reasons = {f.record.key: (f.filter, f.detail) for f in filtered}
     assert sorted(reasons) == ["local:in/notes", "local:in/pack.zip", "local:in/scene.dae"]
     assert reasons["local:in/scene.dae"][0] == "unsupported_format"
@@ -322,7 +322,7 @@ def test_point_cloud_is_filtered_not_failed(tmp_path: Path):
     with pytest.raises(AssetFiltered) as exc:
         load_asset(tmp_path / "cloud.ply", LoadConfig())
     assert exc.value.filter == "no_triangles"
-    assert ingest_one(_Source(None, tmp_path / "cloud.ply"), record, LoadConfig())["status"] == "ok"  # header: 0 faces
+    assert ingest_one(_Source(None, tmp_path / "cloud.ply"), record, LoadConfig()).status == "ok"  # header: 0 faces
 
 
 # --------------------------------------------------------------------------- 9. face caps before parsing
@@ -537,14 +537,14 @@ def test_generate_with_the_base_model_alone(tmp_path: Path):
 
 
 def test_a_torn_failure_record_means_render_again(tmp_path: Path):
-    from know3d.pipeline.build import _read_failure, _write_failure
+    from know3d.rendering.process import read_failure, remember_failure
 
     path = tmp_path / "_failed" / "x.json"
-    _write_failure(path, {"status": "failed", "reason": "x.glb: no faces"})
-    assert _read_failure(path) == {"status": "failed", "reason": "x.glb: no faces"}
+    remember_failure(path, {"status": "failed", "reason": "x.glb: no faces"})
+    assert read_failure(path) == {"status": "failed", "reason": "x.glb: no faces"}
     path.write_text('{"status": "fail')  # killed mid-write by an older version
-    assert _read_failure(path) is None
-    assert _read_failure(tmp_path / "missing.json") is None
+    assert read_failure(path) is None
+    assert read_failure(tmp_path / "missing.json") is None
     assert not list(path.parent.glob(".*.tmp"))
 
 
@@ -687,8 +687,8 @@ def test_odd_names_and_globs_in_the_local_source(tmp_path: Path):
     records, _ = source.discover()
     assert len(records) == 2
     rows = {Path(r.uri).name: ingest_one(source, r, LoadConfig()) for r in records}
-    assert rows["caf\udce9.gltf"]["status"] == "ok", rows  # glob root without wildcards: not a symlink out
-    assert rows["gone.gltf"]["reason"] == "gone.gltf: file not found"
+    assert rows["caf\udce9.gltf"].status == "ok", rows  # glob root without wildcards: not a symlink out
+    assert rows["gone.gltf"].reason == "gone.gltf: file not found"
     hidden = write_good(tmp_path / "h", 1, "glb").rename(tmp_path / "h" / ".hidden.glb")
     records, _ = LocalSource(LocalSourceConfig(input=[str(hidden)])).discover()
     assert [r.key for r in records] == ["local:.hidden.glb/.hidden.glb"]
@@ -715,8 +715,8 @@ def test_inputs_with_the_same_folder_name_do_not_collide(tmp_path: Path):
 def test_a_dead_vlm_worker_is_not_cached(tmp_path: Path):
     from PIL import Image
 
+    from know3d.annotation.base import worker_failure
     from know3d.annotation.stage import annotate_assets
-    from know3d.pipeline.build import worker_failure
     from know3d.rendering.process import asset_dir
 
     sha = "12" * 32
