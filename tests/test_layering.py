@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -79,6 +80,15 @@ def test_every_package_folder_is_listed_and_mapped_into_the_know3d_namespace():
 def test_the_installed_wheel_has_one_top_level_name(tmp_path: Path):
     """`pip install` puts only `know3d` (and its dist-info) into site-packages, and the CLI
     module imports from there without the source tree."""
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", *FOLDERS):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(
+            ROOT / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}),
+        )
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -91,7 +101,7 @@ def test_the_installed_wheel_has_one_top_level_name(tmp_path: Path):
             "--no-build-isolation",
             "--target",
             str(target),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
