@@ -42,8 +42,8 @@ from know3d.core.runtime import OutputUnusable, UsageError, check_output, ray_se
 from know3d.core.shards import INDEX_FILE, load_index, remove_stale, write_index
 from know3d.core.tracking import make_tracker
 from know3d.pipeline.config import BuildConfig, dump_config
-from know3d.rendering.contact_sheet import make_contact_sheet
 from know3d.rendering.config import RenderJob
+from know3d.rendering.contact_sheet import make_contact_sheet
 from know3d.rendering.ingest import Ingested, dedupe, file_name, ingest_batch
 from know3d.rendering.process import (
     failure_file,
