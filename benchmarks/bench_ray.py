@@ -61,7 +61,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for p in paths:
                 result = iso.run(p, file_sha256(p), {})
-                assert result["status"] == "ok", result
+                assert result.status == "ok", result
             baseline = time.perf_counter() - t0
         n = len(paths)
         print(f"# {n} procedural assets, 12 views at {args.resolution}^2, 2 cores")

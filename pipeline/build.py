@@ -19,6 +19,7 @@ deterministic function of the rendered assets and are replaced atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import shutil
@@ -46,6 +47,7 @@ from know3d.rendering.config import RenderJob
 from know3d.rendering.contact_sheet import make_contact_sheet
 from know3d.rendering.ingest import Ingested, dedupe, file_name, ingest_batch
 from know3d.rendering.process import (
+    Rendered,
     failure_file,
     read_asset,
     read_failure,
@@ -72,7 +74,7 @@ class RenderActor:
 
         self.renderer = IsolatedRenderer(RenderJob.model_validate_json(cfg_json), Path(work))
 
-    def render(self, path: str, sha: str, record: dict) -> dict:
+    def render(self, path: str, sha: str, record: dict) -> Rendered:
         return self.renderer.run(Path(path), sha, record)
 
 
@@ -250,17 +252,17 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
     skipped. Returns the asset.json summaries of every rendered asset, with this run's record."""
     t0 = time.perf_counter()
     cfg, work = run.cfg, run.work
-    results: dict[str, dict] = {}
+    results: dict[str, Rendered] = {}
     summaries: dict[str, dict] = {}  # asset.json of rendered assets, read once
-    todo: list[dict] = []
+    todo: list[Ingested] = []
     for r in kept:
         failure = None if retry_failed else read_failure(failure_file(work, r.sha256))
         done = read_asset(work, r.sha256)
         if done is not None:
             summaries[r.sha256] = done
-            results[r.sha256] = {"status": "ok", "skipped": True}
+            results[r.sha256] = Rendered("ok", skipped=True)
         elif failure is not None:
-            results[r.sha256] = {**failure, "skipped": True}
+            results[r.sha256] = dataclasses.replace(failure, skipped=True)
         else:
             todo.append(r)
     actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
@@ -270,15 +272,12 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
     def submit(r: Ingested, actor: Any) -> Any:
         return actor.render.remote(r.path, r.sha256, run.by_key[r.key].to_json())
 
-    def on_render(r: Ingested, result: Any) -> None:
+    def on_render(r: Ingested, result: Rendered | Exception) -> None:
         failure = failure_file(work, r.sha256)
         if isinstance(result, Exception):
             # the worker, not the asset, failed (after Ray's retries): not remembered
-            result = {
-                "status": "failed",
-                "reason": f"{Path(r['path']).name}: render worker died ({task_error_kind(result)})",
-            }
-        elif result["status"] != "ok":
+            result = Rendered("failed", reason=f"{Path(r.path).name}: render worker died ({task_error_kind(result)})")
+        elif result.status != "ok":
             remember_failure(failure, result)
         else:
             failure.unlink(missing_ok=True)
@@ -289,27 +288,27 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
     for actor in actors:
         ray.kill(actor)
     seconds = run.metrics["render_s"] = time.perf_counter() - t0
-    fresh = [res for res in results.values() if res["status"] == "ok" and not res.get("skipped")]
+    fresh = [res for res in results.values() if res.status == "ok" and not res.skipped]
     if fresh:
-        run.metrics["render_views_per_s"] = sum(2 * res["num_pairs"] for res in fresh) / seconds
+        run.metrics["render_views_per_s"] = sum(2 * res.num_pairs for res in fresh) / seconds
         run.metrics["render_assets_per_s"] = len(fresh) / seconds
 
     ok_assets: list[dict] = []
     for r in kept:
         res = results[r.sha256]
-        summary = summaries.get(r.sha256) or (read_asset(work, r.sha256) if res["status"] == "ok" else None)
+        summary = summaries.get(r.sha256) or (read_asset(work, r.sha256) if res.status == "ok" else None)
         if summary is not None:
             # metadata of this run wins over what was stored when the asset was rendered
             ok_assets.append({**summary, **run.by_key[r.key].to_json()})
         run.row(
             r.key,
             "render",
-            res["status"],
+            res.status,
             sha256=r.sha256,
-            filter=res.get("filter"),
-            reason=res.get("reason"),
-            traceback=res.get("traceback"),
-            seconds=res.get("wall_s"),
+            filter=res.filter,
+            reason=res.reason,
+            traceback=res.traceback,
+            seconds=res.wall_s,
         )
     return ok_assets
 

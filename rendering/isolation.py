@@ -9,6 +9,7 @@ fresh child.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -16,9 +17,9 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 from know3d.rendering.config import RenderJob
+from know3d.rendering.process import Rendered
 
 
 def short_traceback(exc: BaseException, limit: int = 6) -> str:
@@ -50,21 +51,18 @@ def _child_main(conn: Connection, cfg_json: str, work: str) -> None:
         if job is None:
             break
         path, sha, record = job
-        result: dict[str, Any]
+        result: Rendered
         fatal = False
         try:
             summary = render_asset(Path(path), sha, record, cfg, Path(work), renderer)
-            result = {"status": "ok", "timings": summary["timings"], "num_pairs": len(summary["pairs"])}
+            result = Rendered("ok", timings=summary["timings"], num_pairs=len(summary["pairs"]))
         except AssetFiltered as exc:
-            result = {"status": "filtered", "filter": exc.filter, "reason": str(exc)}
+            result = Rendered("filtered", filter=exc.filter, reason=str(exc))
         except AssetError as exc:
-            result = {"status": "failed", "reason": str(exc)}
+            result = Rendered("failed", reason=str(exc))
         except BaseException as exc:  # noqa: BLE001 - any other error fails this asset only
-            result = {
-                "status": "failed",
-                "reason": f"{Path(path).name}: {describe_exception(exc)}",
-                "traceback": short_traceback(exc),
-            }
+            reason = f"{Path(path).name}: {describe_exception(exc)}"
+            result = Rendered("failed", reason=reason, traceback=short_traceback(exc))
             # GL state may be broken after an unexpected error: start a clean child next time
             fatal = True
         conn.send(result)
@@ -111,7 +109,7 @@ class IsolatedRenderer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def run(self, path: Path, sha: str, record: dict, timeout_s: float | None = None) -> dict:
+    def run(self, path: Path, sha: str, record: dict, timeout_s: float | None = None) -> Rendered:
         timeout_s = self.cfg.render.timeout_s if timeout_s is None else timeout_s
         if self._proc is None or not self._proc.is_alive():
             if self._proc is not None:
@@ -123,10 +121,9 @@ class IsolatedRenderer:
             self._conn.send((str(path), sha, record))
             if not self._conn.poll(timeout_s):
                 self._kill()
-                return {
-                    "status": "failed",
-                    "reason": f"{Path(path).name}: timeout: rendering took longer than {timeout_s:g} s",
-                }
+                return Rendered(
+                    "failed", reason=f"{Path(path).name}: timeout: rendering took longer than {timeout_s:g} s"
+                )
             result = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             self._proc.join(5)
@@ -140,9 +137,9 @@ class IsolatedRenderer:
                 why = f"render process crashed ({name})"
             else:
                 why = f"render process exited unexpectedly (exit code {code})"
-            return {"status": "failed", "reason": f"{Path(path).name}: {why}"}
-        result["wall_s"] = time.monotonic() - start
-        if not self._proc.is_alive() or result.get("traceback"):
+            return Rendered("failed", reason=f"{Path(path).name}: {why}")
+        result = dataclasses.replace(result, wall_s=time.monotonic() - start)
+        if not self._proc.is_alive() or result.traceback:
             self._proc.join(5)
             self._kill()
         return result

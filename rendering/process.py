@@ -13,10 +13,13 @@ exists is always complete)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -165,18 +168,44 @@ def usable_pairs(summary: dict, min_coverage: float) -> tuple[list[int], list[tu
 # unless --retry-failed.
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """The outcome of rendering one asset (its views and asset.json are in the work folder)."""
+
+    status: Literal["ok", "filtered", "failed"]
+    reason: str | None = None
+    filter: str | None = None
+    traceback: str | None = None  # short, redacted; only for unexpected errors
+    timings: dict[str, float] | None = None
+    num_pairs: int = 0
+    wall_s: float | None = None
+    skipped: bool = False  # finished (or failed) in an earlier run
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "skipped"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Rendered:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
 def failure_file(work: Path, sha: str) -> Path:
     return work / "_failed" / f"{sha}.json"
 
 
-def read_failure(path: Path) -> dict | None:
+def read_failure(path: Path) -> Rendered | None:
     """A remembered render failure; None if absent or torn (the asset is then tried again)."""
     try:
         failure = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return failure if isinstance(failure, dict) and failure.get("status") in ("failed", "filtered") else None
+    if not isinstance(failure, dict) or failure.get("status") not in ("failed", "filtered"):
+        return None
+    try:
+        return Rendered.from_json(failure)
+    except TypeError:
+        return None
 
 
-def remember_failure(path: Path, result: dict) -> None:
-    atomic_write(path, json.dumps(result))
+def remember_failure(path: Path, result: Rendered) -> None:
+    atomic_write(path, json.dumps(result.to_json()))

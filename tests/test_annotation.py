@@ -114,7 +114,7 @@ def _render(paths: list[Path], work: Path, resolution: int, records: list[dict] 
     with IsolatedRenderer(cfg, work) as iso:
         for path, record in zip(paths, records or [{}] * len(paths)):
             sha = file_sha256(path)
-            assert iso.run(path, sha, record)["status"] == "ok"
+            assert iso.run(path, sha, record).status == "ok"
             summaries.append(read_asset(work, sha))
     return summaries
 

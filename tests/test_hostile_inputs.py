@@ -537,11 +537,11 @@ def test_generate_with_the_base_model_alone(tmp_path: Path):
 
 
 def test_a_torn_failure_record_means_render_again(tmp_path: Path):
-    from know3d.rendering.process import read_failure, remember_failure
+    from know3d.rendering.process import Rendered, read_failure, remember_failure
 
     path = tmp_path / "_failed" / "x.json"
-    remember_failure(path, {"status": "failed", "reason": "x.glb: no faces"})
-    assert read_failure(path) == {"status": "failed", "reason": "x.glb: no faces"}
+    remember_failure(path, Rendered("failed", reason="x.glb: no faces"))
+    assert read_failure(path) == Rendered("failed", reason="x.glb: no faces")
     path.write_text('{"status": "fail')  # killed mid-write by an older version
     assert read_failure(path) is None
     assert read_failure(tmp_path / "missing.json") is None

@@ -16,7 +16,7 @@ from know3d.rendering.assets import file_sha256, load_asset
 from know3d.rendering.camera import backview_plan, make_camera, project
 from know3d.rendering.config import LoadConfig
 from know3d.rendering.isolation import IsolatedRenderer
-from know3d.rendering.process import asset_dir, compose_background, read_asset, render_asset
+from know3d.rendering.process import Rendered, asset_dir, compose_background, read_asset, render_asset
 from know3d.rendering.render import ViewRenderer, normals_from_depth
 
 RES = 96
@@ -113,7 +113,7 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
     with IsolatedRenderer(cfg, tmp_path) as iso:
         # a time limit far below the render time kills the child and fails only this asset
         result = iso.run(duck, sha, {}, timeout_s=0.05)
-        assert result["status"] == "failed" and result["reason"].startswith("Duck.glb: timeout")
+        assert result.status == "failed" and result.reason.startswith("Duck.glb: timeout")
         assert read_asset(tmp_path, sha) is None
 
         # a segfault in the child (as a broken C extension would cause) fails only this asset
@@ -129,11 +129,11 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
         killer.start()
         result = iso.run(duck, sha, {})
         killer.join()
-        assert result == {"status": "failed", "reason": "Duck.glb: render process crashed (SIGSEGV)"}
+        assert result == Rendered("failed", reason="Duck.glb: render process crashed (SIGSEGV)")
 
         # the next asset gets a fresh child and succeeds
         result = iso.run(duck, sha, {"key": "duck"})
-        assert result["status"] == "ok" and result["num_pairs"] == 6
+        assert result.status == "ok" and result.num_pairs == 6
         assert read_asset(tmp_path, sha)["key"] == "duck"
         assert iso.num_restarts == 2
 
@@ -141,13 +141,9 @@ def test_isolated_renderer_survives_timeout_and_crash(real_dir: Path, tmp_path: 
 def test_isolated_renderer_reports_bad_assets(bad_dir: Path, tmp_path: Path):
     with IsolatedRenderer(_cfg(), tmp_path) as iso:
         bad = iso.run(bad_dir / "empty_nodes.glb", "0" * 64, {})
-        assert bad == {
-            "status": "failed",
-            "reason": "empty_nodes.glb: no geometry (empty scene)",
-            "wall_s": bad["wall_s"],
-        }
+        assert bad == Rendered("failed", reason="empty_nodes.glb: no geometry (empty scene)", wall_s=bad.wall_s)
         filtered = iso.run(bad_dir.parent / "real" / "Duck.glb", "1" * 64, {}, timeout_s=60)
-        assert filtered["status"] == "ok"
+        assert filtered.status == "ok"
         assert iso.num_restarts == 0  # asset errors do not cost a new child
 
 
@@ -159,7 +155,7 @@ def test_osmesa_and_egl_render_the_same_silhouette(real_dir: Path, tmp_path: Pat
     for backend in ("egl", "osmesa"):
         with IsolatedRenderer(_cfg(backend=backend), tmp_path / backend) as iso:
             result = iso.run(duck, sha, {})
-        assert result["status"] == "ok", result
+        assert result.status == "ok", result
         summary = read_asset(tmp_path / backend, sha)
         assert summary["gl_backend"] == backend
         masks[backend] = np.asarray(Image.open(asset_dir(tmp_path / backend, sha) / "mask" / "003.png")) > 0
