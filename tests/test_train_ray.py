@@ -15,8 +15,9 @@ import pytest
 
 from know3d.pipeline.build import run_build
 from know3d.pipeline.config import load_config
-from know3d.training.backview_train import STATE_FILE, steps_done
 from know3d.training.config import TrainBackviewConfig
+from know3d.training.engine.checkpoint import STATE_FILE
+from know3d.training.engine.metrics import steps_done
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from know3d.training.backview_train import deepspeed_config, derive_seed, training_loss
+from know3d.training.backview_train import training_loss
 from know3d.training.config import LORA_TARGETS, TrainBackviewConfig
 from know3d.training.debug_models import DEBUG_EDIT_MODEL
 from know3d.training.edit_model import (
@@ -22,6 +22,7 @@ from know3d.training.edit_model import (
     pad_prompts,
     unpack_latents,
 )
+from know3d.training.engine.config import deepspeed_config, derive_seed
 
 SIZE = 32
 
@@ -198,14 +199,14 @@ def test_lora_export_loads_with_diffusers_and_reproduces_the_trained_model(tmp_p
 def test_deepspeed_config_from_the_run_config():
     cfg = _cfg(schedule__micro_batch_size=2, schedule__grad_accum=4)
     cfg.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 1e6}, "seed_extra": 1}
-    ds = deepspeed_config(cfg, world_size=8, bf16=True)
+    ds = deepspeed_config(cfg.optim, cfg.schedule, cfg.deepspeed, world_size=8, bf16=True)
     assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 1e6
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0 and ds["seed_extra"] == 1
     cfg.deepspeed.zero_stage = 0
     cfg.deepspeed.extra = {}
-    assert deepspeed_config(cfg, 1, False)["zero_optimization"] == {"stage": 0}
+    assert deepspeed_config(cfg.optim, cfg.schedule, cfg.deepspeed, 1, False)["zero_optimization"] == {"stage": 0}
 
 
 def test_generate_cli_rejects_bad_inputs(tmp_path: Path):
@@ -264,7 +265,7 @@ def test_generate_cli_several_images_load_the_model_once(tmp_path: Path):
 
 
 def test_lr_warmup_then_cosine_decay():
-    from know3d.training.backview_train import lr_lambda
+    from know3d.training.engine.config import lr_lambda
 
     constant = lr_lambda(4)
     assert [constant(s) for s in (0, 1, 3, 4, 1000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
@@ -292,7 +293,6 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
     """The pre-pass stores exactly what the encoders compute: a step from the cache (no VAE, no
     text encoder loaded) has the same loss as a step that runs the encoders."""
     import io
-    import json
 
     from PIL import Image
 
@@ -310,15 +310,10 @@ def test_latent_cache_gives_the_same_loss_as_the_encoders(tmp_path: Path):
     fronts = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
     backs = [rng.integers(0, 255, (SIZE, SIZE, 4), dtype=np.uint8) for _ in range(2)]
     comps = [[], ["a handle", "a lid"]]
-    batch = {
-        "key": np.array(["k0", "k1"]),
-        "front": [png(f) for f in fronts],
-        "back": [png(b) for b in backs],
-        "components": np.array([json.dumps(c) for c in comps]),
-    }
+    rows = [{"key": f"k{i}", "front": png(fronts[i]), "back": png(backs[i]), "components": comps[i]} for i in range(2)]
     encoder = LatentEncoder(cfg.model_dump_json())
-    assert encoder(batch)["status"] == ["encoded", "encoded"]
-    assert encoder(batch)["status"] == ["cached", "cached"]  # resumable: present files are skipped
+    assert encoder.encode(rows) == ["encoded", "encoded"]
+    assert encoder.encode(rows) == ["cached", "cached"]  # resumable: present files are skipped
     folder = cache_folder(cfg)
     entry = load_entry(folder, "k1")
     assert sorted(entry) == ["back_latent", "components", "front_latent", "prompt_0", "prompt_1", "prompt_2"]

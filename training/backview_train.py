@@ -1,9 +1,9 @@
-"""The per-worker training body of the back-view LoRA (Know3D §3.1.2), launcher-agnostic.
+"""The back-view LoRA trainer (Know3D §3.1.2): what is specific to it, on the shared engine.
 
-One function, :func:`run_worker`, runs on every data-parallel rank. It is called by Ray Train's
-``TorchTrainer`` (:func:`ray_train_loop`) and by ``torchrun`` (``python -m
-know3d.training.backview_train CONFIG``); both set up ``torch.distributed`` and hand it a
-:class:`WorkerEnv` that says where to resume from and how to report checkpoints.
+:func:`run_worker` runs on every data-parallel rank, under Ray Train (``know3d train backview``,
+:func:`know3d.training.engine.launch.fit_on_ray`) or torchrun (``torchrun --nproc_per_node N -m
+know3d.training.backview_train CONFIG [--set k=v ...]``). The engine (:mod:`know3d.training.engine`)
+does the rest: DeepSpeed, checkpoints and resume, metrics, MLflow.
 
 Per optimizer step, on each rank: ``micro_batch_size × grad_accum`` pairs from the rank's shard
 stream; frozen VAE latents of front (reference) and back (target); a stochastic prompt
@@ -19,23 +19,14 @@ checkpoint reproduces the losses of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import logging
-import os
 import random
-import shutil
-import sys
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from know3d.core.config import dump_config
 from know3d.core.shards import resolve_shards
 from know3d.training.config import TrainBackviewConfig
 from know3d.training.data import PairStream, StreamState
@@ -51,79 +42,20 @@ from know3d.training.edit_model import (
     resolve_model_path,
     torch_dtype,
 )
+from know3d.training.engine import checkpoint
+from know3d.training.engine.config import derive_seed, use_bf16
+from know3d.training.engine.dist import all_reduce_sum, barrier
+from know3d.training.engine.env import WorkerEnv
+from know3d.training.engine.launch import torchrun_main
+from know3d.training.engine.metrics import MetricsFile, MetricsWindow
+from know3d.training.engine.optim import initialize
+from know3d.training.engine.tracking import TrainingTracker
 from know3d.training.flow_matching import flow_matching_loss, interpolate, sample_timesteps, timestep_bins
 from know3d.training.prompting import build_prompt, stochastic_prompt
 
-log = logging.getLogger(__name__)
-STATE_FILE = "know3d_state.json"
-DS_TAG = "ds"
 NUM_BINS = 4
-
-
-@dataclass
-class WorkerEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    resume_from: Path | None  # a checkpoint folder written by this module, or None
-    report: Callable[[dict, Path | None], None]  # (metrics, checkpoint folder or None); called on every rank
-    extra: dict = field(default_factory=dict)
-
-
-def derive_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def use_bf16(cfg: TrainBackviewConfig, device: torch.device) -> bool:
-    if cfg.deepspeed.bf16 == "auto":
-        return device.type == "cuda"
-    return cfg.deepspeed.bf16 == "on"
-
-
-def deepspeed_config(cfg: TrainBackviewConfig, world_size: int, bf16: bool) -> dict:
-    """The DeepSpeed config this run passes to ``deepspeed.initialize`` (no json file needed)."""
-    s = cfg.schedule
-    zero: dict = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage >= 2:
-        zero.update({"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
-    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    config = {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "train_batch_size": s.micro_batch_size * s.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.max_grad_norm,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(config, cfg.deepspeed.extra)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def lr_lambda(warmup: int, decay: str = "constant", total: int = 1, min_ratio: float = 0.1) -> Callable[[int], float]:
-    """The lr multiplier of optimizer step ``step``: linear warmup, then constant or cosine decay
-    to ``min_ratio`` at step ``total``."""
-    import math
-
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+BIN_NAMES = [f"loss_t{b / NUM_BINS:.2f}-{(b + 1) / NUM_BINS:.2f}" for b in range(NUM_BINS)]
+STAGE = "train-backview"
 
 
 class Batcher:
@@ -277,345 +209,199 @@ def _load_validation(cfg: TrainBackviewConfig, urls: list[str]) -> list[dict]:
     return out
 
 
-def _gather_states(state: StreamState, world_size: int) -> list[dict]:
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_initialized():
-        return [state.to_dict()]
-    out: list = [None] * world_size
-    dist.all_gather_object(out, state.to_dict())
-    return out
-
-
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
-
-
-def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
-    """Train on this rank until ``schedule.max_steps``; returns the last logged metrics."""
-    import deepspeed
-
-    from know3d.core.tracking import NullTracker, make_tracker
-
-    torch.manual_seed(derive_seed("init", cfg.seed))
-    device = env.device
-    bf16 = use_bf16(cfg, device)
-    dtype = torch.bfloat16 if bf16 else torch_dtype(cfg.model.dtype, device)
+def _build_model(cfg: TrainBackviewConfig, env: WorkerEnv, bf16: bool) -> tuple[EditModel, list, Path | None]:
+    """The pipeline with a LoRA'd MMDiT (identical LoRA init on every rank), its trainable
+    parameters, and the latent cache folder when training from one."""
+    dtype = torch.bfloat16 if bf16 else torch_dtype(cfg.model.dtype, env.device)
     if cfg.model.name.startswith(DEBUG_PREFIX):
         # Built once per node by local rank 0: save_pretrained skips writes on non-main ranks.
-        import torch.distributed as dist
-
         if env.local_rank == 0:
             resolve_model_path(cfg.model.name)
-        if dist.is_initialized():
-            dist.barrier()
-    cache = None
-    encoders: dict = {}
+        barrier()
+    cache, encoders = None, {}
     if cfg.cache.enabled:
         from know3d.training.latent_cache import cache_folder
 
         cache = cache_folder(cfg)
-        needs_encoders = cfg.schedule.validate_every > 0 and (env.rank == 0 or cfg.deepspeed.zero_stage == 3)
+        needs_encoders = cfg.schedule.validate_every > 0 and (env.is_main or cfg.deepspeed.zero_stage == 3)
         if not needs_encoders:  # only the MMDiT: latents and prompt embeddings come from the cache
             encoders = {"vae": None, "text_encoder": None}
     pipe = load_pipeline(cfg.model.name, cfg.model.revision, dtype=dtype, **encoders)
     pipe.set_progress_bar_config(disable=True)
-    model = EditModel(pipe, device, dtype, cfg.data.image_size)
-    transformer = model.transformer
-    torch.manual_seed(derive_seed("lora", cfg.seed))  # identical LoRA init on every rank
-    params = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    model = EditModel(pipe, env.device, dtype, cfg.data.image_size)
+    torch.manual_seed(derive_seed("lora", cfg.seed))
+    params = add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+        model.transformer.enable_gradient_checkpointing()
+    model.transformer.train()
+    return model, params, cache
 
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.decay, cfg.schedule.max_steps, cfg.optim.min_lr_ratio)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=transformer,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env.world_size, bf16),
-        dist_init_required=False,
-    )
 
-    train_urls, data_digest = resolve_shards(cfg.data.shards, "train")
+@dataclass
+class TrainData:
+    stream: PairStream  # this rank's training pairs
+    num_shards: int
+    digest: str  # content digest of the training shards (MLflow dataset, checkpoints, LoRA metadata)
+    val_urls: list[str]
+
+
+def _open_data(cfg: TrainBackviewConfig, env: WorkerEnv, decode: bool) -> TrainData:
+    d = cfg.data
+    train_urls, digest = resolve_shards(d.shards, "train")
     if not train_urls:
-        raise ValueError(f"no training shards in {cfg.data.shards}")
-    if cfg.data.validation_split == "train":
+        raise ValueError(f"no training shards in {d.shards}")
+    if d.validation_split == "train":
         val_urls = train_urls
     else:
-        val_urls = (
-            resolve_shards(cfg.data.val_shards, "val")[0]
-            if cfg.data.val_shards
-            else resolve_shards(cfg.data.shards, "val")[0]
-        )
+        val_urls = resolve_shards(d.val_shards or d.shards, "val")[0]
     stream = PairStream(
         train_urls,
         seed=cfg.seed,
         rank=env.rank,
         world_size=env.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        image_size=cfg.data.image_size,
-        decode=cache is None,
-        keys=cfg.data.keys,
-        max_pairs=cfg.data.max_pairs,
-        max_pairs_per_asset=cfg.data.max_pairs_per_asset,
+        shuffle_buffer=d.shuffle_buffer,
+        image_size=d.image_size,
+        decode=decode,
+        keys=d.keys,
+        max_pairs=d.max_pairs,
+        max_pairs_per_asset=d.max_pairs_per_asset,
     )
+    return TrainData(stream, len(train_urls), digest, val_urls)
 
-    step, state, run_id = 0, StreamState(), None
-    if env.resume_from is not None:
-        saved = json.loads((env.resume_from / STATE_FILE).read_text())
-        if saved["world_size"] != env.world_size:
-            raise ValueError(
-                f"checkpoint {env.resume_from} was written by {saved['world_size']} workers, "
-                f"this run has {env.world_size}: resuming mid-epoch needs the same number"
-            )
-        engine.load_checkpoint(str(env.resume_from), tag=DS_TAG, load_module_strict=False)
-        step, run_id = saved["step"], saved.get("mlflow_run_id")
-        state = StreamState(**saved["streams"][env.rank])
-        log.info("rank %d resumed at step %d (epoch %d, %d samples in)", env.rank, step, state.epoch, state.consumed)
-    batcher = Batcher(stream, state, cfg.schedule.micro_batch_size)
 
-    output = Path(cfg.output)
-    tracker = NullTracker()
-    if env.rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        tracker = make_tracker(
-            cfg.mlflow, run_name=output.name, tags={"know3d.stage": "train-backview"}, resume_run_id=run_id
-        )
-        if run_id is None:
-            tracker.log_params(
-                {
-                    "config": cfg.model_dump(mode="json"),
-                    "world_size": env.world_size,
-                    "trainable_parameters": sum(p.numel() for p in params),
-                    "data.train_shards": len(train_urls),
-                    "data.digest": data_digest,
-                }
-            )
-            tracker.log_dataset("train-shards", data_digest, ",".join(cfg.data.shards))
-        (output / "config.yaml").write_text(dump_config(cfg))
-    val_samples = _load_validation(cfg, val_urls) if env.rank == 0 or cfg.deepspeed.zero_stage == 3 else []
+def _train_step(
+    model: EditModel,
+    engine,
+    batcher: Batcher,
+    cfg: TrainBackviewConfig,
+    env: WorkerEnv,
+    step: int,
+    window: MetricsWindow,
+    cache: Path | None,
+) -> float:
+    """Optimizer step ``step`` (``grad_accum`` micro-batches); returns its loss over all ranks.
+    Per-sample losses go into the window by timestep bin."""
+    losses = []
+    for micro in range(cfg.schedule.grad_accum):
+        parts = (cfg.seed, env.rank, step, micro)
+        torch.manual_seed(derive_seed("torch", *parts))  # LoRA dropout etc.
+        loss, per_sample, t, _ = training_loss(model, engine, batcher.next(), cfg, parts, cache)
+        engine.backward(loss)
+        engine.step()
+        losses.append(per_sample)
+        for b, v in zip(timestep_bins(t.cpu(), NUM_BINS).tolist(), per_sample.cpu().tolist()):
+            window.add(BIN_NAMES[b], v)
+    mean = torch.cat(losses).mean().double().cpu()
+    total = all_reduce_sum(torch.stack([mean, torch.ones((), dtype=torch.float64)]))
+    step_loss = float(total[0] / total[1])
+    window.add("loss", step_loss)
+    window.add_samples(cfg.schedule.samples_per_step(env.world_size))
+    return step_loss
 
-    metrics_file = output / "metrics.jsonl"
-    window = {"loss": 0.0, "n": 0, "bins": torch.zeros(2 * NUM_BINS, dtype=torch.float64), "t0": time.perf_counter()}
-    last: dict = {}
-    status = "FAILED"
-    try:
-        while step < cfg.schedule.max_steps:
-            step_losses = []
-            for micro in range(cfg.schedule.grad_accum):
-                parts = (cfg.seed, env.rank, step, micro)
-                torch.manual_seed(derive_seed("torch", *parts))  # LoRA dropout etc.
-                samples = batcher.next()
-                loss, per_sample, t, _ = training_loss(model, engine, samples, cfg, parts, cache)
-                engine.backward(loss)
-                engine.step()
-                step_losses.append(per_sample)
-                bins = timestep_bins(t.cpu(), NUM_BINS)
-                for b, v in zip(bins.tolist(), per_sample.cpu().tolist()):
-                    window["bins"][b] += v
-                    window["bins"][NUM_BINS + b] += 1
+
+def _log_window(window: MetricsWindow, engine, state: StreamState, tracker: TrainingTracker, step: int) -> dict:
+    """The window's means (timestep bins over all ranks), lr and throughput, to MLflow; resets it."""
+    bins = window.reduced_means(BIN_NAMES)
+    metrics = {
+        "loss": window.mean("loss"),
+        "lr": engine.lr_scheduler.get_last_lr()[0],
+        "samples_per_s": window.samples_per_s(),
+        "epoch": state.epoch,
+        **bins,
+    }
+    tracker.log_metrics(metrics, step)
+    window.reset()
+    return metrics
+
+
+def _validate(
+    model: EditModel,
+    engine,
+    samples: list[dict],
+    cfg: TrainBackviewConfig,
+    env: WorkerEnv,
+    tracker: TrainingTracker,
+    step: int,
+) -> dict:
+    """Validation loss and grid; the metrics on rank 0, {} elsewhere. Under ZeRO-3 every rank
+    samples too (sampling needs every rank's weight partitions)."""
+    engine.eval()
+    val = {"val_loss": validation_loss(model, engine, samples, cfg)}
+    if env.is_main:
+        grid = validation_grid(model, samples, cfg, Path(cfg.output) / "validation" / f"step_{step:06d}.png")
+        tracker.log_artifact(grid, "validation")
+        tracker.log_metrics(val, step)
+    elif cfg.deepspeed.zero_stage == 3:
+        with tempfile.TemporaryDirectory() as tmp:
+            validation_grid(model, samples, cfg, Path(tmp) / "grid.png")
+    engine.train()
+    return val if env.is_main else {}
+
+
+def _export(
+    engine, params: list, cfg: TrainBackviewConfig, env: WorkerEnv, tracker: TrainingTracker, step: int, data: TrainData
+) -> None:
+    """``<output>/lora`` in diffusers' format, with what generation and provenance need."""
+    import deepspeed
+
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if cfg.deepspeed.zero_stage == 3
+        else contextlib.nullcontext()
+    )  # ZeRO-3 partitions the LoRA weights: gather on all ranks
+    with gather:
+        if not env.is_main:
+            return
+        meta = {
+            "model": cfg.model.name,
+            "revision": cfg.model.revision,
+            "image_size": cfg.data.image_size,
+            "instruction": cfg.data.instruction,
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.alpha,
+            "steps": step,
+            "data_digest": data.digest,
+            # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
+            "trained_on": [s["__key__"] for s in data.stream.selection()] if data.stream.selective else None,
+        }
+        tracker.log_artifact(export_lora(engine.module, Path(cfg.output) / "lora", meta), "lora")
+
+
+def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
+    """Train on this rank until ``schedule.max_steps``; returns the last logged metrics."""
+    torch.manual_seed(derive_seed("init", cfg.seed))
+    bf16 = use_bf16(cfg.deepspeed, env.device)
+    model, params, cache = _build_model(cfg, env, bf16)
+    engine = initialize(model.transformer, params, cfg, env.world_size, bf16)
+    data = _open_data(cfg, env, decode=cache is None)
+    resumed = checkpoint.resume(engine, env)
+    state = StreamState(**resumed.stream)
+    batcher = Batcher(data.stream, state, cfg.schedule.micro_batch_size)
+    s, step, last = cfg.schedule, resumed.step, {}
+    window, metrics_file = MetricsWindow(), MetricsFile(Path(cfg.output), env.is_main)
+    with TrainingTracker(cfg.mlflow, env, Path(cfg.output), STAGE, resumed.mlflow_run_id) as tracker:
+        params_info = {
+            "world_size": env.world_size,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "data.train_shards": data.num_shards,
+            "data.digest": data.digest,
+        }
+        tracker.start(cfg, params_info, ("train-shards", data.digest, ",".join(cfg.data.shards)))
+        val_samples = _load_validation(cfg, data.val_urls) if env.is_main or cfg.deepspeed.zero_stage == 3 else []
+        while step < s.max_steps:
+            loss = _train_step(model, engine, batcher, cfg, env, step, window, cache)
             step += 1
-            step_loss = _all_reduce(
-                torch.stack([torch.cat(step_losses).mean().double().cpu(), torch.ones((), dtype=torch.float64)])
-            )
-            window["loss"] += float(step_loss[0] / step_loss[1])
-            window["n"] += 1
-            if env.rank == 0:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": float(step_loss[0] / step_loss[1])}) + "\n")
-
-            if step % cfg.schedule.log_every == 0 or step == cfg.schedule.max_steps:
-                bins_all = _all_reduce(window["bins"])
-                elapsed = time.perf_counter() - window["t0"]
-                samples_per_step = cfg.schedule.micro_batch_size * cfg.schedule.grad_accum * env.world_size
-                last = {
-                    "loss": window["loss"] / window["n"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window["n"] * samples_per_step / elapsed,
-                    "epoch": state.epoch,
-                }
-                for b in range(NUM_BINS):
-                    if bins_all[NUM_BINS + b] > 0:
-                        last[f"loss_t{b / NUM_BINS:.2f}-{(b + 1) / NUM_BINS:.2f}"] = float(
-                            bins_all[b] / bins_all[NUM_BINS + b]
-                        )
-                tracker.log_metrics(last, step=step)
-                window = {
-                    "loss": 0.0,
-                    "n": 0,
-                    "bins": torch.zeros(2 * NUM_BINS, dtype=torch.float64),
-                    "t0": time.perf_counter(),
-                }
-
-            validate = cfg.schedule.validate_every and (
-                step % cfg.schedule.validate_every == 0 or step == cfg.schedule.max_steps
-            )
-            if validate and val_samples:
-                engine.eval()
-                val = {"val_loss": validation_loss(model, engine, val_samples, cfg)}
-                if env.rank == 0:
-                    grid = validation_grid(model, val_samples, cfg, output / "validation" / f"step_{step:06d}.png")
-                    tracker.log_artifact(grid, "validation")
-                    tracker.log_metrics(val, step=step)
-                    last.update(val)
-                elif cfg.deepspeed.zero_stage == 3:  # partitioned weights: every rank takes part in sampling
-                    with tempfile.TemporaryDirectory() as tmp:
-                        validation_grid(model, val_samples, cfg, Path(tmp) / "grid.png")
-                engine.train()
-
-            if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.max_steps:
-                streams = _gather_states(state, env.world_size)
-                with tempfile.TemporaryDirectory(prefix="know3d-ckpt-") as tmp:
-                    ckpt = Path(tmp)
-                    engine.save_checkpoint(str(ckpt), tag=DS_TAG, exclude_frozen_parameters=True)
-                    if env.rank == 0:
-                        (ckpt / STATE_FILE).write_text(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "world_size": env.world_size,
-                                    "streams": streams,
-                                    "mlflow_run_id": tracker.run_id,
-                                    "data_digest": data_digest,
-                                }
-                            )
-                        )
-                    env.report({"step": step, **last}, ckpt)
-
-        gather = (
-            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-            if cfg.deepspeed.zero_stage == 3
-            else contextlib.nullcontext()
-        )  # ZeRO-3 partitions the LoRA weights: gather on all ranks
-        with gather:
-            if env.rank == 0:
-                lora_dir = export_lora(
-                    engine.module,
-                    output / "lora",
-                    {
-                        "model": cfg.model.name,
-                        "revision": cfg.model.revision,
-                        "image_size": cfg.data.image_size,
-                        "instruction": cfg.data.instruction,
-                        "rank": cfg.lora.rank,
-                        "alpha": cfg.lora.alpha,
-                        "steps": step,
-                        "data_digest": data_digest,
-                        # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
-                        "trained_on": ([s["__key__"] for s in stream.selection()] if stream.selective else None),
-                    },
-                )
-                tracker.log_artifact(lora_dir, "lora")
-        status = "FINISHED"
-    finally:
-        tracker.close(status)
+            metrics_file.append(step, loss)
+            if s.due(step, s.log_every):
+                last = _log_window(window, engine, state, tracker, step)
+            if s.due(step, s.validate_every) and val_samples:
+                last.update(_validate(model, engine, val_samples, cfg, env, tracker, step))
+            if s.due(step, s.checkpoint_every):
+                record = {"mlflow_run_id": tracker.run_id, "data_digest": data.digest}
+                checkpoint.save(engine, env, step, state, last, record)
+        _export(engine, params, cfg, env, tracker, step, data)
     return last
 
 
-# --------------------------------------------------------------------------- launchers
-
-
-def ray_train_loop(config: dict) -> None:
-    """``train_loop_per_worker`` of Ray Train's ``TorchTrainer`` (process group already set up)."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    cfg = TrainBackviewConfig.model_validate(config["cfg"])
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    checkpoint = ray.train.get_checkpoint()
-    resume = None
-    tmp = None
-    if checkpoint is not None:
-        tmp = Path(tempfile.mkdtemp(prefix="know3d-resume-"))
-        resume = Path(checkpoint.to_directory(str(tmp)))
-
-    def report(metrics: dict, ckpt: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
-
-    try:
-        run_worker(
-            cfg, WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device, resume, report)
-        )
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def torchrun_main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc_per_node N -m know3d.training.backview_train CONFIG [--set k=v ...]``.
-
-    Checkpoints go to ``<output>/checkpoints/step_XXXXXXXX`` (the output must be on shared
-    storage for multi-node runs); a restart resumes from the newest complete one.
-    """
-    import argparse
-
-    import torch.distributed as dist
-
-    from know3d.core.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m know3d.training.backview_train")
-    parser.add_argument("config")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, model=TrainBackviewConfig)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    root = Path(cfg.output) / "checkpoints"
-
-    def report(metrics: dict, ckpt: Path | None) -> None:
-        if ckpt is None:
-            return
-        dest = root / f"step_{metrics['step']:08d}"
-        dest.mkdir(parents=True, exist_ok=True)
-        for item in ckpt.rglob("*"):  # every rank copies its own files; rank 0 the shared ones
-            if item.is_file():
-                target = dest / item.relative_to(ckpt)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target)
-        dist.barrier()
-        if rank == 0:
-            (dest / "COMPLETE").write_text("ok")
-            for old in sorted(root.glob("step_*"))[: -cfg.schedule.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    complete = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-    try:
-        run_worker(cfg, WorkerEnv(rank, world, local_rank, device, complete[-1] if complete else None, report))
-    finally:
-        dist.destroy_process_group()
-
-
-def steps_done(metrics_file: Path) -> dict[int, float]:
-    """{step: loss} from a run's metrics.jsonl (the last record wins when a resumed run re-logs)."""
-    out: dict[int, float] = {}
-    if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[int(rec["step"])] = float(rec["loss"])
-    return out
-
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    torchrun_main()
+    torchrun_main(run_worker, TrainBackviewConfig, prog="torchrun --nproc_per_node N -m know3d.training.backview_train")

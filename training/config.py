@@ -6,11 +6,18 @@ The model-independent sections (optimizer, schedule, DeepSpeed, Ray workers, tra
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from know3d.core.config import RayConfig, StrictModel, TrackingConfig
+from know3d.core.config import StrictModel
+from know3d.training.engine.config import (
+    DeepSpeedConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainMlflowConfig,
+    TrainRayConfig,
+)
 from know3d.training.prompting import DEFAULT_INSTRUCTION
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -75,58 +82,12 @@ class FlowConfig(StrictModel):
     shift: float = Field(default=3.0, gt=0)
 
 
-class OptimConfig(StrictModel):
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = Field(default=100, ge=0)
-    decay: Literal["constant", "cosine"] = Field(
-        default="constant", description="After warmup: keep lr, or cosine-decay it to min_lr_ratio·lr at max_steps."
-    )
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-
-
-class ScheduleConfig(StrictModel):
-    max_steps: int = Field(default=10_000, ge=1, description="Optimizer steps.")
-    micro_batch_size: int = Field(default=1, ge=1, description="Samples per worker per forward.")
-    grad_accum: int = Field(default=1, ge=1)
-    log_every: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=3, ge=1)
-    validate_every: int = Field(default=500, ge=0, description="0 = no validation grids.")
-    num_validation: int = Field(default=4, ge=1, description="Validation pairs per grid.")
-    validation_steps: int = Field(default=28, ge=2, description="Sampling steps of validation generations (>= 2).")
-
-
-class DeepSpeedConfig(StrictModel):
-    zero_stage: int = Field(default=2, ge=0, le=3)
-    bf16: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on with GPUs.")
-    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload of the optimizer state to CPU.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed config.")
-
-
-class TrainRayConfig(RayConfig):
-    num_workers: int = Field(default=1, ge=1)
-    use_gpu: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on if the cluster has GPUs.")
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    storage_path: str | None = Field(
-        default=None, description="Where Ray Train keeps checkpoints (shared storage on clusters); None = <output>/ray."
-    )
-    max_failures: int = Field(default=0, ge=-1, description="Worker-group restarts on failure (-1 = unlimited).")
-
-
 class LatentCacheConfig(StrictModel):
     enabled: bool = Field(default=False, description="Pre-compute VAE latents and prompt embeddings (Ray Data).")
     dir: str | None = Field(default=None, description="None = <output>/latent_cache.")
     batch_size: int = Field(default=4, ge=1)
     num_gpus_per_worker: float = Field(default=1.0, ge=0, description="Used only when the cluster has GPUs.")
     concurrency: int = Field(default=1, ge=1)
-
-
-class TrainMlflowConfig(TrackingConfig):
-    experiment: str = "know3d-train-backview"
 
 
 class TrainBackviewConfig(StrictModel):

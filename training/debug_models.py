@@ -24,6 +24,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from know3d.core.io import atomic_dir
+
 SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -258,13 +260,6 @@ def resolve_debug_model(name: str, seed: int = 0) -> Path:
     folder = debug_cache_dir() / f"{name.removeprefix(DEBUG_PREFIX)}-{tag}"
     if (folder / "model_index.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    builders[name](tmp, seed=seed)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(folder) as tmp:  # another process finishing first is fine: same build
+        builders[name](tmp, seed=seed)
     return folder

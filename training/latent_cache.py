@@ -1,8 +1,7 @@
 """Pre-pass that caches what the frozen encoders compute, so training loads only the MMDiT.
 
-A Ray Data pipeline over the shards (``from_items(shards) → flat_map(read shard) →
-map_batches(LatentEncoder)``; the encoder actors take GPUs when the cluster has them) writes one
-``<key>.npz`` per pair: normalized VAE latents of front and back at the training resolution and
+Encoder actors (one VAE + text encoder each, on GPUs when the cluster has them) take one shard at
+a time through :func:`know3d.core.fanout.run_bounded` and write one ``<key>.npz`` per pair: normalized VAE latents of front and back at the training resolution and
 the Qwen2.5-VL prompt embedding of *every* prompt variant of the pair (the bare instruction and
 instruction + each description), since stochastic prompting picks one per step. Files are
 written atomically and skipped when present, so the pass resumes; the cache folder is keyed by
@@ -14,12 +13,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from know3d.core.fanout import run_bounded, task_error_kind
+from know3d.core.io import atomic_write
 from know3d.training.config import TrainBackviewConfig
 from know3d.training.data import decode_image
 from know3d.training.prompting import prompt_variants
@@ -56,39 +59,31 @@ def cache_folder(cfg: TrainBackviewConfig) -> Path:
     return root / tag
 
 
-def _shard_rows(row: dict) -> list[dict]:
+def _shard_rows(url: str) -> Iterator[dict]:
     """One shard -> rows of (key, front png, back png, components); local paths or fsspec URLs."""
     import fsspec
 
-    rows, current = [], {}
-    with fsspec.open(row["url"], "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        current: dict = {}
         for member in tar:
             key, _, field = member.name.partition(".")
             if current and current["key"] != key:
-                rows.append(current)
+                yield from _complete(current)
                 current = {}
             current["key"] = key
             if field in ("front.png", "back.png", "json") and member.isfile():
                 current[field] = tar.extractfile(member).read()
-    if current:
-        rows.append(current)
-    out = []
-    for r in rows:
-        if {"front.png", "back.png", "json"} <= set(r):
-            meta = json.loads(r["json"])
-            out.append(
-                {
-                    "key": r["key"],
-                    "front": r["front.png"],
-                    "back": r["back.png"],
-                    "components": json.dumps(list(meta.get("components") or [])),
-                }
-            )
-    return out
+        yield from _complete(current)
+
+
+def _complete(sample: dict) -> Iterator[dict]:
+    if {"front.png", "back.png", "json"} <= set(sample):
+        components = list(json.loads(sample["json"]).get("components") or [])
+        yield {"key": sample["key"], "front": sample["front.png"], "back": sample["back.png"], "components": components}
 
 
 class LatentEncoder:
-    """Ray Data callable class: one pipeline (VAE + text encoder) per actor."""
+    """One pipeline (VAE + text encoder) per Ray actor; encodes shards into the cache folder."""
 
     def __init__(self, cfg_json: str) -> None:
         import torch
@@ -97,79 +92,75 @@ class LatentEncoder:
 
         self.cfg = TrainBackviewConfig.model_validate_json(cfg_json)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(
-            self.cfg.model.name,
-            self.cfg.model.revision,
-            dtype=torch_dtype(self.cfg.model.dtype, device),
-            transformer=None,
-        )
+        dtype = torch_dtype(self.cfg.model.dtype, device)
+        pipe = load_pipeline(self.cfg.model.name, self.cfg.model.revision, dtype=dtype, transformer=None)
         pipe.set_progress_bar_config(disable=True)
-        self.model = EditModel(pipe, device, torch_dtype(self.cfg.model.dtype, device), self.cfg.data.image_size)
+        self.model = EditModel(pipe, device, dtype, self.cfg.data.image_size)
         self.folder = cache_folder(self.cfg)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, batch: dict) -> dict:
+    def encode_shard(self, url: str, wanted: list[str] | None = None) -> dict[str, int]:
+        """Encode the shard's pairs (only ``wanted`` keys when given); counts per status."""
+        keep = set(wanted) if wanted is not None else None
+        rows = (r for r in _shard_rows(url) if keep is None or r["key"] in keep)
+        return dict(Counter(self.encode(list(rows))))
+
+    def encode(self, rows: list[dict]) -> list[str]:
+        """``encoded`` or ``cached`` (the file exists: the pass resumes) per row."""
+        return [self._encode_one(row) for row in rows]
+
+    def _encode_one(self, row: dict) -> str:
         import torch
 
-        statuses = []
-        for key, front_png, back_png, comps in zip(batch["key"], batch["front"], batch["back"], batch["components"]):
-            target = self.folder / f"{key}.npz"
-            if target.is_file():
-                statuses.append("cached")
-                continue
-            size = self.cfg.data.image_size
-            front, back = decode_image(bytes(front_png), size), decode_image(bytes(back_png), size)
-            lat = self.model.encode_images(torch.from_numpy(np.stack([front, back])))
-            arrays = {
-                "front_latent": lat[0].cpu().numpy(),
-                "back_latent": lat[1].cpu().numpy(),
-                "components": np.array(json.loads(comps), dtype=np.str_),
-            }
-            for i, prompt in enumerate(prompt_variants(json.loads(comps), self.cfg.data.instruction)):
-                arrays[f"prompt_{i}"] = self.model.encode_prompt(prompt, front).cpu().numpy()
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, target)
-            statuses.append("encoded")
-        return {"key": list(batch["key"]), "status": statuses}
+        target = self.folder / f"{row['key']}.npz"
+        if target.is_file():
+            return "cached"
+        size = self.cfg.data.image_size
+        front, back = decode_image(bytes(row["front"]), size), decode_image(bytes(row["back"]), size)
+        lat = self.model.encode_images(torch.from_numpy(np.stack([front, back])))
+        arrays = {
+            "front_latent": lat[0].cpu().numpy(),
+            "back_latent": lat[1].cpu().numpy(),
+            "components": np.array(row["components"], dtype=np.str_),
+        }
+        for i, prompt in enumerate(prompt_variants(row["components"], self.cfg.data.instruction)):
+            arrays[f"prompt_{i}"] = self.model.encode_prompt(prompt, front).cpu().numpy()
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write(target, buf.getvalue())
+        return "encoded"
 
 
-def build_cache(cfg: TrainBackviewConfig, urls: list[str], ray) -> dict[str, int]:
-    """Run the pre-pass over ``urls``; returns counts per status."""
-    import logging
+def _wanted(cfg: TrainBackviewConfig, urls: list[str]) -> list[str] | None:
+    """The selected keys when a subset trains (only those are encoded); None = all."""
+    if not (cfg.data.keys or cfg.data.max_pairs or cfg.data.max_pairs_per_asset):
+        return None
+    from know3d.training.data import PairStream
 
-    import ray.data
+    d = cfg.data
+    stream = PairStream(urls, cfg.seed, keys=d.keys, max_pairs=d.max_pairs, max_pairs_per_asset=d.max_pairs_per_asset)
+    return [s["__key__"] for s in stream.selection()]
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+def build_cache(cfg: TrainBackviewConfig, urls: list[str], ray: Any) -> dict[str, int]:
+    """Run the pre-pass over ``urls`` (``cache.concurrency`` encoder actors, one shard per call);
+    returns counts per status. A shard that fails raises, naming it, after the others finished."""
     gpus = cfg.cache.num_gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    ds = ray.data.from_items([{"url": u} for u in urls]).flat_map(_shard_rows)
-    if cfg.data.keys or cfg.data.max_pairs or cfg.data.max_pairs_per_asset:  # a subset trains: encode only it
-        from know3d.training.data import PairStream
+    wanted = _wanted(cfg, urls)
+    actor_cls = ray.remote(num_gpus=gpus, num_cpus=1)(LatentEncoder)
+    actors = [actor_cls.remote(cfg.model_dump_json()) for _ in range(min(cfg.cache.concurrency, len(urls)))]
+    counts: Counter[str] = Counter()
+    errors: list[str] = []
 
-        stream = PairStream(
-            urls,
-            cfg.seed,
-            keys=cfg.data.keys,
-            max_pairs=cfg.data.max_pairs,
-            max_pairs_per_asset=cfg.data.max_pairs_per_asset,
-        )
-        wanted = {s["__key__"] for s in stream.selection()}
-        ds = ds.filter(lambda row: row["key"] in wanted)
-    ds = ds.map_batches(
-        LatentEncoder,
-        fn_constructor_args=(cfg.model_dump_json(),),
-        batch_size=cfg.cache.batch_size,
-        concurrency=cfg.cache.concurrency,
-        num_gpus=gpus,
-        batch_format="numpy",
-    )
-    counts: dict[str, int] = {}
-    for row in ds.iter_rows():
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
+    def on_done(url: str, result: dict[str, int] | Exception) -> None:
+        (errors.append(f"{url}: {task_error_kind(result)}") if isinstance(result, Exception) else counts.update(result))
+
+    run_bounded(ray, lambda url, actor: actor.encode_shard.remote(url, wanted), urls, actors, on_done)
+    for actor in actors:
+        ray.kill(actor)
+    if errors:
+        raise RuntimeError(f"latent cache: {len(errors)} shard(s) failed, e.g. {errors[0]}")
+    return dict(counts)
 
 
 def load_entry(folder: Path, key: str) -> dict[str, np.ndarray]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import trimesh
 from trimesh import creation
 from trimesh.transformations import rotation_matrix, translation_matrix
 
+from know3d.core.io import atomic_write
 from know3d.rendering.config import ProceduralSourceConfig
 from know3d.rendering.sources.base import AssetRecord, FetchError, FilteredRecord
 
@@ -528,19 +527,6 @@ def asset_parts(category: str, index: int, seed: int) -> list[str]:
     return [p.name for p in _BUILDERS[category](_rng(seed, category, index))]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers (other workers, a
-    second run) never see a half-written GLB, and a crash leaves no file at ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- source
 
 
@@ -571,7 +557,7 @@ class ProceduralSource:
             else:
                 scene = generate_asset(category, index, self.cfg.seed)
                 parts = list(scene.geometry)
-                _write_atomic(path, scene.export(file_type="glb"))
+                atomic_write(path, scene.export(file_type="glb"))
             meta = {"name": name, "category": category, "parts": parts}
             records.append(AssetRecord(f"procedural:{name}", self.name, str(path.resolve()), LICENSE, meta))
         return records, []
