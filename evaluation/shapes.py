@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from know3d.evaluation.config import EvalConfig
 from know3d.evaluation.geometry import GeometryOptions, compare_meshes
 from know3d.evaluation.meshes import MeshError, load_mesh, normalize, semantic_points
 from know3d.evaluation.results import uid_filename
+from know3d.evaluation.scoring import add_scores
 
 VIEW_ANGLES = {"front": (0.0, 15.0), "back": (180.0, 15.0)}  # azimuth, elevation (degrees)
 
@@ -156,3 +158,18 @@ def measure_shape(
             result["render_error"] = f"{type(exc).__name__}: {exc}"[:500]
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result, points
+
+
+def evaluate_shape(
+    job: ShapeJob, cfg: EvalConfig, output: Path, score: Callable[[np.ndarray, str], dict] | None = None
+) -> dict:
+    """The whole result of one uid of ``eval shapes``, as one worker computes it.
+
+    Measured on one core (``ray.concurrency`` workers run side by side), rendered into
+    ``<output>/renders`` with this process's renderer, then scored by ``score(points, image)``
+    (a :class:`~know3d.evaluation.scoring.ScoringActor` call) when a point cloud was drawn."""
+    renderer = process_renderer(cfg.report.resolution, cfg.report.backend) if cfg.report.renders else None
+    result, points = measure_shape(job, cfg, output / "renders", renderer, threads=1)
+    if score is not None and points is not None and result["status"] == "ok":
+        add_scores(result, score(points, result["image"]))
+    return result

@@ -276,7 +276,7 @@ def _run_eval(
 ) -> None:
     """Resolve the eval config (file, flags, --set), run, print the summary; usage errors exit 2."""
     from know3d.evaluation.config import EvalConfig
-    from know3d.pipeline.evaluate import EvalError
+    from know3d.evaluation.discovery import EvalError
 
     if address:
         extra.append(f"ray.address={json.dumps(address)}")
