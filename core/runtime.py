@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from know3d.core.config import RayConfig
 from know3d.core.errors import describe_exception
 
 
@@ -114,24 +115,23 @@ def check_reachable(address: str, timeout_s: float) -> None:
 
 
 @contextmanager
-def ray_session(cfg: Any) -> Iterator[Any]:
-    """Join ``cfg.ray.address`` or start a local Ray (shut down again on exit if started here).
+def ray_session(cfg: RayConfig) -> Iterator[Any]:
+    """Join ``cfg.address`` or start a local Ray (shut down again on exit if started here).
 
-    A cluster that does not answer within ``cfg.ray.connect_timeout_s`` raises
+    A cluster that does not answer within ``cfg.connect_timeout_s`` raises
     :class:`ClusterUnreachable` before anything else happens: :func:`check_reachable` is the
     bound, since ``ray.init`` waits inside Ray's C++ core, where no Python timer can interrupt it."""
     ray = _ray()
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-        timeout_s = cfg.ray.connect_timeout_s
+        address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            kwargs["num_cpus"] = getattr(cfg.ray, "num_cpus", None)
-            if getattr(cfg.ray, "object_store_memory", None):
-                kwargs["object_store_memory"] = cfg.ray.object_store_memory
+            kwargs["num_cpus"] = cfg.num_cpus
+            if cfg.object_store_memory:
+                kwargs["object_store_memory"] = cfg.object_store_memory
         else:
-            check_reachable(address, timeout_s)
+            check_reachable(address, cfg.connect_timeout_s)
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError as exc:

@@ -134,7 +134,7 @@ def run_build(cfg: BuildConfig, retry_failed: bool = False) -> BuildSummary:
     """The whole build. Raises BuildError / ClusterUnreachable (usage problems, one line each)
     before anything is written when the output or the cluster is unusable."""
     out = check_output(cfg.output)
-    with ray_session(cfg) as ray, _output_folder(out):
+    with ray_session(cfg.ray) as ray, _output_folder(out):
         source, records, filtered = _discover(cfg, out)
         return _run_build(cfg, out, retry_failed, ray, source, records, filtered)
 

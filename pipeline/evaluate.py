@@ -152,7 +152,7 @@ def evaluate_shapes(
     plan = plan_shapes(found, cfg, store)
     _announce(plan, found.unmatched)
     cfg_json = cfg.model_dump_json()
-    with ray_session(cfg) as ray:
+    with ray_session(cfg.ray) as ray:
         actor = _start_scorer(ray, cfg) if cfg.semantic.enabled and plan.todo else None
         task = ray.remote(num_cpus=1)(_shape_task)
         submit = lambda job, _slot: task.remote(job, cfg_json, str(store.output), actor)
@@ -186,7 +186,7 @@ def evaluate_backviews(
     plan = plan_backviews(found, store)
     _announce(plan, found.unmatched)
     cfg_json = cfg.model_dump_json()
-    with ray_session(cfg) as ray:
+    with ray_session(cfg.ray) as ray:
         task = ray.remote(num_cpus=1)(_backview_task)
         submit = lambda job, _slot: task.remote(job, cfg_json)
         results, seconds = _fan_out(ray, submit, plan, store, cfg, "comparing back views", crashed_backview)

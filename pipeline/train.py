@@ -51,7 +51,7 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
     if fresh:
         forget_run(cfg, leftovers=("lora", "validation"))
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    with ray_session(cfg) as ray:
+    with ray_session(cfg.ray) as ray:
         if cfg.cache.enabled:
             from know3d.core.shards import resolve_shards
             from know3d.training.latent_cache import build_cache, cache_folder
