@@ -83,11 +83,13 @@ class FlowConfig(StrictModel):
 
 
 class LatentCacheConfig(StrictModel):
-    enabled: bool = Field(default=False, description="Pre-compute VAE latents and prompt embeddings (Ray Data).")
+    enabled: bool = Field(
+        default=False, description="Pre-compute VAE latents and prompt embeddings (encoder actors on Ray)."
+    )
     dir: str | None = Field(default=None, description="None = <output>/latent_cache.")
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1, description="Pairs per VAE call.")
     num_gpus_per_worker: float = Field(default=1.0, ge=0, description="Used only when the cluster has GPUs.")
-    concurrency: int = Field(default=1, ge=1)
+    concurrency: int = Field(default=1, ge=1, description="Encoder actors (one shard at a time each).")
 
 
 class TrainBackviewConfig(StrictModel):

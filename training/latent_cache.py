@@ -106,29 +106,36 @@ class LatentEncoder:
         return dict(Counter(self.encode(list(rows))))
 
     def encode(self, rows: list[dict]) -> list[str]:
-        """``encoded`` or ``cached`` (the file exists: the pass resumes) per row."""
-        return [self._encode_one(row) for row in rows]
+        """``encoded`` or ``cached`` (the file exists: the pass resumes) per row; the VAE sees
+        ``cache.batch_size`` pairs per call."""
+        todo = [r for r in rows if not self._target(r).is_file()]
+        size = self.cfg.cache.batch_size
+        for start in range(0, len(todo), size):
+            self._encode_chunk(todo[start : start + size])
+        fresh = {r["key"] for r in todo}
+        return ["encoded" if r["key"] in fresh else "cached" for r in rows]
 
-    def _encode_one(self, row: dict) -> str:
+    def _target(self, row: dict) -> Path:
+        return self.folder / f"{row['key']}.npz"
+
+    def _encode_chunk(self, rows: list[dict]) -> None:
         import torch
 
-        target = self.folder / f"{row['key']}.npz"
-        if target.is_file():
-            return "cached"
         size = self.cfg.data.image_size
-        front, back = decode_image(bytes(row["front"]), size), decode_image(bytes(row["back"]), size)
-        lat = self.model.encode_images(torch.from_numpy(np.stack([front, back])))
-        arrays = {
-            "front_latent": lat[0].cpu().numpy(),
-            "back_latent": lat[1].cpu().numpy(),
-            "components": np.array(row["components"], dtype=np.str_),
-        }
-        for i, prompt in enumerate(prompt_variants(row["components"], self.cfg.data.instruction)):
-            arrays[f"prompt_{i}"] = self.model.encode_prompt(prompt, front).cpu().numpy()
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write(target, buf.getvalue())
-        return "encoded"
+        images = [decode_image(bytes(r[side]), size) for r in rows for side in ("front", "back")]
+        latents = self.model.encode_images(torch.from_numpy(np.stack(images))).cpu().numpy()
+        for i, row in enumerate(rows):
+            arrays = {
+                "front_latent": latents[2 * i],
+                "back_latent": latents[2 * i + 1],
+                "components": np.array(row["components"], dtype=np.str_),
+            }
+            front = images[2 * i]
+            for k, prompt in enumerate(prompt_variants(row["components"], self.cfg.data.instruction)):
+                arrays[f"prompt_{k}"] = self.model.encode_prompt(prompt, front).cpu().numpy()
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            atomic_write(self._target(row), buf.getvalue())
 
 
 def _wanted(cfg: TrainBackviewConfig, urls: list[str]) -> list[str] | None:
