@@ -44,7 +44,6 @@ class OpenAIAnnotator:
     """Client of an OpenAI-compatible server (vLLM, SGLang serving Qwen2.5-VL): the server batches,
     so the build calls it from the driver with ``openai.concurrency`` requests in flight."""
 
-
     @staticmethod
     def replicas(cfg: AnnotateConfig) -> Replicas | None:
         return None

@@ -113,7 +113,6 @@ def describe_pair(
 class PartsAnnotator:
     """The offline annotator: the request's hint *is* the answer (the pair's back-view parts)."""
 
-
     def __init__(self, cfg: AnnotateConfig) -> None:
         self.cfg = cfg
 

@@ -63,7 +63,9 @@ def _pair_images(work: Path, summary: dict, pair_index: int) -> tuple[bytes, byt
     return (folder / f"{front:03d}.png").read_bytes(), (folder / f"{back:03d}.png").read_bytes()
 
 
-def _request(summary: dict, pair_index: int, work: Path, cfg: AnnotateConfig, annotator: type[Annotator]) -> PairRequest:
+def _request(
+    summary: dict, pair_index: int, work: Path, cfg: AnnotateConfig, annotator: type[Annotator]
+) -> PairRequest:
     """The pair's request: its images, its cache key and, if the annotator wants it, the named
     parts visible from the back."""
     front_png, back_png = _pair_images(work, summary, pair_index)

@@ -36,7 +36,6 @@ def _rgb(png: bytes) -> Image.Image:
 class TransformersAnnotator:
     """Qwen2.5-VL in this process (batched ``generate``); the build replicates it over Ray actors."""
 
-
     @staticmethod
     def replicas(cfg: AnnotateConfig) -> Replicas | None:
         return Replicas(cfg.transformers.num_actors, cfg.transformers.batch_size, cfg.transformers.num_gpus_per_actor)
