@@ -14,6 +14,7 @@ from PIL import Image
 from know3d.evaluation.demo import make_demo_set
 from know3d.pipeline.cli import main
 from tests.test_eval_models import write_tiny_checkpoints
+from tests.test_reports import Page, assert_self_contained
 
 pytestmark = pytest.mark.slow
 
@@ -160,18 +161,24 @@ def test_tables_report_and_mlflow_run(evaluated):
     assert md.startswith("| metric | mean | std | n |") and "| chamfer_l2 |" in md
     html = (out / "report.html").read_text()
     for uid in ("Duck", "bunny_nonmanifold", "missing_prediction"):
-        assert f"<h3>{uid}</h3>" in html
+        assert f">{uid}</h3>" in html  # its card
     assert "non-manifold" in html
-    for name in ("Duck_pred_front.png", "Duck_pred_back.png", "Duck_gt_front.png", "Duck_condition.png"):
+    for name in ("Duck_pred_front.png", "Duck_pred_back.png", "Duck_gt_front.png"):
         img = np.asarray(Image.open(out / "renders" / name))
         assert img.shape[0] > 0 and img.std() > 5, name  # an object, not a blank image
+    page = Page(html)  # self-contained: the renders are inlined, nothing is linked
+    assert_self_contained(page)
+    assert len(page.rows) == 13 and page.rows[0][0][1] == "Duck"  # the first card: condition + 4 renders
+    assert all(np.asarray(img).std() > 5 for img in page.images()[:5])
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{evaluated['root'] / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.metrics["chamfer_l2_mean"] == pytest.approx(summary["metrics"]["chamfer_l2"]["mean"])
     assert run.data.metrics["num_errors"] == 5 and "fscore_at_0.01_mean" in run.data.metrics
-    assert run.data.params["seed"] == "0" and run.data.tags["stage"] == "eval.shapes"
+    assert run.data.params["seed"] == "0" and run.data.tags["know3d.stage"] == "eval.shapes"
+    assert "images.lpips" not in run.data.params and "geometry.samples" in run.data.params  # its sections only
+    assert run.info.end_time - run.info.start_time >= 1000 * summary["seconds"] * 0.5  # the real duration
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.csv", "report.html", "results", "renders"} <= arts
 
@@ -373,7 +380,9 @@ def test_backviews(tmp_path: Path, ray_local):
     assert "no-alexnet.pth" in summary["skipped_metrics"]["lpips"] and "lpips" not in summary["metrics"]
     assert summary["metrics"]["psnr"]["count"] == 3 and summary["errors"] == 1 and summary["missing"] == 1
     html = (out / "report.html").read_text()
-    assert 'src="renders/b_pred.png"' in html and (out / "renders" / "b_condition.png").is_file()
+    page = Page(html)
+    assert_self_contained(page)
+    assert len(page.images()) >= 3 * 3 and [row[0][1] for row in page.rows] == sorted(res)  # a, b, c: all three
 
 
 def test_odd_uids_long_uids_and_unusable_folders(evaluated, tmp_path: Path):
@@ -416,11 +425,11 @@ def test_odd_uids_long_uids_and_unusable_folders(evaluated, tmp_path: Path):
         len(p.name) < 140 for p in (out / "renders").glob("*")
     )
     html = (out / "report.html").read_text()
-    assert "<h3>we&lt;ird&gt; #1 [bold]b?%</h3>" in html and "<ird>" not in html
-    for src in [line.split('src="', 1)[1].split('"', 1)[0] for line in html.split("<img")[1:]]:
-        from urllib.parse import unquote
-
-        assert (out / unquote(src)).is_file(), src
+    assert ">we&lt;ird&gt; #1 [bold]b?%</h3>" in html and "<ird>" not in html
+    page = Page(html)
+    assert_self_contained(page)
+    assert sorted(row[0][1] for row in page.rows) == sorted(res)
+    assert len(page.images()) == sum(len(r["renders"]) for r in res.values())  # all renders, no condition images
     assert "upper" in summary["unmatched"]["prediction_without_gt"]
 
 
