@@ -15,6 +15,8 @@ from know3d.evaluation.discovery import Discovery
 from know3d.evaluation.store import worker_error
 
 _LPIPS: dict[str, Any] = {}
+#: the eval config key that turns LPIPS off (named in the skip reason)
+LPIPS_KEY = "images.lpips"
 
 
 def lpips_model(cfg: EvalConfig) -> Any:
@@ -32,7 +34,7 @@ def lpips_model(cfg: EvalConfig) -> Any:
 def resolve_lpips(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str]]:
     """(``cfg`` with ``images.lpips`` off when its weights are unusable, skipped metric -> why)."""
     if not cfg.images.lpips:
-        return cfg, {"lpips": "disabled (images.lpips=false)"}
+        return cfg, {"lpips": f"disabled ({LPIPS_KEY}=false)"}
     status = lpips_model(cfg).status
     if status.available:
         return cfg, {}

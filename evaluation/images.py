@@ -18,6 +18,8 @@ from PIL import Image
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1) file name
+#: the eval config key of the LPIPS backbone, as ``--set`` takes it (named in the skip reason)
+LPIPS_BACKBONE_KEY = "images.lpips_backbone"
 
 
 MIN_SIDE = 11  # the SSIM window
@@ -127,7 +129,7 @@ class Lpips:
             self.status = LpipsStatus(
                 False,
                 f"AlexNet weights not found at {self.path} (torchvision's {ALEXNET_WEIGHTS}; "
-                "copy it there or set eval.images.lpips_backbone)",
+                f"copy it there or --set {LPIPS_BACKBONE_KEY}=PATH)",
             )
             return
         import lpips

@@ -107,7 +107,7 @@ def load_mesh(
     if non_manifold and not allow_non_manifold:
         raise MeshError(
             f"{path.name}: non-manifold mesh ({non_manifold} edges shared by more than two faces); "
-            "set eval.mesh.allow_non_manifold=true to evaluate it anyway"
+            "set mesh.allow_non_manifold=true to evaluate it anyway"
         )
     info = MeshInfo(len(mesh.vertices), len(mesh.faces), non_manifold, bool(mesh.is_watertight), extent.tolist())
     return mesh, info

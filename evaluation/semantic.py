@@ -32,11 +32,13 @@ WHERE = {
     "clip": "https://huggingface.co/timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k/"
     "resolve/main/open_clip_pytorch_model.bin",
 }
-_SETTING = {
-    "ulip": "eval.semantic.ulip.checkpoint / --ulip-ckpt",
-    "uni3d": "eval.semantic.uni3d.checkpoint / --uni3d-ckpt",
-    "clip": "eval.semantic.uni3d.clip_checkpoint / --clip-ckpt",
+#: the eval config key (as ``--set`` takes it) and CLI flag of each checkpoint, named in hints
+CHECKPOINT_KEYS = {
+    "ulip": "semantic.ulip.checkpoint",
+    "uni3d": "semantic.uni3d.checkpoint",
+    "clip": "semantic.uni3d.clip_checkpoint",
 }
+CHECKPOINT_FLAGS = {"ulip": "--ulip-ckpt", "uni3d": "--uni3d-ckpt", "clip": "--clip-ckpt"}
 # non-persistent buffers that are zeros by construction (timm EVA attention's fixed k bias)
 _ZERO_BUFFERS = {"k_bias"}
 
@@ -44,8 +46,8 @@ _ZERO_BUFFERS = {"k_bias"}
 def _check_path(path: str | Path | None, what: str) -> Path:
     if not path:
         raise CheckpointError(
-            f"no {what} checkpoint given (set {_SETTING[what]}); download it from {WHERE[what]} "
-            "or pass --no-semantic to skip the ULIP/Uni3D scores"
+            f"no {what} checkpoint given ({CHECKPOINT_FLAGS[what]} PATH or --set {CHECKPOINT_KEYS[what]}=PATH); "
+            f"download it from {WHERE[what]} or pass --no-semantic to skip the ULIP/Uni3D scores"
         )
     path = Path(path).expanduser()
     if not path.is_file():

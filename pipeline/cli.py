@@ -8,49 +8,156 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from know3d.pipeline.config import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Know3D data-and-training pipeline.")
-data_app = typer.Typer(no_args_is_help=True, help="Build and inspect front/back view data sets.")
+
+class _BareHelp:
+    """``--help`` listed without a value type: typer labels every flag ``<bool>``, which reads as
+    if it took a value (the reason ``--strict true`` was tried)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_BareHelp, TyperGroup):
+    pass
+
+
+class _Command(_BareHelp, TyperCommand):
+    pass
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Know3D data-and-training pipeline.",
+    epilog="Example: know3d --verbose data build configs/quickstart.yaml --source procedural --output runs/quickstart",
+)
+data_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="Build and inspect front/back view data sets.",
+    epilog="Example: know3d data status --dataset runs/quickstart",
+)
 app.add_typer(data_app, name="data")
-train_app = typer.Typer(no_args_is_help=True, help="Train the Know3D models (Ray Train + DeepSpeed).")
+train_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="Train the Know3D models (Ray Train + DeepSpeed).",
+    epilog="Example: know3d train backview configs/backview_quickstart.yaml --shards runs/quickstart",
+)
 app.add_typer(train_app, name="train")
-generate_app = typer.Typer(no_args_is_help=True, help="Run trained models.")
+generate_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="Run trained models.",
+    epilog="Example: know3d generate backview --image front.png --lora runs/train/lora --output back.png",
+)
 app.add_typer(generate_app, name="generate")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate generated meshes and back views (HY3D-Bench protocol).")
+eval_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="Evaluate generated meshes and back views (HY3D-Bench protocol).",
+    epilog="Example: know3d eval backviews --pred runs/bv/pred --gt runs/bv/gt --output runs/eval-backviews",
+)
 app.add_typer(eval_app, name="eval")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def _flag(decls: str, help: str) -> Any:
+    """A boolean option (``--x`` or ``--x/--no-x``), listed in --help without a value type."""
+    return typer.Option(decls, help=help, metavar="")
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, _flag("--verbose", "Show third-party logs (Ray, MLflow, HF hub, ...).")] = False,
+) -> None:
+    """Options of every command; set before the command runs, so its workers inherit them."""
+    from know3d.core.logs import configure
+
+    configure(verbose)  # quiet by default: workers and children inherit the choice
+
+
 def _quiet_libraries() -> None:
+    """Library chatter off for a run; the loggers stay as they are with --verbose."""
+    from know3d.core.logs import verbose
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # diffusers/transformers loading bars
+    if verbose():
+        return
     warnings.filterwarnings("ignore", module="trimesh")
     for name in ("trimesh", "mlflow", "alembic", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # diffusers/transformers loading bars
 
 
-@data_app.command("build")
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _config_file(value: Path | None) -> Path | None:
+    """A bare ``true`` where the config file goes is a value given to a flag (``--strict true``);
+    say so instead of 'config file not found: true'."""
+    if value is not None and str(value).casefold() in _BOOL_WORDS and not value.exists():
+        raise typer.BadParameter(
+            f"'{value}' is not a config file. Flags such as --strict take no value: "
+            f"write --strict, not --strict {value}."
+        )
+    return value
+
+
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="YAML file of config differences.", callback=_config_file, show_default=False),
+]
+
+
+def _set_opt(example: str) -> Any:
+    """``--set``, with an example key of the command's own config (keys differ per command)."""
+    return typer.Option("--set", help=f"Override: key.path=value (repeatable), e.g. {example}.")
+
+
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster to join ('auto', ray://host:10001); default: a local Ray.")
+]
+
+
+@data_app.command(
+    "build",
+    cls=_Command,
+    epilog="Example: know3d data build configs/quickstart.yaml --source procedural --output runs/quickstart --strict",
+)
 def data_build(
-    config: Annotated[Path | None, typer.Argument(help="YAML file of config differences.")] = None,
-    source: Annotated[str | None, typer.Option(help="local | objaverse | texverse | procedural")] = None,
-    input: Annotated[list[str] | None, typer.Option("--input", help="Folder, file or glob (repeatable).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any asset failed.")] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Render assets that failed before again.")
-    ] = False,
+    config: ConfigArg = None,
+    source: Annotated[
+        str | None, typer.Option(help="local | objaverse | texverse | procedural; default: the config's source.kind.")
+    ] = None,
+    input: Annotated[
+        list[str] | None, typer.Option("--input", help="Folder, file or glob (repeatable; source local).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (the dataset); default: the config's output.")
+    ] = None,
+    set_: Annotated[list[str] | None, _set_opt("render.resolution=256")] = None,
+    address: AddressOpt = None,
+    strict: Annotated[
+        bool | None, _flag("--strict/--no-strict", "Exit 1 if any asset failed; default: the config's strict (off).")
+    ] = None,
+    retry_failed: Annotated[bool, _flag("--retry-failed", "Render assets that failed before again.")] = False,
 ) -> None:
     """Discover, render and shard 3D assets into front/back pair WebDatasets."""
     _quiet_libraries()
@@ -61,8 +168,8 @@ def data_build(
         overrides.append(f"output={json.dumps(str(output))}")
     if address:
         overrides.append(f"ray.address={json.dumps(address)}")
-    if strict:
-        overrides.append("strict=true")
+    if strict is not None:
+        overrides.append(f"strict={json.dumps(strict)}")
     try:
         cfg = load_config(config, overrides)
         if input:
@@ -92,7 +199,7 @@ def data_build(
     if summary.mlflow_run_id:
         out.print(f"mlflow run {summary.mlflow_run_id}")
     if summary.num_failed:
-        out.print(f"[yellow]{summary.num_failed} failed[/] (details: know3d data status --output {summary.output})")
+        out.print(f"[yellow]{summary.num_failed} failed[/] (details: know3d data status --dataset {summary.output})")
         if cfg.strict:
             raise typer.Exit(1) from None
 
@@ -112,22 +219,49 @@ def _print_counts(counts: dict) -> None:
             out.print(f"  {n:>5}  {reason}")
 
 
-@data_app.command("status")
+DatasetOpt = Annotated[
+    Path | None, typer.Option("--dataset", help="A data build's output folder. \\[required]", show_default=False)
+]
+OutputAlias = Annotated[Path | None, typer.Option("--output", hidden=True, help="Deprecated: --dataset.")]
+
+
+def _dataset(dataset: Path | None, output: Path | None) -> Path:
+    """The folder a read-only command reads: ``--dataset``, or the old ``--output`` name with a
+    note (both commands read a dataset; --output suggested they would write one)."""
+    if output is not None:
+        err.print("[yellow]note:[/] --output is deprecated here; use --dataset", highlight=False)
+    folder = dataset or output
+    if folder is None:
+        raise _Missing("Missing option '--dataset' (a data build's output folder).")
+    return folder
+
+
+class _Missing(typer.BadParameter):
+    """A usage error (exit 2, usage line) worded like click's own for a required option; needed
+    where the option cannot be declared required because a deprecated alias may stand in."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+@data_app.command("status", cls=_Command, epilog="Example: know3d data status --dataset runs/quickstart --failures 50")
 def data_status(
-    output: Annotated[Path, typer.Option(help="Output folder of a build.")],
+    dataset: DatasetOpt = None,
     failures: Annotated[int, typer.Option(help="List up to N failed assets.")] = 20,
+    output: OutputAlias = None,
 ) -> None:
     """Counts per stage, filter and failure reason of a build, and its shards."""
     from know3d.core.manifest import read_manifest, summarize
     from know3d.core.shards import load_index
 
+    dataset = _dataset(dataset, output)
     try:
-        rows = read_manifest(output)
+        rows = read_manifest(dataset)
     except FileNotFoundError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     _print_counts(summarize(rows))
-    index = load_index(output)
+    index = load_index(dataset)
     splits = ", ".join(
         f"{k}: {v['num_samples']} samples / {v['num_shards']} shards" for k, v in index.get("splits", {}).items()
     )
@@ -143,38 +277,52 @@ def data_status(
         out.print(table)
 
 
-@data_app.command("review")
+@data_app.command(
+    "review", cls=_Command, epilog="Example: know3d data review --dataset runs/quickstart --num 48 --split val"
+)
 def data_review(
-    output: Annotated[Path, typer.Option(help="Output folder of a build.")],
+    dataset: DatasetOpt = None,
     num: Annotated[int, typer.Option(help="Number of pairs to show (a seeded random sample).")] = 48,
-    html_path: Annotated[Path | None, typer.Option("--html", help="Where to write the gallery.")] = None,
-    split: Annotated[str | None, typer.Option(help="Only shards of this split (train, val).")] = None,
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Where to write the gallery; default: <dataset>/review.html.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Only shards of this split (train, val); default: all.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    output: OutputAlias = None,
 ) -> None:
     """Write a static HTML gallery (front, back, descriptions, status) for N pairs."""
     from know3d.annotation.review import write_gallery
     from know3d.core.shards import load_index
 
-    index = load_index(output)
-    shards = [output / e["name"] for e in index.get("shards", []) if split is None or e["split"] == split]
+    dataset = _dataset(dataset, output)
+    index = load_index(dataset)
+    shards = [dataset / e["name"] for e in index.get("shards", []) if split is None or e["split"] == split]
     if not shards:
-        err.print(f"[red]error:[/] no shards in {output}" + (f" for split '{split}'" if split else ""))
+        err.print(f"[red]error:[/] no shards in {dataset}" + (f" for split '{split}'" if split else ""))
         raise typer.Exit(2) from None
-    target = html_path or output / "review.html"
+    target = html_path or dataset / "review.html"
     count = write_gallery(shards, target, num, seed)
     out.print(f"{count} pairs -> {target}")
 
 
-@train_app.command("backview")
+@train_app.command(
+    "backview",
+    cls=_Command,
+    epilog="Example: know3d train backview configs/backview_quickstart.yaml --shards runs/quickstart "
+    "--output runs/train-backview --fresh",
+)
 def train_backview(
-    config: Annotated[Path | None, typer.Argument(help="YAML file of config differences.")] = None,
+    config: ConfigArg = None,
     shards: Annotated[
-        list[str] | None, typer.Option("--shards", help="Data-build output / shards (repeatable).")
+        list[str] | None,
+        typer.Option("--shards", help="Data-build output / shards (repeatable); default: the config's data.shards."),
     ] = None,
-    output: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, LoRA).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value (repeatable).")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', ray://host:10001).")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore existing checkpoints and start over.")] = False,
+    output: Annotated[
+        Path | None, typer.Option(help="Run folder (checkpoints, LoRA); default: the config's output.")
+    ] = None,
+    set_: Annotated[list[str] | None, _set_opt("schedule.max_steps=1000")] = None,
+    address: AddressOpt = None,
+    fresh: Annotated[bool, _flag("--fresh", "Ignore existing checkpoints and start over.")] = False,
 ) -> None:
     """LoRA of Qwen-Image-Edit for front -> back views; resumes from the last checkpoint."""
     _quiet_libraries()
@@ -210,7 +358,12 @@ def train_backview(
     out.print(f"LoRA -> {metrics['lora']}")
 
 
-@generate_app.command("backview")
+@generate_app.command(
+    "backview",
+    cls=_Command,
+    epilog="Example: know3d generate backview --image front.png --lora runs/train-backview/lora "
+    "--prompt 'two shoulder straps' --output back.png",
+)
 def generate_backview_cmd(
     image: Annotated[
         list[Path],
@@ -236,10 +389,10 @@ def generate_backview_cmd(
             "--output", help="Where to write the back view; with several --image, a folder receiving <front name>.png."
         ),
     ] = Path("back.png"),
-    model: Annotated[str | None, typer.Option(help="Base model (default: the one the LoRA was trained on).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model; default: the one the LoRA was trained on.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 28,
     cfg_scale: Annotated[float, typer.Option(help="True CFG scale (1 = off).")] = 4.0,
-    size: Annotated[int | None, typer.Option(help="Resolution (default: the training resolution).")] = None,
+    size: Annotated[int | None, typer.Option(help="Resolution; default: the training resolution.")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
 ) -> None:
     """Generate the back view of an object from its front view (+ an optional description)."""
@@ -327,16 +480,30 @@ def _print_eval(summary, strict: bool) -> None:
         raise typer.Exit(1) from None
 
 
-_EVAL_HELP = {
-    "config": "YAML file of eval config differences (see configs/eval_hy3d.yaml).",
-    "set": "Override: key.path=value (repeatable), e.g. geometry.icp=true.",
-    "address": "Ray cluster to join ('auto', ray://host:10001).",
-    "strict": "Exit 1 if any uid failed or is missing.",
-    "fresh": "Recompute every uid (default: reuse results of an earlier run with the same protocol and inputs).",
-}
+EvalConfigArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="YAML file of eval config differences (see configs/eval_hy3d.yaml).",
+        callback=_config_file,
+        show_default=False,
+    ),
+]
+EvalSetOpt = Annotated[list[str] | None, _set_opt("geometry.icp=true")]
+EvalStrictOpt = Annotated[bool, _flag("--strict", "Exit 1 if any uid failed or is missing.")]
+FreshOpt = Annotated[
+    bool,
+    _flag(
+        "--fresh", "Recompute every uid (default: reuse results of an earlier run with the same protocol and inputs)."
+    ),
+]
 
 
-@eval_app.command("shapes")
+@eval_app.command(
+    "shapes",
+    cls=_Command,
+    epilog="Example: know3d eval shapes configs/eval_hy3d.yaml --pred outputs/method --images outputs/image "
+    "--gt outputs/gt --output runs/eval-shapes",
+)
 def eval_shapes_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="A method's meshes: <pred>/<uid>/000.glb.")],
     output: Annotated[Path, typer.Option("--output", help="Output folder (results, tables, report).")],
@@ -344,21 +511,26 @@ def eval_shapes_cmd(
     gt: Annotated[
         Path | None, typer.Option("--gt", help="Ground-truth meshes: <gt>/<uid>/000.glb (geometry metrics).")
     ] = None,
-    no_semantic: Annotated[bool, typer.Option("--no-semantic", help="Skip the ULIP / Uni3D scores.")] = False,
+    semantic: Annotated[
+        bool | None,
+        _flag(
+            "--semantic/--no-semantic", "Compute the ULIP / Uni3D scores; default: the config's semantic.enabled (on)."
+        ),
+    ] = None,
     ulip_ckpt: Annotated[Path | None, typer.Option("--ulip-ckpt", help="ULIP-2 PointBERT checkpoint.")] = None,
     uni3d_ckpt: Annotated[Path | None, typer.Option("--uni3d-ckpt", help="Uni3D-g model.pt.")] = None,
     clip_ckpt: Annotated[Path | None, typer.Option("--clip-ckpt", help="open_clip EVA02-E-14-plus weights.")] = None,
-    config: Annotated[Path | None, typer.Argument(help=_EVAL_HELP["config"])] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help=_EVAL_HELP["set"])] = None,
-    address: Annotated[str | None, typer.Option(help=_EVAL_HELP["address"])] = None,
-    strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
+    config: EvalConfigArg = None,
+    set_: EvalSetOpt = None,
+    address: AddressOpt = None,
+    strict: EvalStrictOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """Image–shape (ULIP, Uni3D) and geometry (CD, F-score, NC, IoU) metrics of generated meshes."""
     _quiet_libraries()
     extra = []
-    if no_semantic:
-        extra.append("semantic.enabled=false")
+    if semantic is not None:
+        extra.append(f"semantic.enabled={json.dumps(semantic)}")
     for key, value in (
         ("ulip.checkpoint", ulip_ckpt),
         ("uni3d.checkpoint", uni3d_ckpt),
@@ -371,7 +543,12 @@ def eval_shapes_cmd(
     _run_eval(config, set_, extra, address, strict, lambda cfg: evaluate_shapes(cfg, pred, images, gt, output, fresh))
 
 
-@eval_app.command("backviews")
+@eval_app.command(
+    "backviews",
+    cls=_Command,
+    epilog="Example: know3d eval backviews --pred runs/bv/pred --gt runs/bv/gt --images runs/bv/front "
+    "--output runs/eval-backviews",
+)
 def eval_backviews_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="Generated back views: <pred>/<uid>/000.png.")],
     gt: Annotated[Path, typer.Option("--gt", help="True back views: <gt>/<uid>/000.png.")],
@@ -380,13 +557,14 @@ def eval_backviews_cmd(
         Path | None, typer.Option("--images", help="Front (condition) views, shown in the report.")
     ] = None,
     background: Annotated[
-        str | None, typer.Option(help="Background both images are composited on: white|black|gray.")
+        str | None,
+        typer.Option(help="Background both images are composited on: white|black|gray; default: the config's (white)."),
     ] = None,
-    config: Annotated[Path | None, typer.Argument(help=_EVAL_HELP["config"])] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help=_EVAL_HELP["set"])] = None,
-    address: Annotated[str | None, typer.Option(help=_EVAL_HELP["address"])] = None,
-    strict: Annotated[bool, typer.Option("--strict", help=_EVAL_HELP["strict"])] = False,
-    fresh: Annotated[bool, typer.Option("--fresh", help=_EVAL_HELP["fresh"])] = False,
+    config: EvalConfigArg = None,
+    set_: EvalSetOpt = None,
+    address: AddressOpt = None,
+    strict: EvalStrictOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """PSNR / SSIM (and LPIPS when its weights are local) of generated back views."""
     _quiet_libraries()

@@ -10,8 +10,8 @@ bash scripts/setup.sh
 out=${1:-runs/quickstart}
 train=${2:-runs/train-backview-debug}
 .venv/bin/know3d data build configs/quickstart.yaml --source procedural --output "$out"
-.venv/bin/know3d data status --output "$out"
-.venv/bin/know3d data review --output "$out" --num 48
+.venv/bin/know3d data status --dataset "$out"
+.venv/bin/know3d data review --dataset "$out" --num 48
 .venv/bin/know3d train backview configs/backview_quickstart.yaml --shards "$out" --output "$train" --fresh
 # the pairs the LoRA memorized -> their generated back views, in the evaluation layout
 # (<dir>/<uid>/000.png) beside the true back views and the fronts, at the model's resolution

@@ -198,8 +198,11 @@ def test_objaverse_fetch_of_a_cached_file_skips_the_path_index(
 
 def test_objaverse_offline_without_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlretrieve", _no_network)
-    with pytest.raises(RuntimeError, match="could not download objaverse object-paths.*no network"):
+    with pytest.raises(RuntimeError, match="could not download objaverse object-paths.*no network") as info:
         ObjaverseSource(ObjaverseSourceConfig(download_dir=str(tmp_path))).discover()
+    message = str(info.value)
+    assert "\n" not in message  # one line: the CLI prints it after 'error: '
+    assert "set source.objaverse.download_dir to a folder that already holds hf-objaverse-v1/" in message
 
 
 # --------------------------------------------------------------------------- texverse
@@ -341,8 +344,59 @@ def test_texverse_missing_captions_and_metadata(hf_cache: Path, caplog: pytest.L
         kept, _ = _tv_source(hf_cache).discover()
     assert len(kept) == 4 and all("caption" not in r.meta for r in kept)
     assert "captions unavailable" in caplog.text
-    with pytest.raises(RuntimeError, match="metadata.json.*no network"):
+    with pytest.raises(RuntimeError, match="metadata.json") as info:
         _tv_source(hf_cache.parent / "empty").discover()
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"not in the HF cache {hf_cache.parent / 'empty'} (HF_HUB_OFFLINE=1 is set)" in message
+    assert "set source.texverse.cache_dir to the cache that holds it" in message
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real hub client against a closed local port, retries without their sleeps: what an
+    offline machine sees, in a second."""
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    endpoint = "http://127.0.0.1:9"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)
+
+
+def _retry_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith(("huggingface_hub", "urllib3"))]
+
+
+def test_texverse_unreachable_hub_is_one_line(
+    unreachable_hub: None,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KNOW3D_VERBOSE", "1")  # the control: with --verbose the retries show
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError):
+        _tv_source(tmp_path / "hf").discover()
+    assert any("Retrying" in m for m in _retry_records(caplog))
+    monkeypatch.setenv("KNOW3D_VERBOSE", "0")
+    caplog.clear()
+    capfd.readouterr()
+    level = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError) as info:
+        _tv_source(tmp_path / "hf").discover()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no network? with the files already in an HF cache, run with HF_HUB_OFFLINE=1" in message
+    assert f"set source.texverse.cache_dir to that cache (now {tmp_path / 'hf'})" in message
+    assert "(ConnectError: " in message  # the innermost cause, not the hub's multi-line advice
+    assert _retry_records(caplog) == []
+    err = capfd.readouterr().err
+    assert "Retrying" not in err and "thrown while requesting" not in err
+    assert logging.getLogger("huggingface_hub").level == level  # restored after discovery
 
 
 # --------------------------------------------------------------------------- factory

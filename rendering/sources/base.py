@@ -7,9 +7,14 @@ download for hubs), which returns the local path of the asset's main file.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol
+
+from know3d.core.logs import verbose
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +103,52 @@ def max_rejection(name: str, value: Any, limit: int | None, what: str) -> tuple[
     if limit is not None and number is not None and number > limit:
         return name, f"{what} {number} > {limit}"
     return None
+
+
+# --------------------------------------------------------------------------- hub failures
+# Offline, a hub library retries each file several times and logs every try; the source then
+# raises one line that says what to set. These helpers keep it to that one line.
+
+#: loggers that print a line per retry of an unreachable hub (huggingface_hub's HTTP backoff,
+#: urllib3's Retry)
+HUB_RETRY_LOGGERS = ("huggingface_hub", "urllib3")
+
+
+def short_error(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause, capped: the cause says what failed
+    (``ConnectError: Name or service not known``); wrappers add multi-line advice that
+    bloats one-line messages and manifest rows."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+class HubRetriesHushed:
+    """Inside the block, the loggers of :data:`HUB_RETRY_LOGGERS` drop warnings (kept with
+    ``--verbose``). Nested and concurrent blocks (fetch threads) share one saved state, so the
+    last one out restores the levels."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0 and not verbose():
+                cls._saved = {name: logging.getLogger(name).level for name in HUB_RETRY_LOGGERS}
+                for name in HUB_RETRY_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.ERROR)
+            cls._depth += 1
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                for name, level in cls._saved.items():
+                    logging.getLogger(name).setLevel(level)
+                cls._saved = {}

@@ -27,9 +27,12 @@ from know3d.rendering.sources.base import (
     license_rejection,
     max_rejection,
     read_uid_list,
+    short_error,
 )
 
 _T = TypeVar("_T")
+#: the config key that points the source at a folder holding ``hf-objaverse-v1/`` (offline hints)
+DOWNLOAD_DIR_KEY = "source.objaverse.download_dir"
 _SHARDS_PER_CALL = 8
 
 ALL_SHARDS: tuple[str, ...] = tuple(f"{i // 1000:03d}-{i % 1000:03d}" for i in range(160))
@@ -219,10 +222,13 @@ def _shard_of(object_path: str) -> str:
 
 
 def _download_guard(what: str, call: Callable[[], _T]) -> _T:
-    """Run a package call that may download; a network failure becomes a readable error."""
+    """Run a package call that may download; a network failure becomes one line that says how
+    to run without the network (the package reads whatever is already under its folder)."""
     try:
         return call()
     except OSError as exc:
         raise RuntimeError(
-            f"could not download objaverse {what} into {objaverse._VERSIONED_PATH} (no network?): {exc}"
+            f"could not download objaverse {what} into {objaverse._VERSIONED_PATH} (no network?): "
+            f"{short_error(exc)}; offline, set {DOWNLOAD_DIR_KEY} to a folder that already holds "
+            "hf-objaverse-v1/ (object-paths.json.gz, metadata/, glbs/)"
         ) from exc

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 
 from know3d.rendering.config import TexVerseSourceConfig
@@ -22,21 +23,32 @@ from know3d.rendering.sources.base import (
     AssetRecord,
     FetchError,
     FilteredRecord,
+    HubRetriesHushed,
     as_int,
     license_rejection,
     max_rejection,
     read_uid_list,
+    short_error,
 )
 
 log = logging.getLogger(__name__)
 
 _URI_SEP = "::"
+#: the config key that points discovery and fetch at an HF cache (named in offline hints)
+CACHE_DIR_KEY = "source.texverse.cache_dir"
+OFFLINE_ENV = "HF_HUB_OFFLINE=1"
 
 
-def _short(exc: BaseException) -> str:
-    """First line of an error, capped: hub errors carry multi-line hints that bloat manifests."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+def offline_hint(cache_dir: str | None) -> str:
+    """What to do when the hub is out of reach, for the one-line discovery error: offline runs
+    read the HF cache only with HF_HUB_OFFLINE=1, and only the cache the config names."""
+    cache = cache_dir or hf_constants.HF_HUB_CACHE
+    if hf_constants.HF_HUB_OFFLINE:
+        return f"not in the HF cache {cache} ({OFFLINE_ENV} is set); set {CACHE_DIR_KEY} to the cache that holds it"
+    return (
+        f"no network? with the files already in an HF cache, run with {OFFLINE_ENV} "
+        f"and set {CACHE_DIR_KEY} to that cache (now {cache})"
+    )
 
 
 def _license_of(entry: dict[str, Any]) -> str | None:
@@ -102,7 +114,9 @@ class TexVerseSource:
         cfg = self.cfg
         # A pinned revision is a commit of the main repo; the 1K repo has its own history.
         revision = cfg.revision if repo_id == cfg.repo_id else None
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cfg.cache_dir))
+        with HubRetriesHushed():
+            path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cfg.cache_dir)
+        return Path(path)
 
     def _load_json(self, filename: str) -> Any:
         with open(self._download(self.cfg.repo_id, filename), "rb") as f:
@@ -112,7 +126,7 @@ class TexVerseSource:
         try:
             data = self._load_json("caption.json")
         except Exception as exc:  # noqa: BLE001 - captions are optional: a missing file must not stop discovery
-            log.warning("TexVerse captions unavailable (%s: %s); continuing without", type(exc).__name__, exc)
+            log.warning("TexVerse captions unavailable (%s); continuing without", short_error(exc))
             return {}
         if not isinstance(data, dict):
             log.warning("TexVerse caption.json is a %s, not an object; ignoring it", type(data).__name__)
@@ -146,8 +160,8 @@ class TexVerseSource:
             metadata = _index(self._load_json("metadata.json"))
         except Exception as exc:
             raise RuntimeError(
-                f"could not get metadata.json of dataset {cfg.repo_id} (no network? offline runs need it "
-                f"in the HF cache {cfg.cache_dir or '(default)'}): {_short(exc)}"
+                f"could not get metadata.json of dataset {cfg.repo_id}: {offline_hint(cfg.cache_dir)} "
+                f"({short_error(exc)})"
             ) from exc
         captions = self._captions() if cfg.with_captions else {}
         uids = read_uid_list(cfg.uids, cfg.uids_file) or sorted(metadata)
@@ -186,7 +200,7 @@ class TexVerseSource:
         try:
             local = self._download(repo, path)
         except Exception as exc:  # HTTP, offline-cache miss, disk: all mean "not available here"
-            reason = f"could not download from {repo} (no network?): {_short(exc)}"
+            reason = f"could not download from {repo} (no network?): {short_error(exc)}"
             raise FetchError(f"texverse {path}: {reason}") from exc
         if not local.is_file():
             raise FetchError(f"texverse {path}: {local} missing after download")
