@@ -20,6 +20,7 @@ import hashlib
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
@@ -65,8 +66,16 @@ def write_tar(path: Path, samples: Iterable[dict[str, object]]) -> str:
     return shard_sha256(path)
 
 
+def index_digest(entries: list[dict]) -> str:
+    """The data set's identity: sha256 over every shard's name and sha256 (both splits). A data
+    build logs it to MLflow as its output's digest; training logs the same value as its input."""
+    lines = sorted(f"{e['name']}:{e.get('sha256', '')}" for e in entries)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def write_index(out_dir: Path, entries: list[dict], extra: dict) -> dict:
-    """Replace ``shard_index.json`` (entries sorted by name, per-split totals) atomically."""
+    """Replace ``shard_index.json`` (entries sorted by name, per-split totals, the data set's
+    digest) atomically."""
     entries = sorted(entries, key=lambda e: e["name"])
     splits: dict[str, dict] = {}
     for e in entries:
@@ -78,6 +87,7 @@ def write_index(out_dir: Path, entries: list[dict], extra: dict) -> dict:
         "num_shards": len(entries),
         "num_samples": sum(e["num_samples"] for e in entries),
         "splits": splits,
+        "digest": index_digest(entries),
         **extra,
         "shards": entries,
     }
@@ -169,6 +179,22 @@ def _is_url(spec: str) -> bool:
     return "://" in spec and not spec.startswith("file://")
 
 
+def _read_index(spec: str) -> dict:
+    """The ``shard_index.json`` of a data-build folder (local path or fsspec URL)."""
+    import fsspec
+
+    index_url = spec.rstrip("/") + "/" + INDEX_FILE
+    try:
+        with fsspec.open(index_url, "rt") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{spec}: no {INDEX_FILE} (expected a data-build output folder or .tar shards)"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"{index_url}: unreadable shard index ({exc})") from None
+
+
 def resolve_shards(specs: list[str], split: str) -> tuple[list[str], str]:
     """Shard URLs of ``split`` and a digest identifying the input data.
 
@@ -177,10 +203,7 @@ def resolve_shards(specs: list[str], split: str) -> tuple[list[str], str]:
     (name, sha256) pairs from the indexes, or of the URLs when no index exists.
     """
     import glob
-    import hashlib
     import os
-
-    import fsspec
 
     _register_fsspec()
     urls: list[str] = []
@@ -194,19 +217,40 @@ def resolve_shards(specs: list[str], split: str) -> tuple[list[str], str]:
             urls += found
             ident += found
             continue
-        index_url = spec.rstrip("/") + "/" + INDEX_FILE
-        try:
-            with fsspec.open(index_url, "rt") as f:
-                index = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{spec}: no {INDEX_FILE} (expected a data-build output folder or .tar shards)"
-            ) from None
-        except ValueError as exc:
-            raise ValueError(f"{index_url}: unreadable shard index ({exc})") from None
+        index = _read_index(spec)
         for entry in index.get("shards", []):
             if entry.get("split") == split:
                 urls.append(spec.rstrip("/") + "/" + entry["name"])
                 ident.append(f"{entry['name']}:{entry.get('sha256', '')}")
     digest = hashlib.sha256("\n".join(sorted(ident)).encode()).hexdigest()
     return urls, digest
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRef:
+    """One input data set as MLflow records it: a data-build folder (``run_id``: the build's MLflow
+    run, from its index) or loose shards."""
+
+    name: str
+    digest: str
+    source: str
+    run_id: str | None = None
+
+
+def dataset_refs(specs: list[str]) -> list[DatasetRef]:
+    """What ``specs`` (as :func:`resolve_shards` takes them) are, for lineage: one ref per data
+    build folder, with the digest its build logged, plus one for any loose ``.tar`` specs."""
+    refs, loose = [], []
+    for spec in specs:
+        if spec.endswith(".tar"):
+            loose.append(spec)
+            continue
+        index = _read_index(spec)
+        source = spec if _is_url(spec) else Path(spec).resolve().as_uri()
+        digest = index.get("digest") or index_digest(index.get("shards", []))
+        refs.append(DatasetRef(spec.rstrip("/").rsplit("/", 1)[-1], digest, source, index.get("mlflow_run_id")))
+    if loose:
+        refs.append(
+            DatasetRef("shards", hashlib.sha256("\n".join(sorted(loose)).encode()).hexdigest(), ",".join(loose))
+        )
+    return refs

@@ -94,6 +94,11 @@ class EvalConfig(StrictModel):
     """`know3d eval shapes|backviews` (defaults: the HY3D-Bench protocol)."""
 
     seed: int = Field(default=0, description="Keys every surface sample and FPS start point (with the uid).")
+    model: str | None = Field(
+        default=None,
+        description="The model whose outputs are evaluated (an exported model folder or runs:/ URI); recorded in "
+        "MLflow to link the evaluation to its training run. Not part of the protocol.",
+    )
     mesh: EvalMeshConfig = Field(default_factory=EvalMeshConfig)
     points: EvalPointsConfig = Field(default_factory=EvalPointsConfig)
     geometry: EvalGeometryConfig = Field(default_factory=EvalGeometryConfig)

@@ -30,7 +30,7 @@ def inputs_key(*paths: str | None) -> str:
 
 def protocol_fingerprint(cfg: EvalConfig) -> str:
     """Hash of every setting that changes a uid's result (not Ray, MLflow or the report size)."""
-    data = cfg.model_dump(mode="json", exclude={"ray": True, "mlflow": True, "report": {"max_rows"}})
+    data = cfg.model_dump(mode="json", exclude={"ray": True, "mlflow": True, "model": True, "report": {"max_rows"}})
     # a checkpoint replaced at the same path changes the scores too
     files = [cfg.semantic.ulip.checkpoint, cfg.semantic.uni3d.checkpoint, cfg.semantic.uni3d.clip_checkpoint]
     if cfg.images.lpips:

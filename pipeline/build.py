@@ -159,12 +159,13 @@ def _run_build(
     work.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
 
-    tracker = make_tracker(cfg.mlflow, f"data-build-{cfg.source.kind}", {"stage": "data.build", "know3d.run": run_id})
+    tracker = make_tracker(cfg.mlflow, stage="data.build", output=out, tags={"know3d.run": run_id})
     tracker.log_params(cfg.model_dump(mode="json"))
     tracker.log_artifact(run_dir / "config.yaml")
     status = "FAILED"
     try:
-        run = _Run(cfg, out, work, run_id, {r.key: r for r in [*records, *(f.record for f in filtered)]})
+        by_key = {r.key: r for r in [*records, *(f.record for f in filtered)]}
+        run = _Run(cfg, out, work, run_id, by_key, mlflow_run_id=tracker.run_id)
         summary = _stages(run, ray, source, records, filtered, run_dir, retry_failed, tracker, t_start)
         status = "FINISHED"
         return summary
@@ -181,6 +182,7 @@ class _Run:
     work: Path
     run_id: str
     by_key: dict[str, AssetRecord]
+    mlflow_run_id: str | None = None
     rows: list[ManifestRow] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -392,7 +394,13 @@ def _shard_stage(run: _Run, ray: Any, progress: Progress, ok_assets: list[dict],
     index = write_index(
         out,
         entries,
-        {"profile": cfg.render.profile, "render_fingerprint": work.name, "seed": cfg.seed, "run_id": run.run_id},
+        {
+            "profile": cfg.render.profile,
+            "render_fingerprint": work.name,
+            "seed": cfg.seed,
+            "run_id": run.run_id,
+            "mlflow_run_id": run.mlflow_run_id,
+        },
     )
     removed = remove_stale(out, {e["name"] for e in entries})
     samples_per_asset = Counter(sha for plan in plans for sha, _ in plan.members)
@@ -485,6 +493,7 @@ def _stages(
     if sheet is not None:
         (run_dir / "contact_sheet.png").write_bytes(sheet.read_bytes())
     tracker.log_metrics(metrics)
+    tracker.log_dataset(out.name, index["digest"], out.as_uri(), context="output")
     for artifact in (manifest_path, out / INDEX_FILE, run_dir / "summary.json", sheet):
         if artifact is not None and artifact.is_file():
             tracker.log_artifact(artifact)

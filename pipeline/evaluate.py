@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from know3d.core.fanout import make_progress, run_bounded
+from know3d.core.lineage import model_tags
 from know3d.core.runtime import ray_session
 from know3d.core.tracking import Tracker, check_uri, make_tracker
 from know3d.evaluation.backviews import crashed_backview, measure_backview, missing_backviews, resolve_lpips
@@ -145,7 +146,7 @@ def evaluate_shapes(
     cfg: EvalConfig, pred: Path, images: Path | None, gt: Path | None, output: Path, fresh: bool = False
 ) -> EvalSummary:
     """Evaluate every predicted mesh; never stops on a bad mesh (it becomes an error entry)."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     check_semantic(cfg, images)
     found = discover(pred, images, gt)
     store = _open_output(output, cfg, fresh)
@@ -171,7 +172,7 @@ def evaluate_shapes(
         measure_seconds=seconds,
         reused=len(plan.reused),
     )
-    _track(summary, cfg, {"pred": str(pred), "images": str(images), "gt": str(gt)})
+    _track(summary, cfg, {"pred": str(pred), "images": str(images), "gt": str(gt)}, started_at)
     return summary
 
 
@@ -179,7 +180,7 @@ def evaluate_backviews(
     cfg: EvalConfig, pred: Path, gt: Path, output: Path, images: Path | None = None, fresh: bool = False
 ) -> EvalSummary:
     """PSNR / SSIM / LPIPS of generated back views against the true ones (``<uid>/000.png``)."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     found = discover_backviews(pred, gt, images)
     cfg, skipped = resolve_lpips(cfg)  # first: the stored config and fingerprint say what really ran
     store = _open_output(output, cfg, fresh)
@@ -202,7 +203,7 @@ def evaluate_backviews(
         measure_seconds=seconds,
         reused=len(plan.reused),
     )
-    _track(summary, cfg, {"pred": str(pred), "gt": str(gt), "images": str(images)})
+    _track(summary, cfg, {"pred": str(pred), "gt": str(gt), "images": str(images)}, started_at)
     return summary
 
 
@@ -225,8 +226,15 @@ def _mlflow_metrics(summary: EvalSummary) -> dict[str, float]:
     return metrics
 
 
+#: the config sections each evaluation depends on (the others are not logged as its params)
+_SECTIONS = {
+    "shapes": {"seed", "model", "mesh", "points", "geometry", "semantic", "report"},
+    "backviews": {"seed", "model", "images"},
+}
+
+
 def _log_run(tracker: Tracker, summary: EvalSummary, cfg: EvalConfig, params: dict) -> None:
-    tracker.log_params({**params, **cfg.model_dump(mode="json")})
+    tracker.log_params({**cfg.model_dump(mode="json", include=_SECTIONS[summary.kind]), "run": params})
     tracker.log_metrics(_mlflow_metrics(summary))
     for name in ("summary.json", "metrics.csv", "metrics.md", "report.html", "config.yaml"):
         tracker.log_artifact(summary.output / name)
@@ -235,12 +243,17 @@ def _log_run(tracker: Tracker, summary: EvalSummary, cfg: EvalConfig, params: di
         tracker.log_artifact(summary.output / "renders", "renders")
 
 
-def _track(summary: EvalSummary, cfg: EvalConfig, params: dict) -> None:
-    """Log the finished evaluation to MLflow. It is already on disk, so a tracker failure is a
-    warning, never an error."""
+def _track(summary: EvalSummary, cfg: EvalConfig, params: dict, started_at: float) -> None:
+    """Log the finished evaluation to MLflow (started at ``started_at``, so the run shows its real
+    duration; tagged with the model it measured). It is already on disk, so a tracker failure is
+    a warning, never an error."""
     try:
         tracker = make_tracker(
-            cfg.mlflow, cfg.mlflow.run_name or f"eval-{summary.kind}", {"stage": f"eval.{summary.kind}"}
+            cfg.mlflow,
+            stage=f"eval.{summary.kind}",
+            output=summary.output,
+            tags=model_tags(cfg.model),
+            start_time=started_at,
         )
     except Exception as exc:  # noqa: BLE001 - the evaluation itself is done and on disk
         console.print(f"[yellow]MLflow unavailable, results are only on disk: {escape(str(exc)[:300])}[/]")
