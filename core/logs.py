@@ -8,12 +8,25 @@ worker calls at start-up to apply the same choice in its own process.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 VERBOSE_ENV = "KNOW3D_VERBOSE"
 #: loggers that print set-up chatter on every run (MLflow's first-use database migration,
 #: alembic, diffusers/transformers loading bars, Ray's start-up)
 NOISY = ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "diffusers", "transformers", "ray", "filelock")
+
+
+def format_duration(seconds: float) -> str:
+    """``8s``, ``3m50s``, ``2h05m``: short enough for a progress line, precise where it matters."""
+    if not math.isfinite(seconds):
+        return "?"  # no rate yet
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
 
 
 def verbose() -> bool:

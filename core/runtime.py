@@ -114,6 +114,20 @@ def check_reachable(address: str, timeout_s: float) -> None:
         raise ClusterUnreachable(f"{address} ({host}:{port}) answers, but not as a Ray cluster (no gRPC)")
 
 
+def _local_auth() -> None:
+    """Say explicitly what Ray does by default for a cluster started here: token authentication
+    (a token in ~/.ray/auth_token, made on first use); left unset, Ray warns on every start.
+    ``RAY_AUTH_MODE`` from the environment wins (e.g. ``disabled``). Ray reads the mode once, at
+    import, so its config is read again, as ``ray.init`` does when it picks token auth itself
+    (``ray==2.60.0`` is pinned)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 @contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[Any]:
     """Join ``cfg.address`` or start a local Ray (shut down again on exit if started here).
@@ -127,6 +141,7 @@ def ray_session(cfg: RayConfig) -> Iterator[Any]:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
         address = cfg.address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
+            _local_auth()
             kwargs["num_cpus"] = cfg.num_cpus
             if cfg.object_store_memory:
                 kwargs["object_store_memory"] = cfg.object_store_memory

@@ -234,9 +234,9 @@ def _ingest_stage(
         return ingest_remote.remote(source_ref, [r.to_json() for r in batch], run.cfg.load)
 
     slots = [None] * run.cfg.ray.fetch_concurrency
-    run_bounded(ray, submit, batches, slots, on_batch, progress, "ingest")
+    run_bounded(ray, submit, batches, slots, on_batch, progress, "ingest", weight=len)
     if retry:
-        run_bounded(ray, submit, retry, slots, on_single, progress, "ingest (retry one by one)")
+        run_bounded(ray, submit, retry, slots, on_single, progress, "ingest (retry one by one)", weight=len)
     kept, dupes = dedupe(ingested)
     for r in ingested:
         if r.status != "ok":

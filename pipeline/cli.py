@@ -351,6 +351,9 @@ def train_backview(
     except RuntimeError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
+    if metrics.get("already_done"):  # the "already at step N/N" line said it all
+        out.print(f"LoRA -> {metrics['lora']}")
+        return
     loss = metrics.get("loss")
     out.print(f"trained {metrics.get('step')} steps, loss {loss:.4f}" if loss is not None else "trained")
     if "samples_per_s" in metrics:
@@ -422,6 +425,16 @@ def generate_backview_cmd(
         raise typer.Exit(2) from None
     for path in paths:
         out.print(f"back view -> {path}")
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="The model that produced --pred (an exported folder such as <run>/lora, or a runs:/ URI): links this "
+        "evaluation to its training run in MLflow.",
+    ),
+]
 
 
 def _run_eval(
@@ -520,6 +533,7 @@ def eval_shapes_cmd(
     ulip_ckpt: Annotated[Path | None, typer.Option("--ulip-ckpt", help="ULIP-2 PointBERT checkpoint.")] = None,
     uni3d_ckpt: Annotated[Path | None, typer.Option("--uni3d-ckpt", help="Uni3D-g model.pt.")] = None,
     clip_ckpt: Annotated[Path | None, typer.Option("--clip-ckpt", help="open_clip EVA02-E-14-plus weights.")] = None,
+    model: ModelOpt = None,
     config: EvalConfigArg = None,
     set_: EvalSetOpt = None,
     address: AddressOpt = None,
@@ -528,7 +542,7 @@ def eval_shapes_cmd(
 ) -> None:
     """Image–shape (ULIP, Uni3D) and geometry (CD, F-score, NC, IoU) metrics of generated meshes."""
     _quiet_libraries()
-    extra = []
+    extra = [f"model={json.dumps(model)}"] if model else []
     if semantic is not None:
         extra.append(f"semantic.enabled={json.dumps(semantic)}")
     for key, value in (
@@ -547,7 +561,7 @@ def eval_shapes_cmd(
     "backviews",
     cls=_Command,
     epilog="Example: know3d eval backviews --pred runs/bv/pred --gt runs/bv/gt --images runs/bv/front "
-    "--output runs/eval-backviews",
+    "--model runs/train-backview/lora --output runs/eval-backviews",
 )
 def eval_backviews_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="Generated back views: <pred>/<uid>/000.png.")],
@@ -560,6 +574,7 @@ def eval_backviews_cmd(
         str | None,
         typer.Option(help="Background both images are composited on: white|black|gray; default: the config's (white)."),
     ] = None,
+    model: ModelOpt = None,
     config: EvalConfigArg = None,
     set_: EvalSetOpt = None,
     address: AddressOpt = None,
@@ -568,7 +583,7 @@ def eval_backviews_cmd(
 ) -> None:
     """PSNR / SSIM (and LPIPS when its weights are local) of generated back views."""
     _quiet_libraries()
-    extra = []
+    extra = [f"model={json.dumps(model)}"] if model else []
     if background:
         extra.append(f"images.background={background}")
     from know3d.pipeline.evaluate import evaluate_backviews

@@ -5,11 +5,13 @@ The driver resolves paths (output, MLflow URI) to absolute ones, starts or joins
 (:func:`know3d.training.engine.launch.fit_on_ray`, a ``TorchTrainer``). Checkpoints live in Ray
 Train's storage (``ray.storage_path``, default ``<output>/ray``) under a run name derived from
 the output folder; starting the same command again continues from the newest
-checkpoint (Ray Train's job-level restoration), ``fresh=True`` starts over.
+checkpoint (Ray Train's job-level restoration), ``fresh=True`` starts over. A run that already
+reached ``schedule.max_steps`` says so at once and returns what it recorded: no Ray, no model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from know3d.core.runtime import check_output, ray_session
 from know3d.core.tracking import check_uri, default_tracking_uri
 from know3d.training.config import TrainBackviewConfig
+from know3d.training.engine.metrics import METRICS_FILE, steps_done
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,48 @@ def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
     return cfg
 
 
+def finished(cfg: TrainBackviewConfig) -> dict | None:
+    """The metrics a run recorded if it already reached ``schedule.max_steps`` (its newest
+    checkpoint and its exported LoRA are of that step), else None: rerunning it would spend a
+    minute starting Ray and loading the model to train nothing."""
+    from know3d.training.engine.launch import last_checkpoint
+    from know3d.training.generate import LORA_META
+
+    state = last_checkpoint(cfg)
+    if state is None or state["step"] < cfg.schedule.max_steps:
+        return None
+    meta = Path(cfg.output) / "lora" / LORA_META
+    if not meta.is_file() or json.loads(meta.read_text()).get("steps") != state["step"]:
+        return None  # killed before the export: a rerun resumes at the last step and exports
+    # checkpoints written before they held metrics: the step's loss from metrics.jsonl
+    metrics = state.get("metrics") or {"loss": steps_done(Path(cfg.output) / METRICS_FILE).get(state["step"])}
+    return {**metrics, "step": state["step"], "checkpoint": state["checkpoint"]}
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the current folder when inside it: what the user typed, usually."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
-    """Train; returns the final metrics (loss, lr, samples/s, ...) and where things are."""
-    from know3d.training.engine.launch import fit_on_ray, forget_run
+    """Train; returns the final metrics (loss, lr, samples/s, ...) and where things are
+    (``already_done`` when the run had finished before)."""
+    from know3d.training.engine.launch import fit_on_ray, forget_run, output_line
 
     cfg = prepare(cfg)
+    where = {"output": cfg.output, "lora": str(Path(cfg.output) / "lora")}
     if fresh:
         forget_run(cfg, leftovers=("lora", "validation"))
+    elif done := finished(cfg):
+        print(
+            f"already at step {done['step']}/{cfg.schedule.max_steps} ({_shown(cfg.output)}); use --fresh to train again",
+            flush=True,
+        )
+        return {**done, **where, "already_done": True}
+    print(output_line(cfg), flush=True)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     with ray_session(cfg.ray) as ray:
         if cfg.cache.enabled:
@@ -61,4 +99,4 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
         from know3d.training.backview_train import run_worker
 
         metrics = fit_on_ray(run_worker, cfg, ray)
-    return {**metrics, "output": cfg.output, "lora": str(Path(cfg.output) / "lora")}
+    return {**metrics, **where}

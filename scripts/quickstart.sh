@@ -41,7 +41,8 @@ PY
 for f in "$bv"/generated/*.png; do
   uid=$(basename "$f" .png); mkdir -p "$bv/pred/$uid"; mv "$f" "$bv/pred/$uid/000.png"
 done
-.venv/bin/know3d eval backviews --pred "$bv/pred" --gt "$bv/gt" --images "$bv/front" --output runs/eval-backviews
+.venv/bin/know3d eval backviews --pred "$bv/pred" --gt "$bv/gt" --images "$bv/front" --model "$train/lora" \
+  --output runs/eval-backviews
 # shape metrics: procedural meshes as GT, perturbed copies as "predictions" (+1 broken, 1 missing)
 .venv/bin/python -m know3d.evaluation.demo --meshes "$out/procedural" --output runs/eval-demo --limit 10
 .venv/bin/know3d eval shapes --pred runs/eval-demo/pred --images runs/eval-demo/image --gt runs/eval-demo/gt \

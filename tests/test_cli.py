@@ -303,3 +303,25 @@ def test_the_scan_sees_the_known_hints() -> None:
     """The regex must keep finding hints (a too-narrow pattern would pass vacuously)."""
     keys = {key for _, key, _ in _scanned_hints()}
     assert {"data.shards", "source.local.input", "semantic.num_gpus", "load.allow_relative_obj_indices"} <= keys
+
+
+def test_eval_model_option_reaches_the_config(monkeypatch, tmp_path: Path):
+    """--model is recorded for lineage (config key `model`), without touching the protocol."""
+    import know3d.pipeline.evaluate as evaluate
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate_backviews", lambda cfg, *a, **k: seen.setdefault("cfg", cfg) and None)
+    args = [
+        "eval",
+        "backviews",
+        "--pred",
+        str(tmp_path),
+        "--gt",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        "runs:/abc/lora",
+    ]
+    CliRunner().invoke(app, args)
+    assert seen["cfg"].model == "runs:/abc/lora"

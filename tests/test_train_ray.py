@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_local) -> Path:
+def lineage_db(tmp_path_factory) -> Path:
+    """The MLflow store shared by the build, the training and the evaluation of the lineage test."""
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_local, lineage_db: Path) -> Path:
     """A small data build (procedural assets with part descriptions), like the quickstart's."""
     out = tmp_path_factory.mktemp("data") / "build"
     cfg = load_config(
@@ -36,7 +42,7 @@ def shards(tmp_path_factory, ray_local) -> Path:
             "render.resolution=64",
             "shard.max_samples=12",
             "shard.val_fraction=0.3",
-            "mlflow.enabled=false",
+            f"mlflow.tracking_uri=sqlite:///{lineage_db}",
             "ray.render_concurrency=2",
         ],
     )
@@ -65,11 +71,11 @@ def _train_cfg(shards: Path, out: Path, db: Path, *extra: str) -> TrainBackviewC
 
 
 @pytest.fixture(scope="module")
-def trained(shards: Path, tmp_path_factory, ray_local):
+def trained(shards: Path, tmp_path_factory, ray_local, lineage_db: Path):
     from know3d.pipeline.train import run_train_backview
 
-    root = tmp_path_factory.mktemp("train")
-    cfg = _train_cfg(shards, root / "run", root / "mlflow.db")
+    root = lineage_db.parent
+    cfg = _train_cfg(shards, tmp_path_factory.mktemp("train") / "run", lineage_db)
     metrics = run_train_backview(cfg)
     return root, cfg, metrics
 
@@ -107,14 +113,19 @@ def test_training_logs_to_mlflow(trained):
     exp = client.get_experiment_by_name("know3d-train-backview")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["config.lora.rank"] == "8" and run.data.params["world_size"] == "2"
+    # one param convention for every stage: the config flattened, what the run adds under run.
+    assert run.data.params["lora.rank"] == "8" and run.data.params["run.world_size"] == "2"
+    assert run.data.params["seed"] == "0" and run.data.tags["know3d.stage"] == "train.backview"
+    assert run.info.run_name == f"train.backview:{Path(cfg.output).name}"
     assert "mlflow.source.git.commit" in run.data.tags or not (ROOT / ".git").exists()
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     for key in ("lr", "samples_per_s", "val_loss"):
         assert key in run.data.metrics, key
     assert any(k.startswith("loss_t") for k in run.data.metrics)
-    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "train-shards"
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    index = json.loads((Path(cfg.data.shards[0]) / "shard_index.json").read_text())
+    assert dataset.digest == index["digest"][:32] and dataset.name == Path(cfg.data.shards[0]).name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
     assert "validation/step_000006.png" in artifacts
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
@@ -332,3 +343,50 @@ def test_zero3_under_torchrun_validates_and_exports_full_lora(shards: Path, tmp_
     a = weights["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
     assert tuple(a.shape) == (8, 32)
     assert max(float(v.abs().max()) for k, v in weights.items() if ".lora_B." in k) > 0
+
+
+def test_lineage_walks_from_an_evaluation_back_to_the_data_build(shards: Path, trained, lineage_db: Path, tmp_path):
+    """eval -> model -> training -> dataset -> data build through the MLflow API, and forward."""
+    import mlflow
+    from PIL import Image
+
+    from know3d.core.lineage import evaluations_of, trained_on, upstream
+    from know3d.core.shards import iter_samples, resolve_shards
+    from know3d.evaluation.config import EvalConfig
+    from know3d.pipeline.evaluate import evaluate_backviews
+
+    _, cfg, _ = trained
+    for i, sample in enumerate(iter_samples(resolve_shards([str(shards)], "train")[0], ("front.png", "back.png"))):
+        for sub, field in (("pred", "front.png"), ("gt", "back.png")):
+            (tmp_path / sub / f"u{i}").mkdir(parents=True)
+            (tmp_path / sub / f"u{i}" / "000.png").write_bytes(sample[field])
+        if i == 1:
+            break
+    lora = Path(cfg.output) / "lora"
+    overrides = [f"model={lora}", f"mlflow.tracking_uri=sqlite:///{lineage_db}", "images.lpips=false"]
+    summary = evaluate_backviews(
+        load_config(None, overrides, model=EvalConfig), tmp_path / "pred", tmp_path / "gt", tmp_path / "eval"
+    )
+    assert Image.open(tmp_path / "gt" / "u0" / "000.png").size[0] > 0 and summary.ok == 2
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{lineage_db}")
+    evaluation, train, build = upstream(client, summary.run_id)
+    assert [r.data.tags["know3d.stage"] for r in (evaluation, train, build)] == [
+        "eval.backviews",
+        "train.backview",
+        "data.build",
+    ]
+    assert evaluation.data.tags["know3d.model.uri"] == f"runs:/{train.info.run_id}/lora"
+    assert "lora/pytorch_lora_weights.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "lora")}
+    # the training input is the very data set the build logged as its output
+    index = json.loads((shards / "shard_index.json").read_text())
+    (used,) = [d.dataset for d in train.inputs.dataset_inputs]
+    (made,) = [d.dataset for d in build.inputs.dataset_inputs]
+    assert used.digest == made.digest == index["digest"][:32] and json.loads(made.source)["uri"] == shards.as_uri()
+    assert index["mlflow_run_id"] == build.info.run_id
+    # forward: from the build to every model trained on it, and from the model to its evaluations
+    assert [r.info.run_id for r in trained_on(client, build.info.run_id)] == [train.info.run_id]
+    assert [r.info.run_id for r in evaluations_of(client, train.info.run_id)] == [evaluation.info.run_id]
+    assert build.info.run_name == f"data.build:{shards.name}" and build.data.params["seed"] == "0"
+    kinds = {e.name: e.tags.get("mlflow.experimentKind") for e in client.search_experiments()}
+    assert kinds["know3d-data"] == kinds["know3d-eval"] == "custom_model_development"

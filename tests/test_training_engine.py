@@ -184,6 +184,7 @@ def test_checkpoint_store_publishes_prunes_and_resumes(tmp_path: Path):
         "step": 3,
         "world_size": 1,
         "streams": [{"epoch": 1, "consumed": 30}],
+        "metrics": {"loss": 1.0},
         "mlflow_run_id": "run-1",
         "data_digest": "abc",
     }
@@ -237,7 +238,8 @@ def _tiny_shards(folder: Path) -> Path:
     return url
 
 
-def _torchrun(*settings: str) -> None:
+def _torchrun(*settings: str) -> str:
+    """Runs the trainer under torchrun; its stdout (what rank 0 tells the user)."""
     res = subprocess.run(
         [
             str(Path(sys.executable).with_name("torchrun")),
@@ -255,6 +257,7 @@ def _torchrun(*settings: str) -> None:
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
 
 
 @pytest.mark.slow
@@ -271,7 +274,9 @@ def test_torchrun_launcher_trains_checkpoints_resumes_and_exports(tmp_path: Path
         "schedule.validate_every=0",
         "mlflow.enabled=false",
     )
-    _torchrun(*settings)
+    stdout = _torchrun(*settings)
+    assert f"output {out}" in stdout.splitlines()
+    assert "step 2/4  loss " in stdout and "step 4/4  loss " in stdout and " eta 0s" in stdout
     losses = steps_done(out / METRICS_FILE)
     assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 10 and math.isfinite(v) for v in losses.values())
     ckpts = out / "checkpoints"

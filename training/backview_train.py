@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from know3d.core.shards import resolve_shards
+from know3d.core.shards import dataset_refs, resolve_shards
 from know3d.training.config import TrainBackviewConfig
 from know3d.training.data import PairStream, StreamState
 from know3d.training.debug_models import DEBUG_PREFIX
@@ -43,11 +43,11 @@ from know3d.training.edit_model import (
     torch_dtype,
 )
 from know3d.training.engine import checkpoint
-from know3d.training.engine.config import derive_seed, use_bf16
+from know3d.training.engine.config import ScheduleConfig, derive_seed, use_bf16
 from know3d.training.engine.dist import all_reduce_sum, barrier
 from know3d.training.engine.env import WorkerEnv
 from know3d.training.engine.launch import torchrun_main
-from know3d.training.engine.metrics import MetricsFile, MetricsWindow
+from know3d.training.engine.metrics import MetricsFile, MetricsWindow, progress_line
 from know3d.training.engine.optim import initialize
 from know3d.training.engine.tracking import TrainingTracker
 from know3d.training.flow_matching import flow_matching_loss, interpolate, sample_timesteps, timestep_bins
@@ -55,7 +55,7 @@ from know3d.training.prompting import build_prompt, stochastic_prompt
 
 NUM_BINS = 4
 BIN_NAMES = [f"loss_t{b / NUM_BINS:.2f}-{(b + 1) / NUM_BINS:.2f}" for b in range(NUM_BINS)]
-STAGE = "train-backview"
+STAGE = "train.backview"
 
 
 class Batcher:
@@ -299,8 +299,17 @@ def _train_step(
     return step_loss
 
 
-def _log_window(window: MetricsWindow, engine, state: StreamState, tracker: TrainingTracker, step: int) -> dict:
-    """The window's means (timestep bins over all ranks), lr and throughput, to MLflow; resets it."""
+def _log_window(
+    window: MetricsWindow,
+    engine,
+    state: StreamState,
+    tracker: TrainingTracker,
+    env: WorkerEnv,
+    schedule: ScheduleConfig,
+    step: int,
+) -> dict:
+    """The window's means (timestep bins over all ranks), lr and throughput, to MLflow and as a
+    progress line for the user; resets the window."""
     bins = window.reduced_means(BIN_NAMES)
     metrics = {
         "loss": window.mean("loss"),
@@ -310,6 +319,8 @@ def _log_window(window: MetricsWindow, engine, state: StreamState, tracker: Trai
         **bins,
     }
     tracker.log_metrics(metrics, step)
+    samples_left = (schedule.max_steps - step) * schedule.samples_per_step(env.world_size)
+    env.say(progress_line(step, schedule.max_steps, metrics["loss"], metrics["samples_per_s"], samples_left))
     window.reset()
     return metrics
 
@@ -361,6 +372,7 @@ def _export(
             "alpha": cfg.lora.alpha,
             "steps": step,
             "data_digest": data.digest,
+            "mlflow_run_id": tracker.run_id,  # lineage: an evaluation of this LoRA finds its training run
             # a selected subset (overfit checks, the quickstart): which pairs the LoRA saw
             "trained_on": [s["__key__"] for s in data.stream.selection()] if data.stream.selective else None,
         }
@@ -386,14 +398,14 @@ def run_worker(cfg: TrainBackviewConfig, env: WorkerEnv) -> dict:
             "data.train_shards": data.num_shards,
             "data.digest": data.digest,
         }
-        tracker.start(cfg, params_info, ("train-shards", data.digest, ",".join(cfg.data.shards)))
+        tracker.start(cfg, params_info, dataset_refs(cfg.data.shards))
         val_samples = _load_validation(cfg, data.val_urls) if env.is_main or cfg.deepspeed.zero_stage == 3 else []
         while step < s.max_steps:
             loss = _train_step(model, engine, batcher, cfg, env, step, window, cache)
             step += 1
             metrics_file.append(step, loss)
             if s.due(step, s.log_every):
-                last = _log_window(window, engine, state, tracker, step)
+                last = _log_window(window, engine, state, tracker, env, s, step)
             if s.due(step, s.validate_every) and val_samples:
                 last.update(_validate(model, engine, val_samples, cfg, env, tracker, step))
             if s.due(step, s.checkpoint_every):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from know3d.core.logs import verbose
 from know3d.training.debug_models import DEBUG_PREFIX, resolve_debug_model
 
 
@@ -42,7 +43,10 @@ def load_pipeline(name: str, revision: str | None = None, dtype: torch.dtype = t
     """The diffusers pipeline from a hub id / folder / ``debug:`` name (safetensors only);
     ``components`` replace parts, e.g. ``transformer=None`` to load only the frozen encoders."""
     from diffusers import QwenImageEditPlusPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    if not verbose():  # "Loading pipeline components..." bar: no environment variable turns it off
+        diffusers_logging.disable_progress_bar()
     path = resolve_model_path(name)
     try:
         return QwenImageEditPlusPipeline.from_pretrained(

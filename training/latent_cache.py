@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from know3d.core.fanout import run_bounded, task_error_kind
+from know3d.core.fanout import make_progress, run_bounded, task_error_kind
 from know3d.core.io import atomic_write
+from know3d.core.logs import quiet_third_party
 from know3d.training.config import TrainBackviewConfig
 from know3d.training.data import decode_image
 from know3d.training.prompting import prompt_variants
@@ -90,6 +91,7 @@ class LatentEncoder:
 
         from know3d.training.edit_model import EditModel, load_pipeline, torch_dtype
 
+        quiet_third_party()
         self.cfg = TrainBackviewConfig.model_validate_json(cfg_json)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch_dtype(self.cfg.model.dtype, device)
@@ -162,7 +164,10 @@ def build_cache(cfg: TrainBackviewConfig, urls: list[str], ray: Any) -> dict[str
     def on_done(url: str, result: dict[str, int] | Exception) -> None:
         (errors.append(f"{url}: {task_error_kind(result)}") if isinstance(result, Exception) else counts.update(result))
 
-    run_bounded(ray, lambda url, actor: actor.encode_shard.remote(url, wanted), urls, actors, on_done)
+    with make_progress() as progress:  # the pre-pass takes minutes on a real data set: say how far it is
+        run_bounded(
+            ray, lambda url, actor: actor.encode_shard.remote(url, wanted), urls, actors, on_done, progress, "cache"
+        )
     for actor in actors:
         ray.kill(actor)
     if errors:

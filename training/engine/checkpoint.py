@@ -2,9 +2,10 @@
 
 A checkpoint folder holds DeepSpeed's files (tag ``ds``: trainable weights, optimizer and lr
 scheduler state, one optimizer shard per rank under ZeRO) and ``know3d_state.json``: the step,
-the world size, every rank's data-stream position and the MLflow run id. Every random draw of a
-step is seeded by (seed, rank, step) and the streams replay from their saved position, so a
-resumed run logs the losses of an uninterrupted one; that needs the same number of workers.
+the world size, every rank's data-stream position, the metrics last logged and the MLflow run
+id. Every random draw of a step is seeded by (seed, rank, step) and the streams replay from their
+saved position, so a resumed run logs the losses of an uninterrupted one; that needs the same
+number of workers.
 
 Ray Train persists and prunes what workers report; under torchrun :class:`CheckpointStore` keeps
 ``<output>/checkpoints/step_XXXXXXXX`` itself.
@@ -51,13 +52,14 @@ def save(
     engine, env: WorkerEnv, step: int, stream: Stream, metrics: dict, record: dict, client_state: dict | None = None
 ) -> None:
     """Write a checkpoint of ``step`` (a collective: every rank calls it) and report it with
-    ``metrics``; ``record`` (MLflow run id, data digest, ...) goes into the state file."""
+    ``metrics``; those and ``record`` (MLflow run id, data digest, ...) go into the state file
+    (a finished run's rerun answers with them, without starting anything)."""
     streams = dist.all_gather_object(stream.to_dict())
     with tempfile.TemporaryDirectory(prefix="know3d-ckpt-") as tmp:
         folder = Path(tmp)
         engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=client_state or {}, exclude_frozen_parameters=True)
         if env.is_main:
-            state = {"step": step, "world_size": env.world_size, "streams": streams, **record}
+            state = {"step": step, "world_size": env.world_size, "streams": streams, "metrics": metrics, **record}
             atomic_write(folder / STATE_FILE, json.dumps(state))
         env.report({"step": step, **metrics}, folder)
 

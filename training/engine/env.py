@@ -18,10 +18,16 @@ from pathlib import Path
 import torch
 
 Report = Callable[[dict, Path | None], None]  # (metrics, checkpoint folder or None); called on every rank
+Say = Callable[[str], None]  # one line for the user's terminal
 
 
 def _ignore(metrics: dict, folder: Path | None) -> None:
     """The report of a worker nobody collects checkpoints from (unit tests, single-process runs)."""
+
+
+def print_line(line: str) -> None:
+    """To stdout at once (piped stdout is block-buffered; a progress line must not wait)."""
+    print(line, flush=True)
 
 
 @dataclass
@@ -32,11 +38,18 @@ class WorkerEnv:
     device: torch.device
     resume_from: Path | None = None  # a checkpoint folder written by engine.checkpoint, or None
     report: Report = field(default=_ignore)
+    sink: Say = field(default=print_line)  # where :meth:`say` sends rank 0's lines
 
     @property
     def is_main(self) -> bool:
         """Rank 0 writes what exists once per run: metrics.jsonl, MLflow, exports."""
         return self.rank == 0
+
+    def say(self, line: str) -> None:
+        """Tell the user ``line`` (progress, where things are), once per run: rank 0 only, so every
+        rank may call it. Under Ray Train it reaches the driver's terminal, not a worker log."""
+        if self.is_main:
+            self.sink(line)
 
     @classmethod
     def from_torchrun(
@@ -64,9 +77,10 @@ def local_device(local_rank: int) -> torch.device:
 
 
 @contextmanager
-def ray_worker_env() -> Iterator[WorkerEnv]:
+def ray_worker_env(sink: Say) -> Iterator[WorkerEnv]:
     """This Ray Train worker's env (process group already set up by ``TorchTrainer``); the
-    checkpoint Ray restores is downloaded to a temporary folder that lives as long as the block."""
+    checkpoint Ray restores is downloaded to a temporary folder that lives as long as the block.
+    ``sink`` carries rank 0's lines to the driver."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -80,4 +94,5 @@ def ray_worker_env() -> Iterator[WorkerEnv]:
 
     with tempfile.TemporaryDirectory(prefix="know3d-resume-", ignore_cleanup_errors=True) as tmp:
         resume = Path(checkpoint.to_directory(tmp)) if checkpoint is not None else None
-        yield WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), device, resume, report)
+        rank, world_size, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        yield WorkerEnv(rank, world_size, local_rank, device, resume, report, sink)

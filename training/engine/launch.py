@@ -5,22 +5,32 @@ class. :func:`fit_on_ray` runs it under Ray Train (``TorchTrainer``: placement, 
 process group, checkpoint persistence and restoration, worker-group restarts);
 :func:`torchrun_main` under ``torchrun`` (a trainer module's ``__main__``), with checkpoints in
 ``<output>/checkpoints``. The worker code is the same under both.
+
+What rank 0 says (:meth:`WorkerEnv.say`: progress lines, where things are) reaches the user's
+terminal under both: torchrun's workers print it; Ray Train's workers put it into a
+:class:`LineRelay` actor that the driver prints from while ``fit()`` runs. Ray's own forwarding
+of worker output (``log_to_driver``) stays off: it would bring every library's chatter along,
+each line prefixed with the worker's pid.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from know3d.training.engine.checkpoint import CheckpointStore
+from know3d.core.logs import VERBOSE_ENV, quiet_third_party
+from know3d.training.engine.checkpoint import STATE_FILE, CheckpointStore
 from know3d.training.engine.config import TrainerConfig
-from know3d.training.engine.env import WorkerEnv, ray_worker_env
+from know3d.training.engine.env import Say, WorkerEnv, print_line, ray_worker_env
 from know3d.training.engine.metrics import METRICS_FILE
 
 WorkerFn = Callable[[Any, WorkerEnv], dict]
@@ -32,6 +42,7 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
+    VERBOSE_ENV,
 )
 
 
@@ -55,10 +66,78 @@ def forget_run(cfg: TrainerConfig, leftovers: Sequence[str] = ()) -> None:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def last_checkpoint(cfg: TrainerConfig) -> dict | None:
+    """The state file (step, metrics, ...) of the run's newest checkpoint in Ray Train's storage
+    plus its folder (``checkpoint``), or None; reads a few small files, starts nothing."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(ray_storage(cfg))
+    found = fs.glob(f"{root.rstrip('/')}/{Path(cfg.output).name}/checkpoint_*/{STATE_FILE}")
+    states = [{**json.loads(fs.cat_file(path)), "checkpoint": str(Path(path).parent)} for path in found]
+    return max(states, key=lambda state: state["step"], default=None)
+
+
+def output_line(cfg: TrainerConfig) -> str:
+    """The first thing a run says: where its files go."""
+    return f"output {Path(cfg.output).resolve()}"
+
+
+class LineRelay:
+    """A small Ray actor between rank 0 and the driver: rank 0 puts lines, the driver takes them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+@contextmanager
+def relayed_lines(ray, write: Say = print_line, every_s: float = 0.5) -> Iterator[Any]:
+    """A :class:`LineRelay` whose lines ``write`` gets while the block runs (from a thread, as
+    ``trainer.fit()`` blocks the driver) and once more at its end, so none is lost."""
+    relay = ray.remote(num_cpus=0)(LineRelay).remote()
+    stop = threading.Event()
+
+    def drain() -> None:
+        for line in ray.get(relay.take.remote()):
+            write(line)
+
+    def pump() -> None:
+        while not stop.wait(every_s):
+            drain()
+
+    thread = threading.Thread(target=pump, name="know3d-relay", daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        stop.set()
+        thread.join()
+        drain()
+        ray.kill(relay)
+
+
+def _relay_sink(relay) -> Say:
+    """Rank 0's :attr:`WorkerEnv.sink` under Ray Train: each line waits until the relay has it,
+    so lines arrive in order and before the run ends."""
+    import ray
+
+    def say(line: str) -> None:
+        ray.get(relay.put.remote(line))
+
+    return say
+
+
 def ray_train_loop(config: dict) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer``: the config back from json, then the worker."""
+    quiet_third_party()
     cfg = config["config_type"].model_validate(config["cfg"])
-    with ray_worker_env() as env:
+    with ray_worker_env(_relay_sink(config["relay"])) as env:
         config["worker"](cfg, env)
 
 
@@ -74,14 +153,23 @@ def fit_on_ray(worker: WorkerFn, cfg: TrainerConfig, ray) -> dict:
     """Run ``worker`` on ``ray.num_workers`` Ray Train workers (inside an open Ray session) until
     it returns; a run of the same output continues from its newest checkpoint. Returns the last
     reported metrics and that checkpoint's path."""
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = has_gpu if cfg.ray.use_gpu == "auto" else cfg.ray.use_gpu == "on"
+    with relayed_lines(ray) as relay:
+        loop_config = {"worker": worker, "config_type": type(cfg), "cfg": cfg.model_dump(mode="json"), "relay": relay}
+        result = _trainer(loop_config, cfg, use_gpu).fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _trainer(loop_config: dict, cfg: TrainerConfig, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    use_gpu = has_gpu if cfg.ray.use_gpu == "auto" else cfg.ray.use_gpu == "on"
-    trainer = TorchTrainer(
+    return TorchTrainer(
         ray_train_loop,
-        train_loop_config={"worker": worker, "config_type": type(cfg), "cfg": cfg.model_dump(mode="json")},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
@@ -94,10 +182,6 @@ def fit_on_ray(worker: WorkerFn, cfg: TrainerConfig, ray) -> dict:
             worker_runtime_env={"env_vars": _worker_env_vars(use_gpu)},
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
-    return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
 def torchrun_main(worker: WorkerFn, config_type: type, prog: str, argv: list[str] | None = None) -> None:
@@ -111,6 +195,7 @@ def torchrun_main(worker: WorkerFn, config_type: type, prog: str, argv: list[str
     from know3d.core.config import load_config
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
@@ -118,6 +203,7 @@ def torchrun_main(worker: WorkerFn, config_type: type, prog: str, argv: list[str
     cfg = load_config(args.config, args.overrides, model=config_type)
     store = CheckpointStore(Path(cfg.output) / "checkpoints", cfg.schedule.keep_checkpoints)
     env = WorkerEnv.from_torchrun(store.latest(), store.report)
+    env.say(output_line(cfg))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo")
     try:

@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` (rank 0) gets one ``{"step": s, "loss": l}`` line per optimizer step, the
 global loss of that step; users' tooling and the resume tests read it (:func:`steps_done`). The
-:class:`MetricsWindow` collects what a log line averages since the previous one.
+:class:`MetricsWindow` collects what a log line averages since the previous one;
+:func:`progress_line` is what the user sees of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from know3d.core.logs import format_duration
 from know3d.training.engine.dist import all_reduce_sum
 
 METRICS_FILE = "metrics.jsonl"
@@ -68,6 +70,13 @@ class MetricsFile:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def progress_line(step: int, max_steps: int, loss: float, samples_per_s: float, samples_left: int) -> str:
+    """``step 40/1000  loss 0.1234  4.2 samples/s  eta 3m50s``: a log window's loss and rate, and
+    the time left at that rate (the window's validation and checkpoints included, as they recur)."""
+    eta = samples_left / samples_per_s if samples_per_s > 0 else float("inf")
+    return f"step {step}/{max_steps}  loss {loss:.4f}  {samples_per_s:.1f} samples/s  eta {format_duration(eta)}"
 
 
 def steps_done(metrics_file: Path) -> dict[int, float]:

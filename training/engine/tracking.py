@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from know3d.core.config import TrackingConfig, dump_config
-from know3d.core.tracking import NullTracker, Tracker, make_tracker
+from know3d.core.shards import DatasetRef
+from know3d.core.tracking import DATA_RUN_TAG, NullTracker, Tracker, make_tracker
 from know3d.training.engine.env import WorkerEnv
 
 
@@ -31,21 +32,28 @@ class TrainingTracker:
         self._tracker: Tracker = NullTracker()
         if self._main:
             self.output.mkdir(parents=True, exist_ok=True)
-            tags = {"know3d.stage": stage}
-            self._tracker = make_tracker(cfg, run_name=self.output.name, tags=tags, resume_run_id=resume_run_id)
+            self._tracker = make_tracker(cfg, stage=stage, output=self.output, resume_run_id=resume_run_id)
+            uri = getattr(self._tracker, "tracking_uri", None)
+            if self._tracker.run_id:
+                env.say(f"mlflow run {self._tracker.run_id} ({uri})")
 
     @property
     def run_id(self) -> str | None:
         return self._tracker.run_id
 
-    def start(self, config: BaseModel, params: dict[str, Any], dataset: tuple[str, str, str]) -> None:
-        """Record the run: ``<output>/config.yaml`` every time; the config, ``params`` and the
-        ``(name, digest, source)`` data set in MLflow for a new run only."""
+    def start(self, config: BaseModel, params: dict[str, Any], datasets: list[DatasetRef]) -> None:
+        """Record the run: ``<output>/config.yaml`` every time; for a new run only, the config as
+        params (plus ``params`` under ``run.``), the input data sets with the digests their builds
+        logged, and the builds' run ids (tag ``know3d.data.run_id``)."""
         if not self._main:
             return
         if not self.resumed:
-            self._tracker.log_params({"config": config.model_dump(mode="json"), **params})
-            self._tracker.log_dataset(*dataset)
+            self._tracker.log_params({**config.model_dump(mode="json"), "run": params})
+            for ref in datasets:
+                self._tracker.log_dataset(ref.name, ref.digest, ref.source, context="training")
+            builds = [ref.run_id for ref in datasets if ref.run_id]
+            if builds:
+                self._tracker.set_tags({DATA_RUN_TAG: ",".join(builds)})
         (self.output / "config.yaml").write_text(dump_config(config))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
