@@ -1,0 +1,79 @@
+"""Per-asset 3D targets beside a data build, joined to its pairs (issue 14, "stored with the pairs")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from know3d.core.shards import ShardConfig, write_index
+from know3d.rendering.shards import plan_shards, write_shard
+from know3d.training.generator.occupancy import asset_occupancy
+from know3d.training.generator.ss_vae import SSVae, SSVaeConfig, build
+from know3d.training.generator.targets import TargetStore, build_targets, generator_records
+
+
+def _vae(seed: int = 0) -> SSVae:
+    torch.manual_seed(seed)
+    cfg = SSVaeConfig.debug()
+    return SSVae(build("encoder", cfg).eval(), build("decoder", cfg).eval(), cfg)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A data build's layout (work folder, shards, index) from 3 procedural assets, one of them
+    with its file gone (as a hub asset whose cache was cleared would be)."""
+    from know3d.rendering.config import ProceduralSourceConfig
+    from know3d.rendering.sources.procedural import ProceduralSource
+    from tests.test_annotation import _render
+
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=3), out / "procedural").discover()
+    fingerprint = "fp0"
+    work = out / "work" / fingerprint
+    summaries = _render([Path(r.uri) for r in records], work, 32, [r.to_json() for r in records])
+    entries = [write_shard(work, out, plan) for plan in plan_shards(work, summaries, ShardConfig(val_fraction=0), 0)]
+    write_index(out, entries, {"render_fingerprint": fingerprint})
+    Path(records[2].uri).rename(Path(records[2].uri).with_suffix(".gone"))
+    return out
+
+
+def test_targets_are_built_once_stored_and_joined_to_every_pair(dataset: Path):
+    vae = _vae()
+    counts, failures = build_targets(dataset, vae)
+    assert counts == {"encoded": 2, "failed": 1}
+    (reason,) = failures.values()
+    assert "not a local file" in reason
+    assert build_targets(dataset, vae)[0] == {"cached": 2, "failed": 1}  # resumable: nothing re-encoded
+
+    records = list(generator_records(dataset, vae))
+    assert len(records) == 12  # 2 assets with targets x 6 pairs; the third asset's pairs are skipped
+    first = records[0]
+    assert first["front"].startswith(b"\x89PNG") and first["back"].startswith(b"\x89PNG")
+    assert first["latent"].shape == (8, 16, 16, 16) and first["latent"].dtype == np.float32
+    store = TargetStore(dataset, vae)
+    sha = next(p.stem for p in store.root.rglob("*.safetensors"))
+    stored = store.get(sha)
+    asset = next(Path(p) for p in (dataset / "procedural").rglob("*.glb") if sha in _sha_of(p))
+    occupancy = asset_occupancy(asset, 32)
+    assert np.array_equal(stored["coords"], occupancy.coords) and len(occupancy.coords) > 0
+    with torch.no_grad():
+        expected = vae.encoder(torch.from_numpy(occupancy.grid.astype(np.float32))[None, None])[0].numpy()
+    assert np.allclose(stored["latent"], expected)
+
+
+def _sha_of(path: Path) -> str:
+    from know3d.rendering.assets import file_sha256
+
+    return file_sha256(path)
+
+
+def test_another_encoder_gets_its_own_store(dataset: Path):
+    assert TargetStore(dataset, _vae(0)).root != TargetStore(dataset, _vae(1)).root
+
+
+def test_a_folder_without_an_index_is_refused(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="no shard index"):
+        build_targets(tmp_path, _vae())
