@@ -75,7 +75,10 @@ class TargetStore:
         grid = torch.from_numpy(occupancy.grid.astype(np.float32))[None, None]
         with torch.no_grad():
             latent = self.vae.encoder(grid)[0].float().numpy()
-        arrays = {"coords": np.ascontiguousarray(occupancy.coords, dtype=np.int16), "latent": np.ascontiguousarray(latent)}
+        arrays = {
+            "coords": np.ascontiguousarray(occupancy.coords, dtype=np.int16),
+            "latent": np.ascontiguousarray(latent),
+        }
         meta = {"resolution": str(self.resolution), "encoder": self.encoder}
         atomic_write(self.path(sha), save(arrays, metadata=meta))
         return {"coords": occupancy.coords, "latent": latent}
