@@ -278,6 +278,44 @@ def data_status(
 
 
 @data_app.command(
+    "targets",
+    cls=_Command,
+    epilog="Example: know3d data targets --dataset runs/quickstart --ss-vae debug",
+)
+def data_targets(
+    dataset: DatasetOpt = None,
+    ss_vae: Annotated[
+        str,
+        typer.Option(
+            "--ss-vae",
+            help="Sparse-structure VAE: a folder, .safetensors or hub id holding the TRELLIS ss_enc weights, "
+            "or 'debug' (the shipped 32³ CPU model).",
+        ),
+    ] = "debug",
+) -> None:
+    """The 3D generator's per-asset targets (occupancy + SS-VAE latent) beside a data build."""
+    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
+    from know3d.training.generator.ss_vae import SSVae, SSVaeLoadError, load_ss_vae
+    from know3d.training.generator.targets import TargetStore, build_targets
+
+    dataset = _dataset(dataset, None)
+    try:
+        if ss_vae == "debug":
+            vae = resolve_debug_ss_vae()
+        else:
+            encoder = load_ss_vae(ss_vae, "encoder")
+            vae = SSVae(encoder, None, encoder.cfg)
+        counts, failures = build_targets(dataset, vae)
+    except (SSVaeLoadError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no rendered assets")
+    for key, reason in list(failures.items())[:20]:
+        out.print(f"  {escape(key)}: {escape(reason)}")
+    out.print(f"targets -> {TargetStore(dataset, vae).root}")
+
+
+@data_app.command(
     "review", cls=_Command, epilog="Example: know3d data review --dataset runs/quickstart --num 48 --split val"
 )
 def data_review(

@@ -77,3 +77,20 @@ def test_another_encoder_gets_its_own_store(dataset: Path):
 def test_a_folder_without_an_index_is_refused(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="no shard index"):
         build_targets(tmp_path, _vae())
+
+
+def test_data_targets_command(dataset: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from know3d.pipeline.cli import app
+    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
+
+    res = CliRunner().invoke(app, ["data", "targets", "--dataset", str(dataset)])
+    assert res.exit_code == 0, res.output
+    assert "2 encoded, 1 failed" in res.output and "not a local file" in res.output
+    store = TargetStore(dataset, resolve_debug_ss_vae())
+    assert len(list(store.root.rglob("*.safetensors"))) == 2
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["data", "targets", "--dataset", str(dataset), "--ss-vae", str(empty)])
+    assert res.exit_code == 2 and "no-weights" in res.output
