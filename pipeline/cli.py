@@ -316,6 +316,50 @@ def data_targets(
 
 
 @data_app.command(
+    "hidden-states",
+    cls=_Command,
+    epilog="Example: know3d data hidden-states --shards runs/quickstart --lora runs/train-backview-debug/lora "
+    "--set hidden.model=debug:small-qwen-image-edit --set hidden.image_size=64 --set hidden.layers=[1,3]",
+)
+def data_hidden_states(
+    config: ConfigArg = None,
+    shards: Annotated[
+        list[str] | None,
+        typer.Option("--shards", help="Data-build output / shards (repeatable); default: the config's shards."),
+    ] = None,
+    lora: Annotated[
+        Path | None, typer.Option("--lora", help="The back-view LoRA folder; default: the config's hidden.lora.")
+    ] = None,
+    set_: Annotated[list[str] | None, _set_opt("hidden.layers=[12,24,36,48]")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Hidden states of the frozen back-view model for every pair (the generator's condition),
+    cached beside the other pre-computed inputs; resumes where it stopped."""
+    from know3d.core.runtime import UsageError
+    from know3d.pipeline.generator_data import run_hidden_states
+    from know3d.training.generator.config import HiddenPrepassConfig
+
+    overrides = list(set_ or [])
+    if shards:
+        overrides.append(f"shards={json.dumps([str(s) for s in shards])}")
+    if lora:
+        overrides.append(f"hidden.lora={json.dumps(str(lora))}")
+    if address:
+        overrides.append(f"ray.address={json.dumps(address)}")
+    try:
+        cfg = load_config(config, overrides, model=HiddenPrepassConfig)
+        result = run_hidden_states(cfg)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except (ValueError, FileNotFoundError, UsageError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result["counts"].items()))
+    out.print(f"{counts or 'no pairs'} in {result['seconds']:.1f} s -> {result['folder']}")
+
+
+@data_app.command(
     "review", cls=_Command, epilog="Example: know3d data review --dataset runs/quickstart --num 48 --split val"
 )
 def data_review(

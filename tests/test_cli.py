@@ -22,6 +22,7 @@ from know3d.evaluation.config import EvalConfig
 from know3d.pipeline.cli import app
 from know3d.pipeline.config import BuildConfig
 from know3d.training.config import TrainBackviewConfig
+from know3d.training.generator.config import HiddenPrepassConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -278,7 +279,7 @@ def test_hint_constants_are_settable(key: str, model: type[BaseModel]) -> None:
     ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_config_keys_named_in_messages_are_settable(where: str, key: str, model: type[BaseModel] | None) -> None:
-    models = [model] if model else [BuildConfig, TrainBackviewConfig, EvalConfig]
+    models = [model] if model else [BuildConfig, TrainBackviewConfig, EvalConfig, HiddenPrepassConfig]
     assert any(_accepts(m, key) for m in models), f"{where}: '{key}' is not a key of {[m.__name__ for m in models]}"
 
 
@@ -289,6 +290,7 @@ def test_config_keys_named_in_messages_are_settable(where: str, key: str, model:
         (("train", "backview"), TrainBackviewConfig),
         (("eval", "shapes"), EvalConfig),
         (("eval", "backviews"), EvalConfig),
+        (("data", "hidden-states"), HiddenPrepassConfig),
     ],
     ids=lambda x: " ".join(x) if isinstance(x, tuple) else x.__name__,
 )

@@ -266,3 +266,37 @@ def test_bad_inputs_give_short_clear_errors(tmp_path, pipe, front):
         _cfg(variants=["hidden", "dino_back"])
     with pytest.raises(ValueError, match="distinct non-negative"):
         _cfg(layers=[1, 1])
+
+
+def test_prepass_command_tracks_counts_and_lineage(tmp_path, shards, lora, monkeypatch):
+    """`know3d data hidden-states`: the pre-pass on (here, an in-process stand-in for) Ray, then one
+    MLflow run with the counts, the throughput and the input shards as its dataset."""
+    from contextlib import contextmanager
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    import know3d.pipeline.generator_data as gd
+    from know3d.pipeline.cli import app
+
+    monkeypatch.setattr(gd, "ray_session", contextmanager(lambda _cfg: (yield LocalRay())))
+    db = tmp_path / "m.db"
+    args = ["data", "hidden-states", "--lora", str(lora), "--set", f"mlflow.tracking_uri=sqlite:///{db}"]
+    for key, value in _cfg(cache_dir=str(tmp_path / "cache")).model_dump(mode="json").items():
+        if key in ("model", "image_size", "layers", "steps", "compute_dtype", "cache_dir"):
+            args += ["--set", f"hidden.{key}={json.dumps(value)}"]
+    for url in shards[:2]:
+        args += ["--shards", url]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 encoded" in res.output
+    (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("know3d-data").experiment_id]
+    )
+    assert run.data.metrics["pairs.encoded"] == 4 and run.data.metrics["pairs_per_s"] > 0
+    assert run.data.tags["know3d.stage"] == "data.hidden_states" and run.data.params["hidden.layers"] == "[0, 1]"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["shards"]
+    missing = CliRunner().invoke(
+        app, ["data", "hidden-states", "--lora", str(tmp_path / "nope"), "--shards", shards[0]]
+    )
+    assert missing.exit_code == 2 and "nope" in missing.output

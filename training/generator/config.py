@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from know3d.core.config import StrictModel
+from know3d.core.config import RayConfig, StrictModel, TrackingConfig
 from know3d.training.prompting import DEFAULT_INSTRUCTION
 
 # Our choice (the paper does not name the blocks): four intermediate blocks spread evenly over the
@@ -91,3 +91,13 @@ class HiddenStatesConfig(StrictModel):
 
     def capture_step(self) -> int:
         return min(self.steps - 1, int(self.fraction * self.steps))
+
+
+class HiddenPrepassConfig(StrictModel):
+    """``know3d data hidden-states``: the cached pre-pass over a data build's shards."""
+
+    shards: list[str] = Field(default_factory=list, description="Data-build folders, shard files or globs.")
+    split: Literal["train", "val"] = "train"
+    hidden: HiddenStatesConfig = Field(default_factory=HiddenStatesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
