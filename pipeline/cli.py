@@ -136,6 +136,17 @@ AddressOpt = Annotated[
 ]
 
 
+def _load(config: Path | None, set_: list[str] | None, flags: dict[str, Any], model: Any = None) -> Any:
+    """A command's config: the YAML file, then ``--set``, then the command's own flags (those given,
+    as ``key -> value``); a config error exits 2 in one message."""
+    overrides = [*(set_ or []), *(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)]
+    try:
+        return load_config(config, overrides, model=model) if model else load_config(config, overrides)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 @data_app.command(
     "build",
     cls=_Command,
@@ -161,22 +172,8 @@ def data_build(
 ) -> None:
     """Discover, render and shard 3D assets into front/back pair WebDatasets."""
     _quiet_libraries()
-    overrides = list(set_ or [])
-    if source:
-        overrides.append(f"source.kind={source}")
-    if output:
-        overrides.append(f"output={json.dumps(str(output))}")
-    if address:
-        overrides.append(f"ray.address={json.dumps(address)}")
-    if strict is not None:
-        overrides.append(f"strict={json.dumps(strict)}")
-    try:
-        cfg = load_config(config, overrides)
-        if input:
-            cfg.source.local.input = list(input)
-    except ConfigError as exc:
-        err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2) from None
+    flags = {"source.kind": source, "output": output and str(output), "ray.address": address, "strict": strict}
+    cfg = _load(config, set_, {**flags, "source.local.input": list(input) if input else None})
     if input and cfg.source.kind != "local":
         err.print(f"[yellow]warning:[/] --input has no effect with source '{cfg.source.kind}'")
 
@@ -305,14 +302,15 @@ def data_targets(
         else:
             encoder = load_ss_vae(ss_vae, "encoder")
             vae = SSVae(encoder, None, encoder.cfg)
-        counts, failures = build_targets(dataset, vae)
+        store = TargetStore(dataset, vae)
+        counts, failures = build_targets(store)
     except (SSVaeLoadError, FileNotFoundError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no rendered assets")
     for key, reason in list(failures.items())[:20]:
         out.print(f"  {escape(key)}: {escape(reason)}")
-    out.print(f"targets -> {TargetStore(dataset, vae).root}")
+    out.print(f"targets -> {store.root}")
 
 
 @data_app.command(
@@ -339,19 +337,10 @@ def data_hidden_states(
     from know3d.pipeline.generator_data import run_hidden_states
     from know3d.training.generator.config import HiddenPrepassConfig
 
-    overrides = list(set_ or [])
-    if shards:
-        overrides.append(f"shards={json.dumps([str(s) for s in shards])}")
-    if lora:
-        overrides.append(f"hidden.lora={json.dumps(str(lora))}")
-    if address:
-        overrides.append(f"ray.address={json.dumps(address)}")
+    flags = {"shards": shards or None, "hidden.lora": lora and str(lora), "ray.address": address}
+    cfg = _load(config, set_, flags, HiddenPrepassConfig)
     try:
-        cfg = load_config(config, overrides, model=HiddenPrepassConfig)
         result = run_hidden_states(cfg)
-    except ConfigError as exc:
-        err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError, UsageError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -410,18 +399,8 @@ def train_backview(
     _quiet_libraries()
     from know3d.training.config import TrainBackviewConfig
 
-    overrides = list(set_ or [])
-    if shards:
-        overrides.append(f"data.shards={json.dumps([str(s) for s in shards])}")
-    if output:
-        overrides.append(f"output={json.dumps(str(output))}")
-    if address:
-        overrides.append(f"ray.address={json.dumps(address)}")
-    try:
-        cfg = load_config(config, overrides, model=TrainBackviewConfig)
-    except ConfigError as exc:
-        err.print(f"[red]config error:[/] {exc}")
-        raise typer.Exit(2) from None
+    flags = {"data.shards": shards or None, "output": output and str(output), "ray.address": address}
+    cfg = _load(config, set_, flags, TrainBackviewConfig)
     from know3d.core.runtime import UsageError
     from know3d.pipeline.train import run_train_backview
 

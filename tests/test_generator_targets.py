@@ -42,18 +42,18 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_targets_are_built_once_stored_and_joined_to_every_pair(dataset: Path):
     vae = _vae()
-    counts, failures = build_targets(dataset, vae)
+    store = TargetStore(dataset, vae)
+    counts, failures = build_targets(store)
     assert counts == {"encoded": 2, "failed": 1}
     (reason,) = failures.values()
     assert "not a local file" in reason
-    assert build_targets(dataset, vae)[0] == {"cached": 2, "failed": 1}  # resumable: nothing re-encoded
+    assert build_targets(store)[0] == {"cached": 2, "failed": 1}  # resumable: nothing re-encoded
 
-    records = list(generator_records(dataset, vae))
+    records = list(generator_records(store))
     assert len(records) == 12  # 2 assets with targets x 6 pairs; the third asset's pairs are skipped
     first = records[0]
     assert first["front"].startswith(b"\x89PNG") and first["back"].startswith(b"\x89PNG")
     assert first["latent"].shape == (8, 16, 16, 16) and first["latent"].dtype == np.float32
-    store = TargetStore(dataset, vae)
     sha = next(p.stem for p in store.root.rglob("*.safetensors"))
     stored = store.get(sha)
     asset = next(Path(p) for p in (dataset / "procedural").rglob("*.glb") if sha in _sha_of(p))
@@ -76,7 +76,7 @@ def test_another_encoder_gets_its_own_store(dataset: Path):
 
 def test_a_folder_without_an_index_is_refused(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="no shard index"):
-        build_targets(tmp_path, _vae())
+        build_targets(TargetStore(tmp_path, _vae()))
 
 
 def test_data_targets_command(dataset: Path, tmp_path: Path):

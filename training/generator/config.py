@@ -20,11 +20,6 @@ class HiddenStatesConfig(StrictModel):
     """H: hidden states of the frozen back-view model (base + our LoRA) while it generates the back
     view from the front view, captured at one denoising step (early exit after it)."""
 
-    mode: Literal["cached", "online"] = Field(
-        default="cached",
-        description="cached = a Ray pre-pass writes one file per pair (build_hidden_cache); online = the trainer "
-        "calls hidden_states.capture itself on its own copy of the pipeline.",
-    )
     model: str = Field(
         default="Qwen/Qwen-Image-Edit-2511", description="Base pipeline: hub id, local folder or 'debug:<name>'."
     )

@@ -23,13 +23,14 @@ hook raises a private exception that unwinds the pipeline: later blocks, the neg
 step and all later steps are not run. The states equal those of a full run with the same seed at
 that step (tested).
 
-Modes. ``mode: cached`` = :func:`build_hidden_cache`, a Ray pre-pass (capture actors via
+Two ways to get H. Cached: :func:`build_hidden_cache` (``know3d data hidden-states``), a Ray pre-pass (capture actors via
 :func:`know3d.core.fanout.run_bounded`, one shard per call) writing one ``<key>.safetensors`` per
 pair (``hidden`` in the storage dtype + metadata: prompt, description, layers, step, timestep),
 atomically, skipped when present (resumable), in a folder tagged by every setting that changes
 the states (model, LoRA sha256, layers, fraction, steps, CFG, prompt probability, seed, pooling,
-dtype, ...). ``mode: online`` = the trainer holds a pipeline (:func:`load_backview_pipeline`) and
-calls :func:`capture` (or :func:`capture_pair`) itself per sample.
+dtype, ...). Online: a trainer holds a pipeline (:func:`load_backview_pipeline`) and calls
+:func:`capture` (or :func:`capture_pair`) itself per sample; the generator trainer's switch
+between the two comes with that trainer.
 """
 
 from __future__ import annotations

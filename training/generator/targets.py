@@ -51,6 +51,7 @@ class TargetStore:
     """One data build's targets for one encoder and grid resolution."""
 
     def __init__(self, dataset: Path, vae: SSVae) -> None:
+        self.dataset = Path(dataset)
         self.vae = vae
         self.resolution = vae.cfg.resolution
         self.encoder = encoder_digest(vae)
@@ -93,14 +94,13 @@ def _rendered_assets(dataset: Path) -> Iterator[dict]:
         yield json.loads(file.read_text())
 
 
-def build_targets(dataset: Path, vae: SSVae) -> tuple[dict[str, int], dict[str, str]]:
-    """Occupancy + latent of every rendered asset of ``dataset`` (those already stored are
-    skipped). The asset file is the record's ``uri`` when it is a local file (local and
-    procedural sources). Returns counts per status and a reason per failed asset."""
-    store = TargetStore(dataset, vae)
+def build_targets(store: TargetStore) -> tuple[dict[str, int], dict[str, str]]:
+    """Occupancy + latent of every rendered asset of the store's data build (those already
+    stored are skipped). The asset file is the record's ``uri`` when it is a local file (local
+    and procedural sources). Returns counts per status and a reason per failed asset."""
     counts: Counter[str] = Counter()
     failures: dict[str, str] = {}
-    for summary in _rendered_assets(dataset):
+    for summary in _rendered_assets(store.dataset):
         sha, uri = summary["sha256"], summary.get("uri") or ""
         if store.path(sha).is_file():
             counts["cached"] += 1
@@ -116,12 +116,11 @@ def build_targets(dataset: Path, vae: SSVae) -> tuple[dict[str, int], dict[str, 
     return dict(counts), failures
 
 
-def generator_records(dataset: Path, vae: SSVae, split: str = "train") -> Iterator[dict]:
+def generator_records(store: TargetStore, split: str = "train") -> Iterator[dict]:
     """One record per pair: ``key``, ``front``/``back`` (PNG bytes), ``components``,
     ``coords`` (occupied voxels) and ``latent``. Pairs whose asset has no stored target are
     skipped (build them with :func:`build_targets`)."""
-    store = TargetStore(dataset, vae)
-    urls = resolve_shards([str(dataset)], split)[0]
+    urls = resolve_shards([str(store.dataset)], split)[0]
     for sample in iter_samples([Path(u) for u in urls]):
         meta = json.loads(sample["json"])
         target = store.get(meta["asset_id"])
