@@ -73,6 +73,13 @@ eval_app = typer.Typer(
     epilog="Example: know3d eval backviews --pred runs/bv/pred --gt runs/bv/gt --output runs/eval-backviews",
 )
 app.add_typer(eval_app, name="eval")
+models_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="Inspect the full-size model architectures (for checking real checkpoints).",
+    epilog="Example: know3d models keys ss-encoder > ss_encoder_keys.json",
+)
+app.add_typer(models_app, name="models")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -661,3 +668,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+@models_app.command("keys", cls=_Command, epilog="Example: know3d models keys dinov3-vitl16 > dinov3_keys.json")
+def models_keys_cmd(
+    name: Annotated[str, typer.Argument(help="Architecture: ss-encoder, ss-decoder, dinov3-vitl16.")],
+) -> None:
+    """Print a full-size architecture's checkpoint {key: shape} as JSON (built on the meta device)."""
+    from know3d.training.generator.architectures import architecture_keys
+
+    try:
+        keys = architecture_keys(name)
+    except KeyError as exc:
+        err.print(f"[red]error:[/red] {escape(exc.args[0])}")
+        raise typer.Exit(2) from None
+    sys.stdout.write(json.dumps(keys, indent=1) + "\n")
+
+
+@models_app.command("list", cls=_Command)
+def models_list_cmd() -> None:
+    """The architectures `know3d models keys` knows."""
+    from know3d.training.generator.architectures import ARCHITECTURES
+
+    for name, (about, _) in ARCHITECTURES.items():
+        out.print(f"{name:16} {escape(about)}")

@@ -23,6 +23,9 @@ except ImportError:
     pass
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = next(
+    (p for p in (REPO / "shared" / "reference", REPO.parent / "shared" / "reference") if p.is_dir()), None
+)
 SHARED_ASSETS = next((p for p in (REPO / "shared" / "assets", REPO.parent / "shared" / "assets") if p.is_dir()), None)
 REAL_ASSETS = [
     "BoxTextured.glb",
@@ -96,3 +99,11 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_reference() -> Path:
+    """../shared/reference: key/shape lists of the official checkpoints."""
+    if SHARED_REFERENCE is None:
+        pytest.skip("../shared/reference not found (key lists of the official checkpoints)")
+    return SHARED_REFERENCE

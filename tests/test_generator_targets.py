@@ -94,3 +94,65 @@ def test_data_targets_command(dataset: Path, tmp_path: Path):
     empty.mkdir()
     res = CliRunner().invoke(app, ["data", "targets", "--dataset", str(dataset), "--ss-vae", str(empty)])
     assert res.exit_code == 2 and "no-weights" in res.output
+
+
+def test_generator_loader_joins_pairs_targets_hidden_states_and_front_features(dataset: Path, tmp_path: Path):
+    """What the generator trains on, per pair: front view, description/prompt, occupancy, SS latent,
+    H (or an ablation variant) and the front's DINOv3 tokens."""
+    from know3d.core.shards import resolve_shards
+    from know3d.training.debug_models import DEBUG_EDIT_MODEL
+    from know3d.training.generator.config import HiddenStatesConfig
+    from know3d.training.generator.data import GeneratorDataError, GeneratorPairs, collate
+    from know3d.training.generator.dino import front_features
+    from know3d.training.generator.hidden_states import build_hidden_cache, cache_folder
+    from tests.test_hidden_states import LocalRay
+
+    store = TargetStore(dataset, _vae())
+    build_targets(store)
+    hidden = HiddenStatesConfig(
+        model=DEBUG_EDIT_MODEL,
+        image_size=32,
+        layers=[0, 1],
+        steps=2,
+        compute_dtype="float32",
+        cache_dir=str(tmp_path / "h"),
+        variants=["hidden", "vae_latent"],
+        prompt_probability=1.0,
+    )
+    urls, _ = resolve_shards([str(dataset)], "train")
+    assert build_hidden_cache(hidden, urls, LocalRay()) == {"encoded": 18}
+    folder = cache_folder(hidden)
+    first_key = sorted(p.stem for p in folder.glob("*.safetensors"))[0]
+    (folder / f"{first_key}.safetensors").unlink()
+
+    dino = front_features("debug", 32)
+    pairs = GeneratorPairs(dataset, store.root, "hidden", folder, dino=dino)
+    assert len(pairs) == 11 and dict(pairs.skipped) == {"no_target": 6, "no_condition": 1}
+    record = pairs[0]
+    assert record["latent"].shape == (8, 16, 16, 16) and record["occupancy"].shape == (32, 32, 32)
+    assert record["occupancy"].sum() > 0 and record["front"].mode == "RGBA"
+    assert record["condition"].shape == (16, 2 * 32) and record["condition"].dtype == torch.float32
+    assert record["components"] == [] and record["prompt"] == hidden.instruction  # no annotation here
+    assert record["dino"].shape == (9, 32)
+    assert torch.equal(record["dino"], dino.encode([record["front"]])[0])
+    stored = store.get(record["asset"])
+    assert np.array_equal(
+        np.argwhere(record["occupancy"].numpy()), stored["coords"][np.lexsort(stored["coords"].T[::-1])]
+    )
+    assert torch.equal(record["latent"], torch.from_numpy(stored["latent"]))
+    batch = collate([pairs[0], pairs[1]])
+    assert batch["latent"].shape == (2, 8, 16, 16, 16) and batch["condition"].shape == (2, 16, 64)
+    assert len(batch["front"]) == 2
+
+    latent = GeneratorPairs(dataset, store.root, "vae_latent", folder)
+    assert latent[0]["condition"].shape == (16, 16) and "dino" not in latent[0]
+    plain = GeneratorPairs(dataset, store.root, "none")
+    assert len(plain) == 12 and plain[0]["condition"] is None
+    with pytest.raises(GeneratorDataError, match="no 'dino_back' tensor"):
+        GeneratorPairs(dataset, store.root, "dino_back", folder)[0]
+    with pytest.raises(GeneratorDataError, match="needs the hidden-state cache folder"):
+        GeneratorPairs(dataset, store.root, "hidden", tmp_path / "nowhere")
+    with pytest.raises(GeneratorDataError, match="no target store"):
+        GeneratorPairs(dataset, tmp_path / "none", "none")
+    with pytest.raises(GeneratorDataError, match="not one of"):
+        GeneratorPairs(dataset, store.root, "H")

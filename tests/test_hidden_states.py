@@ -208,8 +208,9 @@ def test_cache_is_deterministic_resumes_and_is_keyed_by_the_lora(tmp_path, shard
     folder = hs.cache_folder(cfg)
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     assert files == ["s0p0.safetensors", "s0p1.safetensors", "s1p0.safetensors", "s1p1.safetensors"]
-    hidden, meta = hs.load_entry(folder, "s0p1")
-    assert hidden.dtype == torch.bfloat16 and hidden.shape == (4, 2 * 32)
+    tensors, meta = hs.load_entry(folder, "s0p1")
+    hidden = tensors["hidden"]
+    assert list(tensors) == ["hidden"] and hidden.dtype == torch.bfloat16 and hidden.shape == (4, 2 * 32)
     assert meta["prompt"].startswith(cfg.instruction) and json.loads(meta["layers"]) == [0, 1]
     assert meta["description"] in ("", "a handle", "a zipper")
 
@@ -233,6 +234,51 @@ def test_cache_is_deterministic_resumes_and_is_keyed_by_the_lora(tmp_path, shard
     assert hs.cache_folder(cfg.model_copy(update={"lora": str(changed)})) != folder
     for change in ({"seed": 1}, {"layers": [1]}, {"fraction": 0.5}, {"dtype": "fp16"}, {"pool_k": 4}):
         assert hs.cache_folder(cfg.model_copy(update=change)) != folder
+
+
+def test_ablation_variants_come_from_the_same_pass(pipe, front):
+    """vae_latent = the finished sampler's latent tokens; dino_back = DINOv3 of its decoded image;
+    H from that pass equals the early-exit H (the full run only adds steps after the capture)."""
+    from know3d.training.edit_model import to_pil, vae_image_size
+    from know3d.training.generator.dino import front_features
+
+    dino = front_features("debug", 32)
+    cfg = _cfg(variants=["hidden", "vae_latent", "dino_back"])
+    out = hs.capture(pipe, front, "p", cfg, seed=3, dino=dino)
+    early = hs.capture(pipe, front, "p", _cfg(), seed=3)
+    assert torch.equal(out["hidden"], early["hidden"])
+    assert out["transformer_calls"] == 2 * cfg.steps > early["transformer_calls"]  # CFG: 2 calls per step
+    grid = SIZE // pipe.vae_scale_factor // 2
+    tokens = grid**2
+    assert out["vae_latent"].shape == (tokens, 4 * pipe.vae.config.z_dim)
+    with vae_image_size(SIZE * SIZE):  # as capture() runs the pipeline
+        full = pipe(
+            image=[to_pil(front)],
+            prompt="p",
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=cfg.steps,
+            generator=torch.Generator().manual_seed(3),
+            output_type="latent",
+            true_cfg_scale=cfg.cfg_scale,
+            negative_prompt=" ",
+        ).images[0]
+    assert torch.allclose(out["vae_latent"], full.float(), atol=1e-6)
+    image = hs.decode_packed(pipe, full[None], (grid, grid))
+    assert image.shape == (3, SIZE, SIZE) and -1 <= image.min() <= image.max() <= 1
+    assert torch.allclose(out["dino_back"], dino.encode([to_pil(image)])[0], atol=1e-5)
+    assert out["dino_back"].shape == (1 + 4 + (32 // 16) ** 2, dino.dim)
+    only = hs.capture(pipe, front, "p", _cfg(variants=["vae_latent"]), seed=3)
+    assert "hidden" not in only and torch.equal(only["vae_latent"], out["vae_latent"])
+
+
+def test_cache_stores_the_variants_and_keys_the_dino(tmp_path, shards):
+    cfg = _cfg(cache_dir=str(tmp_path), variants=["hidden", "dino_back"], dino="debug", dino_resolution=32)
+    assert hs.build_hidden_cache(cfg, shards[:1], LocalRay()) == {"encoded": 2}
+    tensors, _ = hs.load_entry(hs.cache_folder(cfg), "s0p0")
+    assert sorted(tensors) == ["dino_back", "hidden"] and tensors["dino_back"].shape == (9, 32)
+    assert hs.cache_folder(cfg.model_copy(update={"dino": "debug:1"})) != hs.cache_folder(cfg)
+    assert hs.cache_folder(cfg.model_copy(update={"variants": ["hidden"]})) != hs.cache_folder(cfg)
 
 
 def test_capture_pair_records_the_stochastic_prompt(pipe):
@@ -262,8 +308,10 @@ def test_bad_inputs_give_short_clear_errors(tmp_path, pipe, front):
         hs.capture_pair(pipe, _cfg(), {"key": "k9", "front": None, "components": []})
     with pytest.raises(ValueError, match=r"layers \[5\] out of range: the transformer has 2 blocks"):
         hs.capture(pipe, front, "p", _cfg(layers=[0, 5]))
-    with pytest.raises(ValueError, match="not implemented yet"):
-        _cfg(variants=["hidden", "dino_back"])
+    with pytest.raises(ValueError, match="needs a DINOv3 model"):
+        hs.capture(pipe, front, "p", _cfg(variants=["hidden", "dino_back"]))
+    with pytest.raises(ValueError, match="variants must be distinct"):
+        _cfg(variants=["hidden", "hidden"])
     with pytest.raises(ValueError, match="distinct non-negative"):
         _cfg(layers=[1, 1])
 

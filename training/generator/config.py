@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from know3d.core.config import RayConfig, StrictModel, TrackingConfig
 from know3d.training.prompting import DEFAULT_INSTRUCTION
@@ -13,7 +13,7 @@ from know3d.training.prompting import DEFAULT_INSTRUCTION
 # 60-block Qwen-Image-Edit-2511 MMDiT, skipping the first and the last quarter-block where the
 # features are closest to the patch embedding / to the velocity output.
 DEFAULT_LAYERS = [12, 24, 36, 48]
-IMPLEMENTED_VARIANTS = {"hidden"}
+DINOV3_VITL16_HUB_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 
 
 class HiddenStatesConfig(StrictModel):
@@ -58,8 +58,16 @@ class HiddenStatesConfig(StrictModel):
     )
     pool_k: int = Field(default=2, ge=1)
     variants: list[Literal["hidden", "vae_latent", "dino_back"]] = Field(
-        default_factory=lambda: ["hidden"], min_length=1, description="What the generator conditions on."
+        default_factory=lambda: ["hidden"],
+        min_length=1,
+        description="What the pass stores (paper §4.3): hidden = H at the capture step (early exit); "
+        "vae_latent = the fully denoised back-view latent tokens; dino_back = DINOv3 features of the decoded "
+        "generated back view. Either ablation variant runs the sampler to the end.",
     )
+    dino: str = Field(
+        default=DINOV3_VITL16_HUB_ID, description="DINOv3 for dino_back: hub id, local folder or 'debug[:seed]'."
+    )
+    dino_resolution: int = Field(default=512, ge=16, description="DINOv3 input side (TRELLIS.2: 512).")
     cache_dir: str = Field(default="hidden_cache", description="Root of the cache; a tag folder per setting.")
     concurrency: int = Field(default=1, ge=1, description="Capture actors (one shard at a time each).")
     num_gpus_per_worker: float = Field(default=1.0, ge=0, description="Used only when the cluster has GPUs.")
@@ -71,18 +79,21 @@ class HiddenStatesConfig(StrictModel):
             raise ValueError(f"layers must be distinct non-negative block indices, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _variants(self) -> HiddenStatesConfig:
-        missing = [v for v in self.variants if v not in IMPLEMENTED_VARIANTS]
-        if missing:
-            raise ValueError(
-                f"variants {missing} are not implemented yet (implemented: {sorted(IMPLEMENTED_VARIANTS)})"
-            )
-        return self
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"variants must be distinct, got {value}")
+        return value
 
     @property
     def pool(self) -> int:
         return self.pool_k if self.pooling == "avg" else 1
+
+    @property
+    def full_run(self) -> bool:
+        """The ablation variants need the finished back view: no early exit."""
+        return any(v != "hidden" for v in self.variants)
 
     def capture_step(self) -> int:
         return min(self.steps - 1, int(self.fraction * self.steps))

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from know3d.training.generator.config import DINOV3_VITL16_HUB_ID
+
 __all__ = [
     "DINOV3_VITL16_CONFIG",
     "DINOV3_VITL16_HUB_ID",
@@ -43,14 +45,15 @@ __all__ = [
     "FrontViewError",
     "alpha_crop_box",
     "build_debug_dino",
+    "checkpoint_key",
     "crop_front_view",
     "debug_dino_config",
     "dinov3_vitl16_config",
+    "front_features",
     "load_dino",
     "num_tokens",
 ]
 
-DINOV3_VITL16_HUB_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ALPHA_THRESHOLD = 0.8 * 255  # upstream: bbox of alpha > 0.8 * 255
@@ -126,6 +129,13 @@ def build_debug_dino(seed: int = 0, **config_kwargs):
     return model.eval()
 
 
+def checkpoint_key(module_key: str) -> str:
+    """The on-disk name of a ``DINOv3ViTModel`` state_dict key: released checkpoints store the
+    blocks as ``layer.N.*``; transformers renames them to ``model.layer.N.*`` on load (its
+    ``conversion_mapping`` for ``dinov3_vit``)."""
+    return module_key[len("model.") :] if module_key.startswith("model.layer.") else module_key
+
+
 def _has_safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
@@ -150,6 +160,17 @@ def load_dino(source: str | Path = DINOV3_VITL16_HUB_ID, *, device="cpu", dtype:
         kwargs["dtype"] = dtype
     model = DINOv3ViTModel.from_pretrained(str(source), **kwargs)
     return model.to(device).eval()
+
+
+def front_features(source: str, resolution: int = 512, *, device="cpu", dtype=None) -> FrontFeatures:
+    """A :class:`FrontFeatures` from a config string: a hub id or folder (:func:`load_dino`), or
+    ``debug`` / ``debug:<seed>`` for the tiny random model built in code."""
+    if source == "debug" or source.startswith("debug:"):
+        seed = int(source.partition(":")[2] or 0)
+        features = FrontFeatures(build_debug_dino(seed), resolution=resolution)
+        features.model.to(device)
+        return features
+    return FrontFeatures.from_pretrained(source, device=device, dtype=dtype, resolution=resolution)
 
 
 def _open_bounded(path: Path, max_pixels: int) -> Image.Image:

@@ -55,6 +55,7 @@ from know3d.training.prompting import stochastic_prompt
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 STORAGE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VARIANT_TENSORS = ("hidden", "vae_latent", "dino_back")
 log = logging.getLogger(__name__)
 
 
@@ -125,6 +126,9 @@ def cache_folder(cfg: HiddenStatesConfig) -> Path:
         ),
         "pool": cfg.pool,
     }
+    if "dino_back" in cfg.variants:
+        key.update(dino=model_identity(cfg.dino) if not cfg.dino.startswith("debug") else cfg.dino)
+        key.update(dino_resolution=cfg.dino_resolution)
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.cache_dir) / tag
 
@@ -156,21 +160,38 @@ def pool_tokens(states, grid: tuple[int, int], k: int):
     return F.avg_pool2d(x, k).squeeze(0).permute(1, 2, 0).reshape((h // k) * (w // k), -1)
 
 
-def capture(pipe, front: np.ndarray, prompt: str, cfg: HiddenStatesConfig, seed: int | None = None, early_exit=True):
+def capture(
+    pipe,
+    front: np.ndarray,
+    prompt: str,
+    cfg: HiddenStatesConfig,
+    seed: int | None = None,
+    early_exit: bool = True,
+    dino=None,
+):
     """Run the back-view sampler on ``front`` ([3, H, W] in [-1, 1], ``cfg.image_size``) with
     ``prompt`` and return ``{"hidden": float32 [T, L·C] (pooled when configured), "layers",
-    "step", "timestep", "grid", "prompt", "transformer_calls"}``. ``early_exit=False`` lets the
-    sampler finish (for comparison only)."""
+    "step", "timestep", "grid", "prompt", "transformer_calls"}``, plus per ablation variant in
+    ``cfg.variants``: ``"vae_latent"`` (float32 [T, 4·z], the finished back view's packed,
+    normalized latent tokens) and ``"dino_back"`` (float32 [1029, 1024] at full size: ``dino``'s
+    features of the decoded back view; ``dino`` is a :class:`FrontFeatures`). ``hidden`` is
+    absent when ``cfg.variants`` does not ask for it. The sampler exits early unless a variant
+    needs the finished view or ``early_exit=False`` (for comparison only)."""
     import torch
 
     from know3d.training.edit_model import to_pil, vae_image_size
 
     blocks = pipe.transformer.transformer_blocks
-    bad = [i for i in cfg.layers if i >= len(blocks)]
+    want_hidden = "hidden" in cfg.variants
+    layers = list(cfg.layers) if want_hidden else []
+    early_exit = early_exit and not cfg.full_run
+    if "dino_back" in cfg.variants and dino is None:
+        raise ValueError("variant dino_back needs a DINOv3 model (capture(..., dino=front_features(cfg.dino)))")
+    bad = [i for i in layers if i >= len(blocks)]
     if bad:
         raise ValueError(f"layers {bad} out of range: the transformer has {len(blocks)} blocks")
     step = cfg.capture_step()
-    last = max(cfg.layers)
+    last = max(layers, default=-1)
     state: dict[str, Any] = {"step": 0, "call": 0, "calls": 0, "active": False, "tokens": 0, "grid": None}
     captured: dict[int, torch.Tensor] = {}
 
@@ -199,12 +220,13 @@ def capture(pipe, front: np.ndarray, prompt: str, cfg: HiddenStatesConfig, seed:
         return {}
 
     handles = [pipe.transformer.register_forward_pre_hook(before_transformer, with_kwargs=True)]
-    handles += [blocks[i].register_forward_hook(after_block(i)) for i in cfg.layers]
+    handles += [blocks[i].register_forward_hook(after_block(i)) for i in layers]
     guidance = {"true_cfg_scale": cfg.cfg_scale, "negative_prompt": " "} if cfg.cfg_scale > 1 else {}
     seed = cfg.seed if seed is None else seed
+    result = None
     try:
         with torch.no_grad(), vae_image_size(cfg.image_size * cfg.image_size):
-            pipe(
+            result = pipe(
                 image=[to_pil(front)],
                 prompt=prompt,
                 height=cfg.image_size,
@@ -220,18 +242,42 @@ def capture(pipe, front: np.ndarray, prompt: str, cfg: HiddenStatesConfig, seed:
     finally:
         for handle in handles:
             handle.remove()
-    if len(captured) != len(cfg.layers):
+    if len(captured) != len(layers):
         raise RuntimeError(f"capture step {step} was not reached (captured layers {sorted(captured)})")
-    hidden = torch.cat([captured[i] for i in cfg.layers], dim=-1)
-    return {
-        "hidden": pool_tokens(hidden, state["grid"], cfg.pool),
-        "layers": list(cfg.layers),
+    out: dict[str, Any] = {}
+    if want_hidden:
+        out["hidden"] = pool_tokens(torch.cat([captured[i] for i in layers], dim=-1), state["grid"], cfg.pool)
+    if result is not None and cfg.full_run:
+        latent = result.images[:, : state["tokens"]].float()  # output_type="latent": packed [1, T, 4z]
+        if "vae_latent" in cfg.variants:
+            out["vae_latent"] = latent[0].cpu()
+        if "dino_back" in cfg.variants:
+            out["dino_back"] = dino.encode([to_pil(decode_packed(pipe, latent, state["grid"]))])[0].float().cpu()
+    return out | {
+        "layers": layers,
         "step": step,
         "timestep": state["timestep"],
         "grid": state["grid"],
         "prompt": prompt,
         "transformer_calls": state["calls"],
     }
+
+
+def decode_packed(pipe, packed, grid: tuple[int, int]) -> np.ndarray:
+    """Packed normalized latent tokens [1, T, 4z] on a (h/2, w/2) token grid -> image [3, H, W]
+    in [-1, 1] (the pipeline's own decode: unpack, de-normalize, VAE decode)."""
+    import torch
+
+    from know3d.training.edit_model import unpack_latents
+
+    z = pipe.vae.config.z_dim
+    mean = torch.tensor(pipe.vae.config.latents_mean, dtype=torch.float32).view(1, z, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1)
+    latents = unpack_latents(packed.float().cpu(), 2 * grid[0], 2 * grid[1]) * std + mean
+    param = next(pipe.vae.parameters())
+    with torch.no_grad():
+        image = pipe.vae.decode(latents.to(param.device, param.dtype), return_dict=False)[0][:, :, 0]
+    return image[0].float().clamp(-1, 1).cpu().numpy()
 
 
 def to_storage(hidden, dtype: str):
@@ -257,7 +303,7 @@ def load_backview_pipeline(cfg: HiddenStatesConfig, device=None):
     return pipe
 
 
-def capture_pair(pipe, cfg: HiddenStatesConfig, row: dict) -> dict:
+def capture_pair(pipe, cfg: HiddenStatesConfig, row: dict, dino=None) -> dict:
     """One pair (``key``, ``front`` PNG bytes or a [3, H, W] array, ``components``) -> :func:`capture`'s
     dict plus the description used; the prompt and noise follow (seed, key)."""
     from know3d.training.data import decode_image
@@ -269,7 +315,7 @@ def capture_pair(pipe, cfg: HiddenStatesConfig, row: dict) -> dict:
     if isinstance(front, (bytes, bytearray)):
         front = decode_image(bytes(front), cfg.image_size)
     prompt, description = pair_prompt(cfg, key, list(row.get("components") or []))
-    out = capture(pipe, front, prompt, cfg, seed=pair_seed(cfg.seed, key))
+    out = capture(pipe, front, prompt, cfg, seed=pair_seed(cfg.seed, key), dino=dino)
     out["description"] = description
     return out
 
@@ -315,8 +361,9 @@ def entry_bytes(out: dict, cfg: HiddenStatesConfig) -> bytes:
         "grid": json.dumps(list(out["grid"])),
         "pool": str(cfg.pool),
     }
+    tensors = {name: to_storage(out[name], cfg.dtype) for name in VARIANT_TENSORS if name in out}
     # one metadata key: safetensors writes a multi-key metadata map in hash order (files would differ)
-    return save({"hidden": to_storage(out["hidden"], cfg.dtype)}, metadata={"know3d": json.dumps(meta, sort_keys=True)})
+    return save(tensors, metadata={"know3d": json.dumps(meta, sort_keys=True)})
 
 
 class HiddenEncoder:
@@ -330,6 +377,12 @@ class HiddenEncoder:
         self.folder = cache_folder(self.cfg)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pipe = load_backview_pipeline(self.cfg)
+        self.dino = None
+        if "dino_back" in self.cfg.variants:
+            from know3d.training.generator.dino import front_features
+
+            device = next(self.pipe.transformer.parameters()).device
+            self.dino = front_features(self.cfg.dino, self.cfg.dino_resolution, device=device)
 
     def encode_shard(self, url: str, keys: list[str] | None = None) -> dict[str, int]:
         """Counts per status: ``encoded``, ``cached`` (file present) or ``no_front_view``."""
@@ -343,7 +396,7 @@ class HiddenEncoder:
                 counts["cached"] += 1
                 continue
             try:
-                out = capture_pair(self.pipe, self.cfg, row)
+                out = capture_pair(self.pipe, self.cfg, row, dino=self.dino)
             except MissingFrontView as exc:
                 log.warning("%s", exc)
                 counts["no_front_view"] += 1
@@ -382,12 +435,13 @@ def build_hidden_cache(cfg: HiddenStatesConfig, urls: list[str], ray: Any, keys:
     return dict(counts)
 
 
-def load_entry(folder: Path, key: str) -> tuple[Any, dict[str, str]]:
-    """(hidden [T, L·C] in the storage dtype, metadata) of one cached pair."""
+def load_entry(folder: Path, key: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """({variant: tensor in the storage dtype} — ``hidden`` [T, L·C], ``vae_latent``, ``dino_back``
+    as configured — and the metadata) of one cached pair."""
     from safetensors import safe_open
 
     path = Path(folder) / f"{key}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not in the hidden-state cache (run build_hidden_cache)")
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("hidden"), json.loads(f.metadata()["know3d"])
+        return {name: f.get_tensor(name) for name in f.keys()}, json.loads(f.metadata()["know3d"])

@@ -1,0 +1,34 @@
+"""`know3d models keys NAME`: the full-size architectures' checkpoint keys, built on meta, equal
+the reference lists of the official checkpoints (on-disk names)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from know3d.pipeline.cli import app
+
+REFERENCES = {
+    "ss-encoder": "trellis_ss_enc_conv3d_16l8.json",
+    "ss-decoder": "trellis_ss_dec_conv3d_16l8.json",
+    "dinov3-vitl16": "dinov3_vitl16.json",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_models_keys_prints_the_official_checkpoint_keys(name, shared_reference):
+    reference = json.loads((shared_reference / REFERENCES[name]).read_text())
+    expected = reference.get("checkpoint_keys") or reference["keys"]
+    res = CliRunner().invoke(app, ["models", "keys", name])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == expected
+
+
+def test_unknown_architecture_names_the_known_ones():
+    res = CliRunner().invoke(app, ["models", "keys", "ss-flw"])
+    assert res.exit_code == 2
+    assert "unknown architecture 'ss-flw'" in res.output and "ss-encoder" in res.output
+    listing = CliRunner().invoke(app, ["models", "list"])
+    assert listing.exit_code == 0 and all(name in listing.output for name in REFERENCES)

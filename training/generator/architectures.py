@@ -1,0 +1,56 @@
+"""Full-size architectures' checkpoint keys, for checking real weights (``know3d models keys``).
+
+Each entry builds the released model's architecture on the ``meta`` device (no memory, no
+weights) and lists ``{key: shape}`` under the names its official checkpoint uses, so a user can
+diff a downloaded file's keys against what our loaders expect before a long job starts::
+
+    know3d models keys ss-encoder > expected.json
+
+Later stages add their entries here (the generator's flows and VAEs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _shapes(module: torch.nn.Module, rename: Callable[[str], str] = str) -> dict[str, list[int]]:
+    return {rename(k): list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _ss_vae(part: str) -> dict[str, list[int]]:
+    from know3d.training.generator.ss_vae import SSVaeConfig, build
+
+    with torch.device("meta"):
+        return _shapes(build(part, SSVaeConfig.full()))
+
+
+def _dinov3() -> dict[str, list[int]]:
+    from transformers import DINOv3ViTModel
+
+    from know3d.training.generator.dino import checkpoint_key, dinov3_vitl16_config
+
+    with torch.device("meta"):
+        return _shapes(DINOv3ViTModel(dinov3_vitl16_config()), checkpoint_key)
+
+
+ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
+    "ss-encoder": (
+        "TRELLIS sparse-structure VAE encoder ss_enc_conv3d_16l8 (64³ -> 8x16³)",
+        lambda: _ss_vae("encoder"),
+    ),
+    "ss-decoder": (
+        "TRELLIS sparse-structure VAE decoder ss_dec_conv3d_16l8 (8x16³ -> 64³)",
+        lambda: _ss_vae("decoder"),
+    ),
+    "dinov3-vitl16": ("DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m), on-disk names", _dinov3),
+}
+
+
+def architecture_keys(name: str) -> dict[str, list[int]]:
+    """``{key: shape}`` of one full-size architecture; an unknown name lists the known ones."""
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[name][1]()

@@ -1,0 +1,202 @@
+"""The generator's loader: one record per pair from a data build, its targets and its condition.
+
+Everything the 3D generator trains on is joined by keys, never copied into new shards:
+
+* the pair (front view, description) from the data build's shards — indexed once by byte
+  offset, so a record reads one front PNG with one seek (random access, any shuffle);
+* the asset's targets (occupancy + SS latent) from the :mod:`~know3d.training.generator.targets`
+  store, by the pair's ``asset_id``;
+* the condition from the hidden-state cache (:mod:`~know3d.training.generator.hidden_states`),
+  by pair key: ``hidden`` (H), or an ablation variant ``vae_latent`` / ``dino_back``; ``none``
+  reads no condition (plain TRELLIS.2 fine-tuning);
+* the front view's DINOv3 tokens, computed from the front view by a frozen
+  :class:`~know3d.training.generator.dino.FrontFeatures` when one is given (TRELLIS.2 encodes the
+  image in the training step too; a trainer on a GPU passes ``dino=None`` and encodes the batch's
+  ``front`` images itself).
+
+Pairs whose target or condition is missing are left out and counted in ``skipped`` (a trainer
+logs them), so a partially built cache trains on what is there instead of failing mid-epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from know3d.core.shards import resolve_shards
+
+CONDITIONS = ("hidden", "vae_latent", "dino_back", "none")
+MAX_FRONT_PIXELS = 4096 * 4096
+
+
+class GeneratorDataError(Exception):
+    """The loader's inputs are unusable (the message names the file and why)."""
+
+
+@dataclass(frozen=True)
+class PairRef:
+    key: str
+    shard: str
+    offset: int  # byte offset of front.png's data in the (uncompressed) tar
+    size: int
+    asset: str  # asset sha256: the targets key
+    components: tuple[str, ...]
+
+
+def index_pairs(urls: list[str]) -> tuple[list[PairRef], Counter[str]]:
+    """Every pair of local, uncompressed tar shards with its front view's byte range (headers and
+    the small JSON are read; PNG payloads are skipped)."""
+    refs: list[PairRef] = []
+    skipped: Counter[str] = Counter()
+    for url in urls:
+        path = Path(url)
+        if not path.is_file() or path.suffix != ".tar":
+            raise GeneratorDataError(f"{url}: the generator's loader reads local .tar shards")
+        fronts: dict[str, tuple[int, int]] = {}
+        metas: dict[str, dict] = {}
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key, _, field = member.name.partition(".")
+                if not member.isfile():
+                    continue
+                if field == "front.png":
+                    fronts[key] = (member.offset_data, member.size)
+                elif field == "json":
+                    metas[key] = json.loads(tar.extractfile(member).read())
+        for key, meta in metas.items():
+            if key not in fronts:
+                skipped["no_front_view"] += 1
+                continue
+            refs.append(PairRef(key, str(path), *fronts[key], meta["asset_id"], tuple(meta.get("components") or ())))
+    return refs, skipped
+
+
+def read_front(ref: PairRef) -> Image.Image:
+    """The pair's front view (RGBA), decoded with a pixel cap."""
+    with open(ref.shard, "rb") as fh:
+        fh.seek(ref.offset)
+        data = fh.read(ref.size)
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > MAX_FRONT_PIXELS:
+        raise GeneratorDataError(f"{ref.key}.front.png: {image.width}x{image.height} exceeds the pixel cap")
+    return image.convert("RGBA")
+
+
+class GeneratorPairs(torch.utils.data.Dataset):
+    """Map-style dataset of a data build's pairs for the 3D generator.
+
+    ``targets``: a target store folder (``<dataset>/targets/r<res>-<encoder>``);
+    ``condition``: one of :data:`CONDITIONS`; ``condition_dir``: the hidden-state cache folder
+    (``cache_folder(cfg)``) holding that variant. A record is ``{key, asset, front (PIL RGBA),
+    components, latent float32 [8, r, r, r], occupancy bool [R, R, R], condition float32 [T, C]
+    | None, prompt, description}`` plus ``dino`` [N, D] when ``dino`` is given.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Path,
+        targets: str | Path,
+        condition: str = "hidden",
+        condition_dir: str | Path | None = None,
+        split: str = "train",
+        dino=None,
+        keys: list[str] | None = None,
+    ) -> None:
+        if condition not in CONDITIONS:
+            raise GeneratorDataError(f"condition '{condition}' is not one of {', '.join(CONDITIONS)}")
+        self.targets = Path(targets)
+        if not self.targets.is_dir():
+            raise GeneratorDataError(f"{self.targets}: no target store (run `know3d data targets`)")
+        self.condition = condition
+        self.condition_dir = Path(condition_dir) if condition_dir else None
+        if condition != "none" and (self.condition_dir is None or not self.condition_dir.is_dir()):
+            raise GeneratorDataError(
+                f"condition '{condition}' needs the hidden-state cache folder (run `know3d data hidden-states`), "
+                f"got {self.condition_dir}"
+            )
+        self.dino = dino
+        urls, _ = resolve_shards([str(dataset)], split)
+        if not urls:
+            raise GeneratorDataError(f"{dataset}: no {split} shards")
+        refs, self.skipped = index_pairs(urls)
+        wanted = set(keys) if keys is not None else None
+        self.refs: list[PairRef] = []
+        for ref in refs:
+            if wanted is not None and ref.key not in wanted:
+                continue
+            if not self._target_path(ref.asset).is_file():
+                self.skipped["no_target"] += 1
+            elif condition != "none" and not self._condition_path(ref.key).is_file():
+                self.skipped["no_condition"] += 1
+            else:
+                self.refs.append(ref)
+
+    def _target_path(self, sha: str) -> Path:
+        return self.targets / sha[:2] / f"{sha}.safetensors"
+
+    def _condition_path(self, key: str) -> Path:
+        assert self.condition_dir is not None
+        return self.condition_dir / f"{key}.safetensors"
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def target(self, sha: str) -> tuple[np.ndarray, np.ndarray]:
+        """(latent float32 [8, r, r, r], occupancy bool [R, R, R]) of one asset."""
+        from safetensors import safe_open
+
+        path = self._target_path(sha)
+        with safe_open(str(path), framework="np") as f:
+            resolution = int(f.metadata()["resolution"])
+            latent, coords = f.get_tensor("latent"), f.get_tensor("coords").astype(np.int64)
+        occupancy = np.zeros((resolution,) * 3, dtype=bool)
+        occupancy[tuple(coords.T)] = True
+        return latent.astype(np.float32), occupancy
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.refs[index]
+        latent, occupancy = self.target(ref.asset)
+        record: dict[str, Any] = {
+            "key": ref.key,
+            "asset": ref.asset,
+            "front": read_front(ref),
+            "components": list(ref.components),
+            "latent": torch.from_numpy(latent),
+            "occupancy": torch.from_numpy(occupancy),
+            "condition": None,
+            "prompt": None,
+            "description": None,
+        }
+        if self.condition != "none":
+            from know3d.training.generator.hidden_states import load_entry
+
+            tensors, meta = load_entry(self.condition_dir, ref.key)
+            if self.condition not in tensors:
+                raise GeneratorDataError(
+                    f"{self._condition_path(ref.key)}: no '{self.condition}' tensor "
+                    f"(the cache holds {sorted(tensors)}; set hidden.variants)"
+                )
+            record.update(
+                condition=tensors[self.condition].float(), prompt=meta["prompt"], description=meta["description"]
+            )
+        if self.dino is not None:
+            record["dino"] = self.dino.encode([record["front"]])[0].float().cpu()
+        return record
+
+
+def collate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch: tensors along a new first axis, the rest as lists."""
+    batch: dict[str, Any] = {}
+    for name in records[0]:
+        values = [r[name] for r in records]
+        batch[name] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
+    return batch
