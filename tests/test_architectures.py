@@ -32,3 +32,16 @@ def test_unknown_architecture_names_the_known_ones():
     assert "unknown architecture 'ss-flw'" in res.output and "ss-encoder" in res.output
     listing = CliRunner().invoke(app, ["models", "list"])
     assert listing.exit_code == 0 and all(name in listing.output for name in REFERENCES)
+
+
+def test_ss_flow_keys_are_the_official_ones_plus_the_branch(shared_reference):
+    from know3d.training.generator.ss_flow import is_branch_key
+
+    official = json.loads((shared_reference / "trellis2_ss_flow_1_3B.json").read_text())["keys"]
+    res = CliRunner().invoke(app, ["models", "keys", "ss-flow"])
+    assert res.exit_code == 0, res.output
+    keys = json.loads(res.stdout)
+    assert {k: v for k, v in keys.items() if not is_branch_key(k)} == official
+    branch = {k: v for k, v in keys.items() if is_branch_key(k)}
+    assert branch["know3d_hidden_proj.weight"] == [1536, 4 * 3072]
+    assert sum(1 for k in branch if k.startswith("blocks.29.")) > 0 and not set(branch) & set(official)

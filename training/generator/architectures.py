@@ -36,6 +36,12 @@ def _dinov3() -> dict[str, list[int]]:
         return _shapes(DINOv3ViTModel(dinov3_vitl16_config()), checkpoint_key)
 
 
+def _ss_flow() -> dict[str, list[int]]:
+    from know3d.training.generator.ss_flow import ss_flow_key_shapes
+
+    return ss_flow_key_shapes(branch=True)
+
+
 ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
     "ss-encoder": (
         "TRELLIS sparse-structure VAE encoder ss_enc_conv3d_16l8 (64³ -> 8x16³)",
@@ -44,6 +50,10 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
     "ss-decoder": (
         "TRELLIS sparse-structure VAE decoder ss_dec_conv3d_16l8 (8x16³ -> 64³)",
         lambda: _ss_vae("decoder"),
+    ),
+    "ss-flow": (
+        "TRELLIS.2 ss_flow_img_dit_1_3B_64 + the Know3D H branch (know3d_* keys; H = 4 layers x 3072)",
+        _ss_flow,
     ),
     "dinov3-vitl16": ("DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m), on-disk names", _dinov3),
 }
