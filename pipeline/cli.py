@@ -429,6 +429,90 @@ def train_backview(
     out.print(f"LoRA -> {metrics['lora']}")
 
 
+@train_app.command(
+    "generator",
+    cls=_Command,
+    epilog="Example: know3d train generator configs/generator_ss_debug.yaml --dataset runs/geo --fresh",
+)
+def train_generator(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (e.g. configs/generator_ss_debug.yaml).")] = None,
+    dataset: Annotated[
+        Path | None, typer.Option("--dataset", help="Data build with targets; default: the config's data.dataset.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Run folder (checkpoints, generator); default: the config's output.")
+    ] = None,
+    set_: Annotated[list[str] | None, _set_opt("model.condition=vae_latent")] = None,
+    address: AddressOpt = None,
+    fresh: Annotated[bool, _flag("--fresh", "Ignore existing checkpoints and start over.")] = False,
+) -> None:
+    """The Know3D generator's stage 1 (TRELLIS.2 sparse-structure flow + H branch); resumes."""
+    _quiet_libraries()
+    from know3d.training.generator.config import TrainGeneratorConfig
+
+    flags = {"data.dataset": dataset and str(dataset), "output": output and str(output), "ray.address": address}
+    cfg = _load(config, set_, flags, TrainGeneratorConfig)
+    from know3d.core.runtime import UsageError
+    from know3d.pipeline.train import run_train_generator
+    from know3d.training.generator.data import GeneratorDataError
+
+    try:
+        metrics = run_train_generator(cfg, fresh=fresh)
+    except (ValueError, FileNotFoundError, UsageError, GeneratorDataError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "val_iou", "val_chamfer") and v is not None}
+    out.print(f"generator -> {metrics['generator']}  " + "  ".join(f"{k} {v}" for k, v in shown.items()))
+
+
+@train_app.command(
+    "ablation",
+    cls=_Command,
+    epilog="Example: know3d train ablation configs/generator_ss_debug.yaml --output runs/ablation "
+    "--variants hidden,vae_latent,dino_back,none",
+)
+def train_ablation(
+    config: Annotated[Path | None, typer.Argument(help="Generator config shared by every variant.")] = None,
+    output: Annotated[Path, typer.Option("--output", help="Folder: one run per variant, ablation.md.")] = Path(
+        "runs/ablation"
+    ),
+    variants: Annotated[
+        str, typer.Option("--variants", help="Comma-separated model.condition values.")
+    ] = "hidden,vae_latent,dino_back,none",
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="Data build; default: the config's.")] = None,
+    heldout: Annotated[int, typer.Option("--heldout", help="Held-out (val split) assets scored.")] = 8,
+    set_: Annotated[list[str] | None, _set_opt("schedule.max_steps=500")] = None,
+    eval_set: Annotated[
+        list[str] | None,
+        typer.Option("--eval-set", help="Evaluation override (repeatable), e.g. semantic.enabled=true."),
+    ] = None,
+    address: AddressOpt = None,
+    fresh: Annotated[bool, _flag("--fresh", "Retrain every variant from scratch.")] = False,
+) -> None:
+    """The conditioning ablation (paper §4.3): train each variant, score held-out shapes, one table."""
+    _quiet_libraries()
+    from know3d.training.generator.config import TrainGeneratorConfig
+
+    flags = {"data.dataset": dataset and str(dataset), "ray.address": address}
+    cfg = _load(config, set_, flags, TrainGeneratorConfig)
+    from know3d.core.runtime import UsageError
+    from know3d.pipeline.ablation import run_ablation
+    from know3d.training.generator.data import GeneratorDataError
+
+    try:
+        result = run_ablation(
+            cfg, [v.strip() for v in variants.split(",") if v.strip()], output, eval_set, heldout, fresh
+        )
+    except (ValueError, FileNotFoundError, UsageError, GeneratorDataError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(Path(result["table"]).read_text())
+    out.print(f"table -> {result['table']}")
+
+
 @generate_app.command(
     "backview",
     cls=_Command,
@@ -579,6 +663,41 @@ FreshOpt = Annotated[
 ]
 
 
+@generate_app.command(
+    "shape",
+    cls=_Command,
+    epilog="Example: know3d generate shape --image front.png --prompt 'a zipper and two straps' "
+    "--backview-lora runs/train-backview-debug/lora --generator runs/train-generator-debug/generator --output out/",
+)
+def generate_shape_cmd(
+    image: Annotated[Path, typer.Option("--image", help="Front view (RGBA PNG with the object on transparency).")],
+    generator: Annotated[Path, typer.Option("--generator", help="An exported generator (<run>/generator).")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for back.png, occupancy.npz, mesh.glb.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="What the back shows (optional).")] = None,
+    backview_lora: Annotated[
+        Path | None,
+        typer.Option("--backview-lora", help="Back-view LoRA folder; default: the one the generator was trained with."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps (default: 12, TRELLIS.2).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", help="Guidance strength (default: 7.5).")] = None,
+) -> None:
+    """Front view (+ description of the back) -> back view -> H -> sparse structure -> mesh (GLB)."""
+    _quiet_libraries()
+    from know3d.training.generator.generate import generate_shape
+    from know3d.training.generator.model import GeneratorLoadError
+
+    overrides = {k: v for k, v in (("steps", steps), ("guidance_strength", cfg_scale)) if v is not None}
+    try:
+        summary = generate_shape(image, generator, output, prompt, backview_lora, seed, overrides)
+    except (GeneratorLoadError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(f"back view -> {summary['back']}")
+    out.print(f"occupancy -> {summary['occupancy']} ({summary['occupied_voxels']} voxels)")
+    out.print(f"mesh -> {summary['mesh']}" if summary["mesh"] else "mesh: none (empty occupancy)")
+
+
 @eval_app.command(
     "shapes",
     cls=_Command,
@@ -672,7 +791,9 @@ if __name__ == "__main__":
 
 @models_app.command("keys", cls=_Command, epilog="Example: know3d models keys dinov3-vitl16 > dinov3_keys.json")
 def models_keys_cmd(
-    name: Annotated[str, typer.Argument(help="Architecture: ss-encoder, ss-decoder, ss-flow, dinov3-vitl16 (know3d models list).")],
+    name: Annotated[
+        str, typer.Argument(help="Architecture: ss-encoder, ss-decoder, ss-flow, dinov3-vitl16 (know3d models list).")
+    ],
 ) -> None:
     """Print a full-size architecture's checkpoint {key: shape} as JSON (built on the meta device)."""
     from know3d.training.generator.architectures import architecture_keys

@@ -100,3 +100,66 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
 
         metrics = fit_on_ray(run_worker, cfg, ray)
     return {**metrics, **where}
+
+
+# --------------------------------------------------------------------------- the 3D generator
+
+
+def prepare_generator(cfg):
+    """Absolute paths and the inputs checked in the driver (a bad dataset, missing targets or an
+    empty hidden-state cache fail here, in one line, before Ray starts)."""
+    from know3d.training.generator.config import TrainGeneratorConfig
+    from know3d.training.generator.train import open_pairs
+
+    cfg: TrainGeneratorConfig = cfg.model_copy(deep=True)
+    if not cfg.data.dataset:
+        raise ValueError("data.dataset is empty: give a data build, e.g. --dataset runs/geo")
+    cfg.output = str(check_output(cfg.output))
+    cfg.data.dataset = str(Path(cfg.data.dataset).resolve())
+    if cfg.data.targets:
+        cfg.data.targets = str(Path(cfg.data.targets).resolve())
+    for field in ("base", "ss_decoder", "dino"):  # local folders: absolute (hub ids and 'debug' stay)
+        value = getattr(cfg.model, field)
+        if Path(value).exists():
+            setattr(cfg.model, field, str(Path(value).resolve()))
+    hidden = cfg.data.hidden
+    hidden.cache_dir = str(Path(hidden.cache_dir).resolve())
+    if hidden.lora and not hidden.lora.startswith("debug"):
+        hidden.lora = str(Path(hidden.lora).resolve())
+    if cfg.mlflow.enabled:
+        cfg.mlflow.tracking_uri = check_uri(
+            cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        )
+    pairs = open_pairs(cfg, "train")
+    if len(pairs) == 0:
+        raise ValueError(f"{cfg.data.dataset}: no training pairs with targets and conditions ({dict(pairs.skipped)})")
+    return cfg
+
+
+def run_train_generator(cfg, fresh: bool = False) -> dict:
+    """Train the generator's stage 1 on Ray Train; returns the final metrics and where things are."""
+    from know3d.training.engine.launch import fit_on_ray, forget_run, last_checkpoint, output_line
+    from know3d.training.generator.model import META_FILE
+    from know3d.training.generator.train import GENERATOR_DIR, run_worker
+
+    cfg = prepare_generator(cfg)
+    folder = Path(cfg.output) / GENERATOR_DIR
+    where = {"output": cfg.output, "generator": str(folder)}
+    if fresh:
+        forget_run(cfg, leftovers=(GENERATOR_DIR, "validation"))
+    else:
+        state = last_checkpoint(cfg)
+        meta = folder / META_FILE
+        if state and state["step"] >= cfg.schedule.max_steps and meta.is_file():
+            if json.loads(meta.read_text()).get("steps") == state["step"]:
+                print(
+                    f"already at step {state['step']}/{cfg.schedule.max_steps} ({_shown(cfg.output)}); "
+                    "use --fresh to train again",
+                    flush=True,
+                )
+                return {**(state.get("metrics") or {}), **where, "step": state["step"], "already_done": True}
+    print(output_line(cfg), flush=True)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    with ray_session(cfg.ray) as ray:
+        metrics = fit_on_ray(run_worker, cfg, ray)
+    return {**metrics, **where}

@@ -102,7 +102,7 @@ def test_generator_loader_joins_pairs_targets_hidden_states_and_front_features(d
     from know3d.core.shards import resolve_shards
     from know3d.training.debug_models import DEBUG_EDIT_MODEL
     from know3d.training.generator.config import HiddenStatesConfig
-    from know3d.training.generator.data import GeneratorDataError, GeneratorPairs, collate
+    from know3d.training.generator.data import GeneratorDataError, GeneratorPairs
     from know3d.training.generator.dino import front_features
     from know3d.training.generator.hidden_states import build_hidden_cache, cache_folder
     from tests.test_hidden_states import LocalRay
@@ -140,9 +140,6 @@ def test_generator_loader_joins_pairs_targets_hidden_states_and_front_features(d
         np.argwhere(record["occupancy"].numpy()), stored["coords"][np.lexsort(stored["coords"].T[::-1])]
     )
     assert torch.equal(record["latent"], torch.from_numpy(stored["latent"]))
-    batch = collate([pairs[0], pairs[1]])
-    assert batch["latent"].shape == (2, 8, 16, 16, 16) and batch["condition"].shape == (2, 16, 64)
-    assert len(batch["front"]) == 2
 
     latent = GeneratorPairs(dataset, store.root, "vae_latent", folder)
     assert latent[0]["condition"].shape == (16, 16) and "dino" not in latent[0]

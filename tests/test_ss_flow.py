@@ -59,8 +59,9 @@ def _randomized(model: SSFlowModel, seed: int = 0) -> SSFlowModel:
 
 @pytest.fixture(scope="module")
 def debug_pair() -> tuple[SSFlowModel, SSFlowModel]:
-    """(base, branched) debug models; the branched one holds the base's weights."""
-    cfg = SSFlowConfig.debug()
+    """(base, branched) debug-size models with RoPE (the full size's positions; the debug config
+    itself uses absolute ones); the branched one holds the base's weights."""
+    cfg = replace(SSFlowConfig.debug(), pe_mode="rope")
     torch.manual_seed(0)
     base = _randomized(SSFlowModel(cfg.base())).eval()
     branched = SSFlowModel(cfg).eval()
@@ -271,7 +272,7 @@ def test_official_checkpoint_into_branched_model(tmp_path: Path, debug_pair) -> 
     plain = load_ss_flow(tmp_path)
     assert plain.cfg == base.cfg and plain.initialized_keys == ("rope_phases",)
     assert torch.equal(plain.rope_phases, base.rope_phases)
-    branched = load_ss_flow(tmp_path, SSFlowConfig.debug(), dtype=torch.bfloat16)
+    branched = load_ss_flow(tmp_path, replace(base.cfg, hidden_channels=24), dtype=torch.bfloat16)
     missing = set(branched.initialized_keys) - {"rope_phases"}
     assert missing == {k for k in branched.state_dict() if is_branch_key(k)}
     assert branched.blocks[0].mlp.mlp[0].weight.dtype == torch.bfloat16
@@ -316,14 +317,14 @@ def test_wrong_shapes_are_an_error(tmp_path: Path, debug_pair) -> None:
     wider_cond = replace(base.cfg, cond_channels=48)
     with pytest.raises(
         SSFlowLoadError,
-        match=r"wrong architecture.*blocks\.0\.cross_attn\.to_kv\.weight \[128, 32\] \(expected \[128, 48\]\)",
+        match=r"wrong architecture.*blocks\.0\.cross_attn\.to_kv\.weight \[256, 32\] \(expected \[256, 48\]\)",
     ):
         load_ss_flow(weights, wider_cond)
     other_h = replace(SSFlowConfig.debug(), hidden_channels=24)
     branched = SSFlowModel(other_h)
     path = save_ss_flow(branched, tmp_path / "ours")
     with pytest.raises(
-        SSFlowLoadError, match=r"wrong architecture.*know3d_hidden_proj\.weight \[64, 24\] \(expected \[64, 32\]\)"
+        SSFlowLoadError, match=r"wrong architecture.*know3d_hidden_proj\.weight \[128, 24\] \(expected \[128, 32\]\)"
     ):
         load_ss_flow(path, replace(other_h, hidden_channels=32))
 

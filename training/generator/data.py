@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from know3d.core.shards import resolve_shards
+from know3d.training.generator.config import CONDITIONS
 
-CONDITIONS = ("hidden", "vae_latent", "dino_back", "none")
 MAX_FRONT_PIXELS = 4096 * 4096
 
 
@@ -191,12 +191,3 @@ class GeneratorPairs(torch.utils.data.Dataset):
         if self.dino is not None:
             record["dino"] = self.dino.encode([record["front"]])[0].float().cpu()
         return record
-
-
-def collate(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch: tensors along a new first axis, the rest as lists."""
-    batch: dict[str, Any] = {}
-    for name in records[0]:
-        values = [r[name] for r in records]
-        batch[name] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
-    return batch

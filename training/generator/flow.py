@@ -43,61 +43,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, model_validator
 
-from know3d.core.config import StrictModel
+from know3d.training.generator.config import SIGMA_MIN, DropMode, FlowConfig, SamplerConfig
 
-SIGMA_MIN = 1e-5
 TIME_SCALE = 1000.0  # the model sees t * 1000 (FlowMatchingTrainer.training_losses, FlowEulerSampler)
 
 Cond = torch.Tensor | Mapping[str, torch.Tensor]
 Model = Callable[..., torch.Tensor]
-DropMode = Literal["joint", "independent"]
 
 
 # --------------------------------------------------------------------------- configs
-
-
-class FlowConfig(StrictModel):
-    """Training-side flow matching (TRELLIS.2 ss_flow_img_dit_1_3B_64_bf16 trainer args)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    sigma_min: float = Field(default=SIGMA_MIN, ge=0.0, lt=1.0, description="Noise left at t = 0.")
-    t_mean: float = Field(default=1.0, description="logitNormal timesteps: t = sigmoid(N(t_mean, t_std)).")
-    t_std: float = Field(default=1.0, gt=0.0)
-    p_uncond: float = Field(default=0.1, ge=0.0, le=1.0, description="Per-sample condition drop rate (CFG).")
-    drop_mode: DropMode = Field(
-        default="joint",
-        description="joint: one coin per sample drops cond and hidden together; independent: one coin each.",
-    )
-
-
-class SamplerConfig(StrictModel):
-    """Sparse-structure sampler (TRELLIS.2 pipeline.json, sparse_structure_sampler params)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    steps: int = Field(default=12, ge=1)
-    guidance_strength: float = Field(default=7.5, description="w in w * v_pos + (1 - w) * v_neg; 1 = no guidance.")
-    guidance_interval: tuple[float, float] = Field(
-        default=(0.6, 1.0), description="CFG only while lo <= t <= hi (t after rescale_t)."
-    )
-    guidance_rescale: float = Field(default=0.7, ge=0.0, le=1.0, description="Std-ratio rescale of the CFG x0.")
-    rescale_t: float = Field(
-        default=5.0, gt=0.0, description="t <- r t / (1 + (r - 1) t); > 1 spends steps at high noise."
-    )
-
-    @model_validator(mode="after")
-    def _interval_ordered(self) -> SamplerConfig:
-        lo, hi = self.guidance_interval
-        if lo > hi:
-            raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {self.guidance_interval}")
-        return self
 
 
 # --------------------------------------------------------------------------- helpers
@@ -347,14 +306,20 @@ class AdaptiveGradClipper:
             error_if_nonfinite=error_if_nonfinite,
             foreach=foreach,
         )
-        if torch.isfinite(grad_norm):
-            self._norms[self._ptr] = float(grad_norm)
-            self._ptr = (self._ptr + 1) % self.buffer_size
-            self._length = min(self._length + 1, self.buffer_size)
-            if self._length == self.buffer_size:
-                value = float(np.percentile(self._norms, self.clip_percentile))
-                self._threshold = min(value, self.max_norm) if self.max_norm is not None else value
+        self.record(float(grad_norm))
         return grad_norm
+
+    def record(self, grad_norm: float | None) -> None:
+        """Add one pre-clip norm to the buffer (non-finite or None: skipped) and update the
+        threshold; for optimizers that clip themselves (DeepSpeed) and report the norm."""
+        if grad_norm is None or not math.isfinite(grad_norm):
+            return
+        self._norms[self._ptr] = grad_norm
+        self._ptr = (self._ptr + 1) % self.buffer_size
+        self._length = min(self._length + 1, self.buffer_size)
+        if self._length == self.buffer_size:
+            value = float(np.percentile(self._norms, self.clip_percentile))
+            self._threshold = min(value, self.max_norm) if self.max_norm is not None else value
 
 
 # --------------------------------------------------------------------------- sampler

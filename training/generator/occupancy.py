@@ -81,3 +81,78 @@ def asset_occupancy(path: Path, resolution: int = 64, load_cfg: object | None = 
     """The ``resolution``³ TRELLIS occupancy (64 for the released SS-VAE) of an asset file."""
     vertices, faces = unit_cube_mesh(path, load_cfg)
     return occupancy_from_mesh(vertices, faces, resolution)
+
+
+# --------------------------------------------------------------------------- comparing and exporting grids
+
+
+def voxel_points(grid: np.ndarray) -> np.ndarray:
+    """Occupied voxel centers of a [R, R, R] grid in the unit cube [-0.5, 0.5]³ (grid indices)."""
+    resolution = grid.shape[0]
+    return (np.argwhere(grid).astype(np.float64) + 0.5) / resolution - 0.5
+
+
+def occupancy_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Intersection over union of two boolean grids (1.0 when both are empty)."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"grids of different shapes: {pred.shape} vs {gt.shape}")
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def occupancy_chamfer(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Symmetric Chamfer distance (mean of both directions' mean nearest distances) between the
+    occupied voxel centers, in unit-cube units; inf when exactly one grid is empty."""
+    from scipy.spatial import cKDTree
+
+    a, b = voxel_points(pred), voxel_points(gt)
+    if len(a) == 0 or len(b) == 0:
+        return 0.0 if len(a) == len(b) else float("inf")
+    return float(0.5 * (cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean()))
+
+
+def projections(grid: np.ndarray) -> np.ndarray:
+    """Three max-projections (along x, y, z) side by side: uint8 [R, 3R] (occupied = dark)."""
+    grid = np.asarray(grid, bool)
+    views = [grid.any(axis=axis) for axis in range(3)]
+    return np.where(np.concatenate(views, axis=1), 0, 255).astype(np.uint8)
+
+
+def comparison_image(pairs: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 4):
+    """Rows of (label, sampled, true) grids as projections: sampled | true (a PIL image)."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for label, pred, gt in pairs:
+        row = np.concatenate([projections(pred), np.full((pred.shape[0], 4), 128, np.uint8), projections(gt)], axis=1)
+        rows.append((label, row))
+    width = max(r.shape[1] for _, r in rows) * scale
+    header = 14
+    height = sum(r.shape[0] * scale + header for _, r in rows)
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for label, row in rows:
+        draw.text((2, y + 1), f"{label}: sampled (x, y, z) | true", fill=0)
+        image = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.Resampling.NEAREST)
+        canvas.paste(image, (0, y + header))
+        y += row.shape[0] * scale + header
+    return canvas
+
+
+def occupancy_mesh(grid: np.ndarray):
+    """A watertight mesh of the occupied voxels (marching cubes on the padded grid at 0.5), in the
+    unit cube and in glTF's Y-up axes (the inverse of :func:`unit_cube_mesh`'s Z-up mapping)."""
+    import trimesh
+    from skimage.measure import marching_cubes
+
+    grid = np.asarray(grid, bool)
+    if not grid.any():
+        raise ValueError("the occupancy grid is empty: no surface to mesh")
+    resolution = grid.shape[0]
+    padded = np.pad(grid.astype(np.float32), 1)
+    vertices, faces, _, _ = marching_cubes(padded, 0.5)
+    vertices = (vertices - 1 + 0.5) / resolution - 0.5  # voxel centers -> unit cube
+    vertices = vertices @ GLTF_TO_ZUP  # Z-up (TRELLIS) -> glTF Y-up (GLTF_TO_ZUP is a rotation)
+    return trimesh.Trimesh(vertices=vertices, faces=faces, process=True)
