@@ -792,7 +792,10 @@ if __name__ == "__main__":
 @models_app.command("keys", cls=_Command, epilog="Example: know3d models keys dinov3-vitl16 > dinov3_keys.json")
 def models_keys_cmd(
     name: Annotated[
-        str, typer.Argument(help="Architecture: ss-encoder, ss-decoder, ss-flow, dinov3-vitl16 (know3d models list).")
+        str,
+        typer.Argument(
+            help="Architecture: ss-encoder, ss-decoder, ss-flow, slat-flow, shape-encoder, shape-decoder, dinov3-vitl16."
+        ),
     ],
 ) -> None:
     """Print a full-size architecture's checkpoint {key: shape} as JSON (built on the meta device)."""

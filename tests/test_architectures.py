@@ -14,6 +14,8 @@ REFERENCES = {
     "ss-encoder": "trellis_ss_enc_conv3d_16l8.json",
     "ss-decoder": "trellis_ss_dec_conv3d_16l8.json",
     "dinov3-vitl16": "dinov3_vitl16.json",
+    "shape-encoder": "trellis2_shape_enc_next_dc_f16c32.json",
+    "shape-decoder": "trellis2_shape_dec_next_dc_f16c32.json",
 }
 
 
@@ -45,3 +47,14 @@ def test_ss_flow_keys_are_the_official_ones_plus_the_branch(shared_reference):
     branch = {k: v for k, v in keys.items() if is_branch_key(k)}
     assert branch["know3d_hidden_proj.weight"] == [1536, 4 * 3072]
     assert sum(1 for k in branch if k.startswith("blocks.29.")) > 0 and not set(branch) & set(official)
+
+
+def test_slat_flow_keys_are_the_official_ones_plus_the_branch(shared_reference):
+    from know3d.training.generator.ss_flow import is_branch_key
+
+    official = json.loads((shared_reference / "trellis2_slat_flow_img2shape_1_3B.json").read_text())["keys"]
+    res = CliRunner().invoke(app, ["models", "keys", "slat-flow"])
+    assert res.exit_code == 0, res.output
+    keys = json.loads(res.stdout)
+    assert {k: v for k, v in keys.items() if not is_branch_key(k)} == official
+    assert keys["know3d_hidden_proj.weight"] == [1536, 4 * 3072]

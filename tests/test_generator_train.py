@@ -152,7 +152,9 @@ def test_the_generator_learns_and_overfits_two_assets(know3d):
     x = torch.randn(1, 8, 16, 16, 16)
     cond, hidden = torch.randn(1, 9, 32), torch.randn(1, 16, model.cfg.hidden_channels)
     with torch.no_grad():
-        assert not torch.allclose(model(x, torch.tensor([500.0]), cond, hidden), model(x, torch.tensor([500.0]), cond, 0 * hidden))
+        assert not torch.allclose(
+            model(x, torch.tensor([500.0]), cond, hidden), model(x, torch.tensor([500.0]), cond, 0 * hidden)
+        )
 
 
 def test_resume_under_two_torchrun_workers_reproduces_the_losses(data: Path, tmp_path: Path):
@@ -163,7 +165,10 @@ def test_resume_under_two_torchrun_workers_reproduces_the_losses(data: Path, tmp
     _torchrun(part, 2)
     assert (tmp_path / "part" / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
     _torchrun(part, 2, "schedule.max_steps=6")  # continues from step 3
-    reference, resumed = steps_done(tmp_path / "full" / "metrics.jsonl"), steps_done(tmp_path / "part" / "metrics.jsonl")
+    reference, resumed = (
+        steps_done(tmp_path / "full" / "metrics.jsonl"),
+        steps_done(tmp_path / "part" / "metrics.jsonl"),
+    )
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
@@ -226,7 +231,17 @@ def test_ablation_trains_every_variant_and_writes_the_table(data: Path, tmp_path
     config.write_text(yaml.safe_dump(dumped))
     res = CliRunner().invoke(
         app,
-        ["train", "ablation", str(config), "--output", str(tmp_path / "abl"), "--variants", "hidden,none", "--heldout", "1"],
+        [
+            "train",
+            "ablation",
+            str(config),
+            "--output",
+            str(tmp_path / "abl"),
+            "--variants",
+            "hidden,none",
+            "--heldout",
+            "1",
+        ],
     )
     assert res.exit_code == 0, res.output
     table = (tmp_path / "abl" / "ablation.md").read_text()

@@ -42,6 +42,18 @@ def _ss_flow() -> dict[str, list[int]]:
     return ss_flow_key_shapes(branch=True)
 
 
+def _slat_flow() -> dict[str, list[int]]:
+    from know3d.training.generator.slat_flow import slat_flow_key_shapes
+
+    return slat_flow_key_shapes(branch=True)
+
+
+def _shape_vae(part: str) -> dict[str, list[int]]:
+    from know3d.training.generator.shape_vae import shape_vae_key_shapes
+
+    return shape_vae_key_shapes(part)
+
+
 ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
     "ss-encoder": (
         "TRELLIS sparse-structure VAE encoder ss_enc_conv3d_16l8 (64³ -> 8x16³)",
@@ -54,6 +66,18 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
     "ss-flow": (
         "TRELLIS.2 ss_flow_img_dit_1_3B_64 + the Know3D H branch (know3d_* keys; H = 4 layers x 3072)",
         _ss_flow,
+    ),
+    "slat-flow": (
+        "TRELLIS.2 slat_flow_img2shape_dit_1_3B_512 + the Know3D H branch (know3d_* keys)",
+        _slat_flow,
+    ),
+    "shape-encoder": (
+        "TRELLIS.2 shape SC-VAE encoder shape_enc_next_dc_f16c32 (flex_gemm conv layout)",
+        lambda: _shape_vae("encoder"),
+    ),
+    "shape-decoder": (
+        "TRELLIS.2 shape SC-VAE decoder shape_dec_next_dc_f16c32 (flex_gemm conv layout)",
+        lambda: _shape_vae("decoder"),
     ),
     "dinov3-vitl16": ("DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m), on-disk names", _dinov3),
 }

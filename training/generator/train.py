@@ -163,7 +163,9 @@ class FrozenInputs:
         if cfg.data.hidden_mode == "online":
             from know3d.training.generator.hidden_states import load_backview_pipeline
 
-            self.pipe = load_backview_pipeline(cfg.data.hidden, device)
+            # H only (early exit), with the pre-pass's prompt/noise seeding: equal to the cached H
+            self.capture_cfg = cfg.data.hidden.model_copy(update={"variants": ["hidden"]})
+            self.pipe = load_backview_pipeline(self.capture_cfg, device)
 
     def hidden(self, records: list[dict]) -> torch.Tensor | None:
         if self.pipe is None:
@@ -175,8 +177,8 @@ class FrozenInputs:
 
         states = []
         for r in records:
-            front = image_to_array(r["front"], self.cfg.data.hidden.image_size)
-            states.append(capture_pair(self.pipe, self.cfg.data.hidden, {**r, "front": front})["hidden"])
+            front = image_to_array(r["front"], self.capture_cfg.image_size)
+            states.append(capture_pair(self.pipe, self.capture_cfg, {**r, "front": front})["hidden"])
         return torch.stack(states).to(self.device)
 
     @torch.no_grad()
