@@ -1,4 +1,6 @@
-"""Per-GPU memory of the Know3D generator fine-tune (TRELLIS.2 SS flow + branch + LoRA) per ZeRO stage.
+"""Per-GPU memory of the Know3D generator fine-tune (TRELLIS.2 SS flow + branch + LoRA) per ZeRO stage;
+``--stage shape``: the same for stage 2 (the 1.3B shape SLat flow, same blocks, ``--slat-tokens``
+sparse latent tokens per sample instead of 16³ = 4096).
 
 Parameter counts come from the real 1.3B architecture (``SSFlowConfig.full(FULL_HIDDEN_CHANNELS)``,
 Know3D branch included) built on the ``meta`` device (no weights, no memory), with the peft LoRA
@@ -46,7 +48,8 @@ output layer (small). Everything is multiplied by the micro-batch. Not included:
 weights (≤ 2 B per trainable parameter), temporaries inside kernels. ``generator_gpu_step.py``
 measures the real peak on one GPU.
 
-    python benchmarks/generator_memory.py [--gpus 32] [--micro-batch 2] [--hidden-tokens 1024] [--rank 64]
+    python benchmarks/generator_memory.py [--stage ss|shape] [--slat-tokens 10000] [--gpus 32] [--micro-batch 2]
+        [--hidden-tokens 1024] [--rank 64]
 """
 
 from __future__ import annotations
@@ -58,16 +61,18 @@ from memory_estimate import GB, count  # benchmarks/memory_estimate.py (the back
 
 from know3d.training.generator.config import GeneratorModelConfig
 from know3d.training.generator.model import add_lora
+from know3d.training.generator.slat_flow import SLatFlowConfig, SLatFlowModel
 from know3d.training.generator.ss_flow import FULL_HIDDEN_CHANNELS, SSFlowConfig, SSFlowModel, is_branch_key
 
 COND_TOKENS = 1029  # DINOv3 tokens of the front image (TRELLIS.2's condition)
 
 
-def build_lora_model(cfg: SSFlowConfig, rank: int, device: str | torch.device = "meta") -> SSFlowModel:
-    """``SSFlowModel(cfg)`` on ``device`` with the fine-tune's own LoRA (r = alpha = ``rank``,
-    :func:`know3d.training.generator.model.add_lora`): requires_grad on LoRA and branch only."""
+def build_lora_model(cfg, rank: int, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The stage's flow (``SSFlowModel`` or ``SLatFlowModel`` by ``cfg``) on ``device`` with the
+    fine-tune's own LoRA (r = alpha = ``rank``, :func:`know3d.training.generator.model.add_lora`):
+    requires_grad on LoRA and branch only."""
     with torch.device(device):
-        model = SSFlowModel(cfg)
+        model = SLatFlowModel(cfg) if isinstance(cfg, SLatFlowConfig) else SSFlowModel(cfg)
         add_lora(model, GeneratorModelConfig(lora_rank=rank, lora_alpha=rank))
     return model
 
@@ -88,9 +93,10 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, int]:
     return groups
 
 
-def activation_bytes(cfg: SSFlowConfig, hidden_tokens: int, rank: int, checkpointing: bool) -> float:
-    """Estimated activation bytes per sample (the formula of the module docstring)."""
-    n, c, f = cfg.num_tokens, cfg.model_channels, int(cfg.model_channels * cfg.mlp_ratio)
+def activation_bytes(cfg, hidden_tokens: int, rank: int, checkpointing: bool, tokens: int | None = None) -> float:
+    """Estimated activation bytes per sample (the formula of the module docstring); ``tokens``
+    defaults to the SS flow's dense grid."""
+    n, c, f = tokens or cfg.num_tokens, cfg.model_channels, int(cfg.model_channels * cfg.mlp_ratio)
     m, t = COND_TOKENS, hidden_tokens
     per_block = (82 * c + 4 * f + 10 * rank) * n + 12 * (m + t) * c
     outside = 2 * t * (cfg.hidden_channels or 0) + 14 * t * c + 2 * m * cfg.cond_channels + 16 * n * c
@@ -100,7 +106,10 @@ def activation_bytes(cfg: SSFlowConfig, hidden_tokens: int, rank: int, checkpoin
 
 
 def estimate(args) -> list[dict]:
-    cfg = SSFlowConfig.full(hidden_channels=FULL_HIDDEN_CHANNELS)
+    if args.stage == "shape":
+        cfg, tokens, name = SLatFlowConfig.full(FULL_HIDDEN_CHANNELS), args.slat_tokens, "shape SLat flow"
+    else:
+        cfg, tokens, name = SSFlowConfig.full(hidden_channels=FULL_HIDDEN_CHANNELS), 16**3, "SS flow"
     model = build_lora_model(cfg, args.rank)
     groups = parameter_groups(model)
     total = count(model)
@@ -109,7 +118,7 @@ def estimate(args) -> list[dict]:
     p_frozen, p_train = groups["frozen"], groups["lora"] + groups["branch"]
     n = args.gpus
     mb = args.micro_batch
-    acts = {ck: mb * activation_bytes(cfg, args.hidden_tokens, args.rank, ck) for ck in (True, False)}
+    acts = {ck: mb * activation_bytes(cfg, args.hidden_tokens, args.rank, ck, tokens) for ck in (True, False)}
     ema = 4 * p_train
     rows = []
     for stage in range(4):
@@ -136,7 +145,7 @@ def estimate(args) -> list[dict]:
             }
         )
     print(
-        f"SS flow (TRELLIS.2 1.3B + Know3D branch, hidden {FULL_HIDDEN_CHANNELS}): {total / 1e9:.3f} B parameters "
+        f"{name} (TRELLIS.2 1.3B + Know3D branch, hidden {FULL_HIDDEN_CHANNELS}): {total / 1e9:.3f} B parameters "
         f"({cfg.num_blocks} blocks, C {cfg.model_channels}, {cfg.num_heads} heads)"
     )
     print(
@@ -144,7 +153,7 @@ def estimate(args) -> list[dict]:
         f"branch {groups['branch'] / 1e6:.1f} M | trainable {p_train / 1e6:.1f} M ({100 * p_train / total:.1f} %)"
     )
     print(
-        f"{n} GPUs, micro-batch {mb}, {cfg.num_tokens} latent + {COND_TOKENS} DINOv3 + {args.hidden_tokens} hidden "
+        f"{n} GPUs, micro-batch {mb}, {tokens} latent + {COND_TOKENS} DINOv3 + {args.hidden_tokens} hidden "
         f"tokens; activations (estimate): {acts[True] / GB:.2f} GiB with checkpointing, "
         f"{acts[False] / GB:.2f} GiB without"
     )
@@ -164,6 +173,8 @@ def estimate(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["ss", "shape"], default="ss")
+    parser.add_argument("--slat-tokens", type=int, default=10_000, help="Stage 2: sparse latent tokens per sample.")
     parser.add_argument("--gpus", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--hidden-tokens", type=int, default=1024, help="T: 1024 (512², unpooled) or 256 (2x2).")

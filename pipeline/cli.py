@@ -284,10 +284,19 @@ def data_status(
 @data_app.command(
     "targets",
     cls=_Command,
-    epilog="Example: know3d data targets --dataset runs/quickstart --ss-vae debug",
+    epilog="Example: know3d data targets --dataset runs/quickstart --ss-vae debug; stage 2: "
+    "know3d data targets --dataset runs/quickstart --stage shape --shape-vae debug",
 )
 def data_targets(
     dataset: DatasetOpt = None,
+    stage: Annotated[
+        str,
+        typer.Option(
+            "--stage",
+            help="Which generator stage's targets: 'ss' (occupancy + SS-VAE latent, stage 1) or 'shape' "
+            "(fine dual grid + shape SC-VAE latent, stage 2).",
+        ),
+    ] = "ss",
     ss_vae: Annotated[
         str,
         typer.Option(
@@ -296,13 +305,36 @@ def data_targets(
             "or 'debug' (the shipped 32³ CPU model).",
         ),
     ] = "debug",
+    shape_vae: Annotated[
+        str,
+        typer.Option(
+            "--shape-vae",
+            help="Shape SC-VAE for --stage shape: a folder with its encoder weights and latent normalization "
+            "(ours, or TRELLIS.2's shape_enc_next_dc_f16c32_fp16 + pipeline.json), or 'debug' (the shipped "
+            "64³ -> 16³ CPU model).",
+        ),
+    ] = "debug",
+    shape_resolution: Annotated[
+        int | None,
+        typer.Option(
+            "--shape-resolution",
+            help="Fine dual-grid resolution for --stage shape; default: the shape VAE's stored one (TRELLIS.2's "
+            "released weights store none: give 512 or 1024).",
+        ),
+    ] = None,
 ) -> None:
-    """The 3D generator's per-asset targets (occupancy + SS-VAE latent) beside a data build."""
+    """The 3D generator's per-asset targets beside a data build: stage 1's occupancy + SS-VAE latent,
+    or with --stage shape stage 2's dual grid + shape latent."""
     from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
     from know3d.training.generator.ss_vae import SSVae, SSVaeLoadError, load_ss_vae
     from know3d.training.generator.targets import TargetStore, build_targets
 
+    if stage not in ("ss", "shape"):
+        raise typer.BadParameter(f"'{stage}' is not 'ss' or 'shape'", param_hint="--stage")
     dataset = _dataset(dataset, None)
+    if stage == "shape":
+        _shape_targets(dataset, shape_vae, shape_resolution)
+        return
     try:
         if ss_vae == "debug":
             vae = resolve_debug_ss_vae()
@@ -318,6 +350,23 @@ def data_targets(
     for key, reason in list(failures.items())[:20]:
         out.print(f"  {escape(key)}: {escape(reason)}")
     out.print(f"targets -> {store.root}")
+
+
+def _shape_targets(dataset: Path, shape_vae: str, resolution: int | None) -> None:
+    from know3d.training.generator.shape_targets import ShapeTargetStore, build_shape_targets
+    from know3d.training.generator.shape_vae import ShapeVAELoadError, load_shape_vae
+
+    try:
+        vae = load_shape_vae(shape_vae, parts=("encoder",), resolution=resolution)
+        store = ShapeTargetStore(dataset, vae)
+        counts, failures = build_shape_targets(store)
+    except (ShapeVAELoadError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no rendered assets")
+    for key, reason in list(failures.items())[:20]:
+        out.print(f"  {escape(key)}: {escape(reason)}")
+    out.print(f"shape targets -> {store.root}")
 
 
 @data_app.command(
@@ -671,9 +720,17 @@ FreshOpt = Annotated[
 )
 def generate_shape_cmd(
     image: Annotated[Path, typer.Option("--image", help="Front view (RGBA PNG with the object on transparency).")],
-    generator: Annotated[Path, typer.Option("--generator", help="An exported generator (<run>/generator).")],
+    generator: Annotated[Path, typer.Option("--generator", help="An exported stage-1 generator (<run>/generator).")],
     output: Annotated[Path, typer.Option("--output", help="Folder for back.png, occupancy.npz, mesh.glb.")],
     prompt: Annotated[str | None, typer.Option("--prompt", help="What the back shows (optional).")] = None,
+    shape_generator: Annotated[
+        Path | None,
+        typer.Option(
+            "--shape-generator",
+            help="An exported stage-2 (shape) generator: the mesh comes from its decoded dual grid; without it, "
+            "from stage 1's occupancy (coarse).",
+        ),
+    ] = None,
     backview_lora: Annotated[
         Path | None,
         typer.Option("--backview-lora", help="Back-view LoRA folder; default: the one the generator was trained with."),
@@ -681,21 +738,139 @@ def generate_shape_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps (default: 12, TRELLIS.2).")] = None,
     cfg_scale: Annotated[float | None, typer.Option("--cfg", help="Guidance strength (default: 7.5).")] = None,
+    multiview: Annotated[
+        str | None,
+        typer.Option(
+            "--multiview",
+            help="The multi-view baseline (paper §4.2): front + generated back view as two DINOv3 image conditions "
+            "instead of H, TRELLIS's 'stochastic' or 'multidiffusion' mode; needs generators trained with "
+            "model.condition=none.",
+        ),
+    ] = None,
 ) -> None:
-    """Front view (+ description of the back) -> back view -> H -> sparse structure -> mesh (GLB)."""
+    """Front view (+ description of the back) -> back view -> H -> sparse structure -> shape latent -> mesh (GLB)."""
     _quiet_libraries()
     from know3d.training.generator.generate import generate_shape
     from know3d.training.generator.model import GeneratorLoadError
 
     overrides = {k: v for k, v in (("steps", steps), ("guidance_strength", cfg_scale)) if v is not None}
     try:
-        summary = generate_shape(image, generator, output, prompt, backview_lora, seed, overrides)
+        summary = generate_shape(
+            image,
+            generator,
+            output,
+            prompt,
+            backview_lora,
+            seed,
+            overrides,
+            shape_generator=shape_generator,
+            multiview=multiview,
+        )
     except (GeneratorLoadError, FileNotFoundError, ValueError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     out.print(f"back view -> {summary['back']}")
     out.print(f"occupancy -> {summary['occupancy']} ({summary['occupied_voxels']} voxels)")
-    out.print(f"mesh -> {summary['mesh']}" if summary["mesh"] else "mesh: none (empty occupancy)")
+    if summary["mesh"]:
+        out.print(f"mesh -> {summary['mesh']} (from the {summary['mesh_from'].replace('_', ' ')})")
+    else:
+        out.print(f"mesh: none ({summary['no_mesh_reason']})")
+    out.print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["seconds"].items()))
+
+
+@generate_app.command(
+    "shapes",
+    cls=_Command,
+    epilog="Example: know3d generate shapes --images bench/images --generator runs/train-generator/generator "
+    "--prompts bench/prompts.json --output runs/gen --workers 4 && know3d eval shapes --pred runs/gen "
+    "--images bench/images --gt bench/gt --output runs/eval-gen",
+)
+def generate_shapes_cmd(
+    images: Annotated[
+        Path,
+        typer.Option(
+            "--images",
+            help="Front views (RGBA, object on transparency): <images>/<uid>/000.png (HY3D-Bench, optional "
+            "<uid>/prompt.txt) or a folder of <uid>.png.",
+        ),
+    ],
+    generator: Annotated[Path, typer.Option("--generator", help="An exported stage-1 generator (<run>/generator).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            help="<output>/<uid>/000.glb (what `know3d eval shapes --pred` reads), <uid>/work/, generation.json.",
+        ),
+    ],
+    shape_generator: Annotated[
+        Path | None,
+        typer.Option(
+            "--shape-generator",
+            help="An exported stage-2 (shape) generator; without it, meshes come from stage 1's occupancy (coarse).",
+        ),
+    ] = None,
+    backview_lora: Annotated[
+        Path | None,
+        typer.Option("--backview-lora", help="Back-view LoRA folder; default: the one the generator was trained with."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='JSON {"<uid>": "what the back shows"}; wins over <uid>/prompt.txt.'),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Ray actors, each holding the models (and a GPU, on a GPU cluster).")
+    ] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed (the same for every uid).")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampler steps (default: 12, TRELLIS.2).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", help="Guidance strength (default: 7.5).")] = None,
+    fresh: Annotated[
+        bool,
+        _flag(
+            "--fresh",
+            "Generate every uid again (default: keep a uid whose 000.glb was made from the same front view, prompt, "
+            "models, seed and sampler settings).",
+        ),
+    ] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Front views of a folder -> one mesh per uid in HY3D-Bench's layout, on Ray; resumes."""
+    _quiet_libraries()
+    from know3d.core.config import RayConfig
+    from know3d.core.runtime import UsageError
+    from know3d.pipeline.generate_batch import generate_batch, read_prompts
+
+    overrides = {k: v for k, v in (("steps", steps), ("guidance_strength", cfg_scale)) if v is not None}
+    try:
+        summary = generate_batch(
+            images,
+            output,
+            generator,
+            shape_generator,
+            backview_lora,
+            read_prompts(prompts) if prompts is not None else None,
+            seed,
+            overrides,
+            ray_cfg=RayConfig(address=address),
+            workers=workers,
+            fresh=fresh,
+        )
+    except UsageError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if summary.unmatched_prompts:
+        shown = ", ".join(escape(u) for u in summary.unmatched_prompts[:5])
+        err.print(f"[yellow]prompts without an image: {len(summary.unmatched_prompts)} ({shown})[/]")
+    c = summary.counts
+    skipped = f" ({c['skipped']} kept from an earlier run)" if c["skipped"] else ""
+    out.print(
+        f"{c['ok']} meshes{skipped}, {c['no_mesh']} without a mesh, {c['failed']} failed "
+        f"of {summary.total} uids in {summary.seconds:.1f} s"
+    )
+    for uid, reason in (summary.failures + summary.no_mesh)[:10]:
+        out.print(f"[red]{escape(uid)}[/]: {escape(reason)}")
+    if len(summary.failures) + len(summary.no_mesh) > 10:
+        out.print(f"... {len(summary.failures) + len(summary.no_mesh) - 10} more in {summary.record}")
+    out.print(f"meshes -> {summary.output}/<uid>/000.glb (per uid: {summary.record})")
 
 
 @eval_app.command(
@@ -809,7 +984,7 @@ def models_keys_cmd(
     sys.stdout.write(json.dumps(keys, indent=1) + "\n")
 
 
-@models_app.command("list", cls=_Command)
+@models_app.command("list", cls=_Command, epilog="Example: know3d models list")
 def models_list_cmd() -> None:
     """The architectures `know3d models keys` knows."""
     from know3d.training.generator.architectures import ARCHITECTURES

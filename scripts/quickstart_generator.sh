@@ -2,8 +2,10 @@
 # The 3D generator's quickstart (Know3D §3.2) on the built-in procedural set, after setup:
 #   back-view LoRA (reused when scripts/quickstart.sh already trained it) -> `geometry` data build
 #   -> targets (occupancy + SS latent) -> hidden-state pre-pass (H and the ablation variants)
-#   -> a CPU-size base flow (stands in for TRELLIS.2's released one) -> Know3D LoRA + H branch
-#   -> `know3d generate shape` (back view, occupancy, GLB) -> `know3d eval shapes` against the
+#   -> stage 1: a CPU-size base flow (stands in for TRELLIS.2's released one) -> Know3D LoRA + H
+#   -> stage 2: shape targets (dual grid + shape SC-VAE latent) -> a CPU-size SLat-flow base ->
+#      Know3D LoRA + H -> `know3d generate shapes` (front + prompt -> back view -> both stages ->
+#      mesh from the decoded dual grid, HY3D-Bench layout) -> `know3d eval shapes` against the
 #   assets' meshes -> the conditioning ablation table (hidden | vae_latent | dino_back | none).
 # Debug-size models memorize their 2 training assets on a CPU; the held-out ablation shows the
 # commands and the table, not the paper's numbers (that needs the real models and data).
@@ -22,6 +24,10 @@ $k data hidden-states --shards "$geo" --lora "$bv/lora" \
   --set 'hidden.variants=[hidden,vae_latent,dino_back]' --set hidden.dino=debug --set hidden.dino_resolution=64
 $k train generator configs/generator_ss_debug_base.yaml --dataset "$geo"
 $k train generator configs/generator_ss_debug.yaml --dataset "$geo"
+# stage 2: shape latents (dual grid 64³ -> debug shape SC-VAE -> 16³ x 8), its base, the Know3D fine-tune
+$k data targets --dataset "$geo" --stage shape --shape-vae debug
+$k train generator configs/generator_shape_debug_base.yaml --dataset "$geo"
+$k train generator configs/generator_shape_debug.yaml --dataset "$geo"
 # shapes of the 2 training assets from their front views (+ a description), then HY3D-Bench geometry metrics
 shapes=runs/generator-shapes
 rm -rf "$shapes"
@@ -46,14 +52,13 @@ for sample in iter_samples([Path(u) for u in resolve_shards([str(geo)], "train")
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)
 PY
-for image in "$shapes"/image/*/000.png; do
-  uid=$(basename "$(dirname "$image")")
-  $k generate shape --image "$image" --prompt "the back of the object" --backview-lora "$bv/lora" \
-    --generator runs/train-generator-debug/generator --output "$shapes/work/$uid"
-  mkdir -p "$shapes/pred/$uid" && cp "$shapes/work/$uid/mesh.glb" "$shapes/pred/$uid/000.glb"
-done
+# front + prompt -> back view -> stage 1 -> stage 2 -> mesh, for every image, on Ray (HY3D-Bench layout)
+.venv/bin/python -c "import json,pathlib,sys; print(json.dumps({p.parent.name: 'the back of the object' for p in pathlib.Path(sys.argv[1]).glob('*/000.png')}))" "$shapes/image" > "$shapes/prompts.json"
+$k generate shapes --images "$shapes/image" --prompts "$shapes/prompts.json" --backview-lora "$bv/lora" \
+  --generator runs/train-generator-debug/generator --shape-generator runs/train-generator-shape-debug/generator \
+  --output "$shapes/pred"
 $k eval shapes --pred "$shapes/pred" --images "$shapes/image" --gt "$shapes/gt" --output runs/eval-generator --no-semantic
 $k train ablation configs/generator_ss_debug.yaml --dataset "$geo" --output runs/ablation-debug --heldout 3
-echo "generator: runs/train-generator-debug/generator (validation: runs/train-generator-debug/validation/)"
-echo "shapes: $shapes/work/*/{back.png,occupancy.npz,mesh.glb}   evaluation: runs/eval-generator/report.html"
+echo "generators: runs/train-generator-debug/generator (stage 1), runs/train-generator-shape-debug/generator (stage 2)"
+echo "shapes: $shapes/pred/<uid>/000.glb (+ work/: back.png, occupancy.npz, shape.json)   evaluation: runs/eval-generator/report.html"
 echo "ablation: runs/ablation-debug/ablation.md"

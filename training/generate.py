@@ -22,8 +22,9 @@ LORA_META = "know3d_lora.json"
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
-def load_front(path: Path, size: int) -> np.ndarray:
-    """An image file -> [3, size, size] in [-1, 1] on white; size and format are checked first."""
+def read_image(path: Path, read):
+    """``read(img)`` on an opened image file, after the existence and pixel-count checks; an
+    unreadable file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image")
@@ -31,9 +32,14 @@ def load_front(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             if img.width * img.height > MAX_INPUT_PIXELS:
                 raise ValueError(f"{path}: {img.width}x{img.height} is larger than {MAX_INPUT_PIXELS} pixels")
-            return image_to_array(img, size)
+            return read(img)
     except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
+
+
+def load_front(path: Path, size: int) -> np.ndarray:
+    """An image file -> [3, size, size] in [-1, 1] on white; size and format are checked first."""
+    return read_image(path, lambda img: image_to_array(img, size))
 
 
 def read_lora_meta(lora: Path) -> dict:

@@ -124,6 +124,10 @@ class FlowConfig(StrictModel):
     model_config = ConfigDict(frozen=True)
 
     sigma_min: float = Field(default=SIGMA_MIN, ge=0.0, lt=1.0, description="Noise left at t = 0.")
+    timesteps: Literal["logit_normal", "uniform"] = Field(
+        default="logit_normal",
+        description="Training timesteps: logitNormal (stage 1, TRELLIS.2's ss flow) or uniform in (0, 1) (stage 2).",
+    )
     t_mean: float = Field(default=1.0, description="logitNormal timesteps: t = sigmoid(N(t_mean, t_std)).")
     t_std: float = Field(default=1.0, gt=0.0)
     p_uncond: float = Field(default=0.1, ge=0.0, le=1.0, description="Per-sample condition drop rate (CFG).")
@@ -169,10 +173,16 @@ CONDITIONS = ("hidden", "vae_latent", "dino_back", "none")
 
 
 class GeneratorModelConfig(StrictModel):
+    stage: Literal["ss", "shape"] = Field(
+        default="ss",
+        description="ss: stage 1, the sparse-structure flow (occupancy); shape: stage 2, the shape structured-latent "
+        "flow (ElasticSLatFlowModel img2shape) on the shape SC-VAE's sparse latents.",
+    )
     base: str = Field(
         default=TRELLIS2_HUB_ID,
-        description="The official sparse-structure flow: hub id, folder or .safetensors file; 'debug[:seed]' = the "
-        "CPU-size model built in code (a stand-in base: random weights, non-zero output layer).",
+        description="The official flow of the stage (ss_flow_img_dit_1_3B_64 or slat_flow_img2shape_dit_1_3B_512): "
+        "hub id, folder or .safetensors file; 'debug[:seed]' = the CPU-size model built in code (a stand-in base: "
+        "random weights, non-zero output layer).",
     )
     condition: Literal["hidden", "vae_latent", "dino_back", "none"] = Field(
         default="hidden",
@@ -189,6 +199,11 @@ class GeneratorModelConfig(StrictModel):
     ema_decay: float = Field(default=0.9999, ge=0, le=1, description="EMA of the trainable weights (sampling, export).")
     ss_decoder: str = Field(
         default=TRELLIS_SS_VAE_HUB_ID, description="SS-VAE decoder: hub id or folder; 'debug' = the shipped one."
+    )
+    shape_vae: str = Field(
+        default=TRELLIS2_HUB_ID,
+        description="Stage 2: the shape SC-VAE (decoder + latent normalization) for validation and generation: "
+        "hub id or folder; 'debug' = the shipped CPU one.",
     )
     dino: str = Field(default=DINOV3_VITL16_HUB_ID, description="Front-view DINOv3: hub id, folder or 'debug[:seed]'.")
     dino_resolution: int = Field(default=512, ge=16)

@@ -4,8 +4,10 @@ Everything the 3D generator trains on is joined by keys, never copied into new s
 
 * the pair (front view, description) from the data build's shards — indexed once by byte
   offset, so a record reads one front PNG with one seek (random access, any shuffle);
-* the asset's targets (occupancy + SS latent) from the :mod:`~know3d.training.generator.targets`
-  store, by the pair's ``asset_id``;
+* the asset's targets, by the pair's ``asset_id``: stage 1's (occupancy + SS latent) from a
+  :mod:`~know3d.training.generator.targets` store, or stage 2's (shape latent on its sparse
+  coordinates + the fine dual grid) from a :mod:`~know3d.training.generator.shape_targets` store —
+  whichever ``targets`` is (told apart by its ``shape-`` folder prefix or its entries' ``kind``);
 * the condition from the hidden-state cache (:mod:`~know3d.training.generator.hidden_states`),
   by pair key: ``hidden`` (H), or an ablation variant ``vae_latent`` / ``dino_back``; ``none``
   reads no condition (plain TRELLIS.2 fine-tuning);
@@ -94,11 +96,18 @@ def read_front(ref: PairRef) -> Image.Image:
 class GeneratorPairs(torch.utils.data.Dataset):
     """Map-style dataset of a data build's pairs for the 3D generator.
 
-    ``targets``: a target store folder (``<dataset>/targets/r<res>-<encoder>``);
+    ``targets``: a target store folder — stage 1's ``<dataset>/targets/r<res>-<encoder>`` or
+    stage 2's ``<dataset>/targets/shape-r<res>-<encoder>`` (:attr:`stage` says which);
     ``condition``: one of :data:`CONDITIONS`; ``condition_dir``: the hidden-state cache folder
     (``cache_folder(cfg)``) holding that variant. A record is ``{key, asset, front (PIL RGBA),
-    components, latent float32 [8, r, r, r], occupancy bool [R, R, R], condition float32 [T, C]
-    | None, prompt, description}`` plus ``dino`` [N, D] when ``dino`` is given.
+    components, condition float32 [T, C] | None, prompt, description}`` plus ``dino`` [N, D] when
+    ``dino`` is given, plus the targets:
+
+    * stage 1 (``stage == "ss"``): ``latent`` float32 [8, r, r, r], ``occupancy`` bool [R, R, R];
+    * stage 2 (``stage == "shape"``): ``shape_coords`` int64 [M, 3] (latent coordinates),
+      ``shape_feats`` float32 [M, C] (normalized latent) and ``grid``, the fine
+      :class:`~know3d.training.generator.dual_grid.DualGrid` (vertices quantized to 1/255 as
+      stored; the truth validation meshes and scores are made from).
     """
 
     def __init__(
@@ -116,6 +125,9 @@ class GeneratorPairs(torch.utils.data.Dataset):
         self.targets = Path(targets)
         if not self.targets.is_dir():
             raise GeneratorDataError(f"{self.targets}: no target store (run `know3d data targets`)")
+        from know3d.training.generator.shape_targets import is_shape_store
+
+        self.stage = "shape" if is_shape_store(self.targets) else "ss"
         self.condition = condition
         self.condition_dir = Path(condition_dir) if condition_dir else None
         if condition != "none" and (self.condition_dir is None or not self.condition_dir.is_dir()):
@@ -151,7 +163,7 @@ class GeneratorPairs(torch.utils.data.Dataset):
         return len(self.refs)
 
     def target(self, sha: str) -> tuple[np.ndarray, np.ndarray]:
-        """(latent float32 [8, r, r, r], occupancy bool [R, R, R]) of one asset."""
+        """Stage 1: (latent float32 [8, r, r, r], occupancy bool [R, R, R]) of one asset."""
         from safetensors import safe_open
 
         path = self._target_path(sha)
@@ -162,20 +174,35 @@ class GeneratorPairs(torch.utils.data.Dataset):
         occupancy[tuple(coords.T)] = True
         return latent.astype(np.float32), occupancy
 
+    def shape_target(self, sha: str) -> dict[str, Any]:
+        """Stage 2: ``{shape_coords int64 [M, 3], shape_feats float32 [M, C], grid DualGrid}``."""
+        from know3d.training.generator.shape_targets import read_shape_target
+
+        path = self._target_path(sha)
+        try:
+            entry = read_shape_target(path)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is reported by path
+            raise GeneratorDataError(f"{path}: unreadable shape target ({exc})") from None
+        return {
+            "shape_coords": torch.from_numpy(entry["coords"]),
+            "shape_feats": torch.from_numpy(entry["feats"]),
+            "grid": entry["grid"],
+        }
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         ref = self.refs[index]
-        latent, occupancy = self.target(ref.asset)
         record: dict[str, Any] = {
             "key": ref.key,
             "asset": ref.asset,
             "front": read_front(ref),
             "components": list(ref.components),
-            "latent": torch.from_numpy(latent),
-            "occupancy": torch.from_numpy(occupancy),
-            "condition": None,
-            "prompt": None,
-            "description": None,
         }
+        if self.stage == "shape":
+            record.update(self.shape_target(ref.asset))
+        else:
+            latent, occupancy = self.target(ref.asset)
+            record.update(latent=torch.from_numpy(latent), occupancy=torch.from_numpy(occupancy))
+        record.update(condition=None, prompt=None, description=None)
         if self.condition != "none":
             from know3d.training.generator.hidden_states import load_entry
 

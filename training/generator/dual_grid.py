@@ -118,7 +118,7 @@ def _check_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np
     if np.abs(vertices).max() > 0.5 + 1e-4:
         raise ValueError(
             f"vertices leave the unit cube [-0.5, 0.5]^3 (max |v| = {np.abs(vertices).max():.4g}); "
-            "normalize first (occupancy.unit_cube_mesh)"
+            "normalize first (see unit_cube_mesh in occupancy.py)"
         )
     return np.clip(vertices, -0.5, 0.5), faces
 

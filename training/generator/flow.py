@@ -134,6 +134,13 @@ def sample_timesteps(
     return torch.sigmoid(n * std + mean)
 
 
+def draw_timesteps(batch: int, generator: torch.Generator | None, cfg: FlowConfig, device) -> torch.Tensor:
+    """The training timesteps of ``cfg.timesteps``: logitNormal(t_mean, t_std) or uniform in (0, 1)."""
+    if cfg.timesteps == "uniform":
+        return _rand(batch, generator, device)
+    return sample_timesteps(batch, generator, cfg.t_mean, cfg.t_std, device=device)
+
+
 class Dropped(NamedTuple):
     cond: Cond
     hidden: torch.Tensor | None
@@ -202,7 +209,7 @@ def flow_loss(
     if noise is None:
         noise = _randn(x0.shape, generator, x0.device, x0.dtype)
     if t is None:
-        t = sample_timesteps(x0.shape[0], generator, cfg.t_mean, cfg.t_std, device=x0.device)
+        t = draw_timesteps(x0.shape[0], generator, cfg, x0.device)
     t = t.to(x0.device).float()
     x_t = diffuse(x0, t, noise, cfg.sigma_min)
     if drop and cfg.p_uncond > 0:
@@ -213,6 +220,87 @@ def flow_loss(
     err = (pred.float() - velocity_target(x0, noise, cfg.sigma_min).float()).square()
     per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
     return FlowLoss(per_sample.mean(), per_sample, t)
+
+
+def sparse_flow_loss(
+    model: Model,
+    feats: torch.Tensor,
+    coords: torch.Tensor,
+    cond: Cond,
+    hidden: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    config: FlowConfig | None = None,
+    drop: bool = True,
+) -> FlowLoss:
+    """:func:`flow_loss` on a batch of sparse latents (stage 2): ``feats [N, C]`` at ``coords [N, 4]``
+    (batch, x, y, z), one timestep per sample shared by its voxels; the model is called as
+    ``model(x_t, t * 1000, cond, hidden, coords=coords)``. ``per_sample`` is each sample's MSE over
+    its own voxels and channels; ``loss`` their mean (each sample weighs the same, whatever its size)."""
+    cfg = config or FlowConfig()
+    batch = int(cond.shape[0]) if not isinstance(cond, Mapping) else int(next(iter(cond.values())).shape[0])
+    index = coords[:, 0].long()
+    noise = _randn(feats.shape, generator, feats.device, feats.dtype)
+    t = draw_timesteps(batch, generator, cfg, feats.device).float()
+    x_t = diffuse(feats, t[index], noise, cfg.sigma_min)
+    if drop and cfg.p_uncond > 0:
+        cond, hidden, _, _ = drop_conditions(cond, hidden, cfg.p_uncond, cfg.drop_mode, generator)
+    t_in = model_time(t)
+    pred = (
+        model(x_t, t_in, cond, hidden, coords=coords) if hidden is not None else model(x_t, t_in, cond, coords=coords)
+    )
+    if pred.shape != feats.shape:
+        raise ValueError(f"model returned {tuple(pred.shape)}, expected {tuple(feats.shape)}")
+    err = (pred.float() - velocity_target(feats, noise, cfg.sigma_min).float()).square().mean(dim=1)
+    sums = torch.zeros(batch, device=feats.device, dtype=torch.float32).index_add_(0, index, err)
+    counts = torch.bincount(index, minlength=batch).clamp_min(1).float()
+    per_sample = sums / counts
+    return FlowLoss(per_sample.mean(), per_sample, t)
+
+
+class SparseSample(torch.nn.Module):
+    """One sparse sample seen by :class:`EulerCfgSampler` as a dense batch of 1: ``x [1, N, C]`` ->
+    ``model(x[0], t, cond, hidden, coords)[None]`` with the fixed ``coords [N, 3]`` (batch 0). CFG's
+    guidance rescale then takes the std over the whole sample, as for a dense latent."""
+
+    def __init__(self, model: torch.nn.Module, coords: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        xyz = coords.long().reshape(-1, 3)
+        self.coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], dim=1)
+
+    def forward(self, x, t, cond, hidden=None):
+        coords = self.coords.to(x.device)
+        if hidden is None:
+            return self.model(x[0], t, cond, coords=coords)[None]
+        return self.model(x[0], t, cond, hidden, coords=coords)[None]
+
+
+class MultiImage(torch.nn.Module):
+    """TRELLIS's multi-image conditioning as a model wrapper: the sampler passes ``cond`` of shape
+    ``[K, T, D]`` (K views of one sample, e.g. the front and the generated back) and the wrapped
+    model sees one view at a time. ``multidiffusion``: the mean of the K predictions at every
+    call; ``stochastic``: view ``i mod K`` at the i-th sampler step (a new timestep starts a step,
+    so the conditional and unconditional calls of a step share the view). Zeros (CFG's negative)
+    give the same prediction whatever the view."""
+
+    MODES = ("stochastic", "multidiffusion")
+
+    def __init__(self, model: torch.nn.Module, mode: str = "stochastic") -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"multi-image mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.model, self.mode, self.step, self._t = model, mode, -1, None
+
+    def forward(self, x, t, cond, hidden=None):
+        views = [cond[k : k + 1] for k in range(cond.shape[0])]
+        run = (lambda c: self.model(x, t, c)) if hidden is None else (lambda c: self.model(x, t, c, hidden))
+        if self.mode == "multidiffusion":
+            return torch.stack([run(c) for c in views]).mean(0)
+        key = float(t.reshape(-1)[0])
+        if key != self._t:
+            self.step, self._t = self.step + 1, key
+        return run(views[self.step % len(views)])
 
 
 def _fmt_edge(x: float) -> str:

@@ -186,7 +186,7 @@ def capture(
     layers = list(cfg.layers) if want_hidden else []
     early_exit = early_exit and not cfg.full_run
     if "dino_back" in cfg.variants and dino is None:
-        raise ValueError("variant dino_back needs a DINOv3 model (capture(..., dino=front_features(cfg.dino)))")
+        raise ValueError("variant dino_back needs a DINOv3 model: pass capture(..., dino=front_features(...))")
     bad = [i for i in layers if i >= len(blocks)]
     if bad:
         raise ValueError(f"layers {bad} out of range: the transformer has {len(blocks)} blocks")

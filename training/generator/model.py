@@ -1,6 +1,7 @@
-"""The Know3D generator's stage 1 as trained and shipped: TRELLIS.2's sparse-structure flow
-(:mod:`~know3d.training.generator.ss_flow`) with the H branch, a peft LoRA on the backbone's
-attention, and the files it is exported to.
+"""The Know3D generator's two stages as trained and shipped: TRELLIS.2's sparse-structure flow
+(:mod:`~know3d.training.generator.ss_flow`, ``model.stage: ss``) or shape structured-latent flow
+(:mod:`~know3d.training.generator.slat_flow`, ``model.stage: shape``), each with the H branch, a peft
+LoRA on the backbone's attention (the same module names in both), and the files it is exported to.
 
 Trainable (``finetune: lora``): the LoRA matrices (rank 64 on every self- and image
 cross-attention linear, :data:`~know3d.training.generator.config.GENERATOR_LORA_TARGETS`) and the
@@ -14,8 +15,9 @@ Export (``<output>/generator/``):
   decoder, DINOv3, the sampler defaults, provenance (steps, data digest, MLflow run);
 * ``adapter.safetensors`` — the EMA weights of the trainable tensors only (LoRA in peft's names
   + the branch), small;
-* ``merged/ss_flow.safetensors`` + ``ss_flow.json`` (``export_merged``) — one plain checkpoint with
-  the LoRA folded in, loadable by :func:`~know3d.training.generator.ss_flow.load_ss_flow`.
+* ``merged/ss_flow.safetensors`` + ``ss_flow.json`` (stage 2: ``slat_flow.*``) (``export_merged``) —
+  one plain checkpoint with the LoRA folded in, loadable by ``load_ss_flow`` / ``load_slat_flow``
+  (and so usable as the ``model.base`` of a later fine-tune).
 
 Loading (:func:`load_generator`) rebuilds base + LoRA and loads the adapter strictly: a file of
 another architecture, or H of another width, is refused with the file named.
@@ -54,26 +56,37 @@ def is_debug(base: str) -> bool:
     return base == DEBUG_BASE or base.startswith(DEBUG_BASE + ":")
 
 
-def debug_base(hidden_channels: int | None, cond_channels: int, seed: int = 0) -> SSFlowModel:
+def _stage_kit(stage: str):
+    """(config class, model class, loader, saver, stored-config reader) of a stage."""
+    if stage == "shape":
+        from know3d.training.generator import slat_flow as sf
+
+        return sf.SLatFlowConfig, sf.SLatFlowModel, sf.load_slat_flow, sf.save_slat_flow, sf.stored_config
+    return SSFlowConfig, SSFlowModel, load_ss_flow, save_ss_flow, stored_config
+
+
+def debug_base(hidden_channels: int | None, cond_channels: int, seed: int = 0, stage: str = "ss") -> torch.nn.Module:
     """The CPU-size base: TRELLIS.2's architecture at debug width with seeded random weights. A
     released base has trained (non-zero) output and modulation layers; upstream's init zeroes
     them, which would leave a frozen model whose output no LoRA can move, so the debug base gives
     them small random values instead (the branch's output layer stays zero)."""
-    cfg = replace(SSFlowConfig.debug(hidden_channels=hidden_channels), cond_channels=cond_channels)
+    config_cls, model_cls, *_ = _stage_kit(stage)
+    cfg = replace(config_cls.debug(hidden_channels=hidden_channels), cond_channels=cond_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SSFlowModel(cfg)
+        model = model_cls(cfg)
         for linear in (model.out_layer, model.adaLN_modulation[-1]):
             torch.nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features))
     return model
 
 
-def build_base(cfg: GeneratorModelConfig, hidden_channels: int | None, cond_channels: int) -> SSFlowModel:
-    """The base flow (official weights or the debug one) with the branch when a condition is used."""
+def build_base(cfg: GeneratorModelConfig, hidden_channels: int | None, cond_channels: int) -> torch.nn.Module:
+    """The stage's base flow (official weights or the debug one) with the branch when a condition is used."""
     if is_debug(cfg.base):
-        return debug_base(hidden_channels, cond_channels, int(cfg.base.partition(":")[2] or 0))
-    flow_cfg = replace(stored_config(cfg.base), hidden_channels=hidden_channels, use_checkpoint=False)
-    model = load_ss_flow(cfg.base, flow_cfg)
+        return debug_base(hidden_channels, cond_channels, int(cfg.base.partition(":")[2] or 0), cfg.stage)
+    _, _, load, _, read_config = _stage_kit(cfg.stage)
+    flow_cfg = replace(read_config(cfg.base), hidden_channels=hidden_channels, use_checkpoint=False)
+    model = load(cfg.base, flow_cfg)
     if model.cfg.cond_channels != cond_channels:
         raise ValueError(
             f"{cfg.base}: cond_channels {model.cfg.cond_channels}, the DINOv3 features have {cond_channels}"
@@ -125,7 +138,7 @@ def save_generator(model: torch.nn.Module, folder: Path, meta: dict[str, Any]) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{ADAPTER_FILE}.tmp"
-    save_file(trainable_state(model), str(tmp))
+    save_file(trainable_state(model), str(tmp), metadata={"architecture": type(model).__name__})
     tmp.replace(folder / ADAPTER_FILE)
     atomic_write(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
     return folder
@@ -138,22 +151,29 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_generator(folder: Path, device: str | torch.device = "cpu") -> tuple[SSFlowModel, dict[str, Any]]:
+def load_generator(folder: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode with the exported weights, metadata) of an exported generator."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     folder = Path(folder)
     meta = read_meta(folder)
     cfg = GeneratorModelConfig.model_validate(meta["model"])
-    flow = SSFlowConfig.from_json(meta["flow_config"])
+    flow = _stage_kit(cfg.stage)[0].from_json(meta["flow_config"])
     model = build_base(cfg, flow.hidden_channels, flow.cond_channels)
     add_lora(model, cfg)
     path = folder / ADAPTER_FILE
     try:
         state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            architecture = (f.metadata() or {}).get("architecture")
     except (SafetensorError, OSError) as exc:
         raise GeneratorLoadError(f"{path}: unreadable ({exc})") from None
+    if architecture is not None and architecture != type(model).__name__:
+        raise GeneratorLoadError(
+            f"{path}: not the weights of this generator architecture (adapter of a {architecture}, "
+            f"{META_FILE} describes a {type(model).__name__})"
+        )
     expected = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in set(expected) & set(state) if list(state[k].shape) != expected[k]]
@@ -172,9 +192,10 @@ def load_generator(folder: Path, device: str | torch.device = "cpu") -> tuple[SS
     return model.to(device).eval(), meta
 
 
-def merged_model(model: SSFlowModel) -> SSFlowModel:
-    """A plain :class:`SSFlowModel` with the LoRA folded into the base weights."""
-    plain = SSFlowModel(model.cfg)
+def merged_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model of the same class (:class:`SSFlowModel` or ``SLatFlowModel``) with the LoRA
+    folded into the base weights."""
+    plain = type(model)(model.cfg)
     state = {}
     modules = dict(model.named_modules())
     for name, value in model.state_dict().items():
@@ -190,9 +211,12 @@ def merged_model(model: SSFlowModel) -> SSFlowModel:
     return plain.eval()
 
 
-def export_merged(model: SSFlowModel, folder: Path) -> Path:
-    """``<folder>/ss_flow.safetensors`` + ``ss_flow.json``: the LoRA merged, branch included."""
-    return save_ss_flow(merged_model(model), folder)
+def export_merged(model: torch.nn.Module, folder: Path) -> Path:
+    """``<folder>/ss_flow.*`` (stage 2: ``slat_flow.*``): the LoRA merged, branch included."""
+    from know3d.training.generator.slat_flow import SLatFlowModel, save_slat_flow
+
+    plain = merged_model(model)
+    return save_slat_flow(plain, folder) if isinstance(plain, SLatFlowModel) else save_ss_flow(plain, folder)
 
 
 def load_decoder(source: str, device: str | torch.device = "cpu"):
@@ -204,3 +228,13 @@ def load_decoder(source: str, device: str | torch.device = "cpu"):
 
         return resolve_debug_ss_vae().decoder.to(device).eval()
     return load_ss_vae(source, "decoder", device=device)
+
+
+def load_shape_codec(source: str, device: str | torch.device = "cpu"):
+    """Stage 2's shape SC-VAE decoder with its latent normalization (``debug`` = the shipped one)."""
+    from know3d.training.generator.shape_vae import ShapeVAELoadError, load_shape_vae
+
+    try:
+        return load_shape_vae(source, parts=("decoder",), device=device)
+    except ShapeVAELoadError as exc:
+        raise GeneratorLoadError(str(exc)) from None

@@ -28,24 +28,28 @@ upstream's flex_gemm layout (its default backend, the released checkpoints) — 
 
 Sparse execution here is a plain-torch reference: :class:`SparseVoxels` (features, coordinates and
 a per-coordinate-set cache) and :func:`submanifold_conv3d` (hash lookup of the 27 neighbours via
-sorted codes, one GEMM per kernel offset). Kernel index ``(a, b, c)`` of the weight pairs with the
-neighbour at ``(x + a - 1, y + b - 1, z + c - 1)`` (cross-correlation, like ``torch.nn.Conv3d``
-over ``[D, H, W] = [x, y, z]``). That axis pairing is an ASSUMPTION not yet checked against
-flex_gemm's kernel; the production backend (``training/generator/sparse.py``) replaces this
-function without changing any key.
+sorted codes, then one gather - GEMM - scatter per kernel offset over the neighbours that exist).
+Kernel index ``(a, b, c)`` of the weight pairs with the neighbour at ``(x + a - 1, y + b - 1,
+z + c - 1)`` (cross-correlation, like ``torch.nn.Conv3d`` over ``[D, H, W] = [x, y, z]``). That
+axis pairing is an ASSUMPTION not yet checked against flex_gemm's kernel; the production backend
+(``training/generator/sparse.py``) replaces this function without changing any key.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from know3d.training.generator.dual_grid import DualGrid
 from know3d.training.generator.ss_flow import LayerNorm32
 
 ENCODER_NAME = "FlexiDualGridVaeEncoder"
@@ -110,20 +114,40 @@ def neighbor_map(coords: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _neighbor_pairs(x: SparseVoxels, kernel: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per kernel offset, the (output row, input row) pairs of existing neighbours (cached)."""
+    key = f"pairs_{kernel}x{kernel}x{kernel}"
+    pairs = x.cache.get(key)
+    if pairs is None:
+        nbr_key = f"neighbors_{kernel}x{kernel}x{kernel}"
+        nbr = x.cache.get(nbr_key)
+        if nbr is None:
+            nbr = x.cache[nbr_key] = neighbor_map(x.coords, kernel)
+        pairs = []
+        for row in nbr:
+            valid = row >= 0
+            pairs.append((valid.nonzero()[:, 0], row[valid]))
+        x.cache[key] = pairs
+    return pairs
+
+
 def submanifold_conv3d(x: SparseVoxels, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Submanifold 3D convolution (outputs at the input voxels) with a ``(Co, k, k, k, Ci)`` weight."""
+    """Submanifold 3D convolution (outputs at the input voxels) with a ``(Co, k, k, k, Ci)`` weight:
+    gather - GEMM - scatter over the existing neighbour pairs of each kernel offset."""
     co, kd, kh, kw, ci = weight.shape
-    key = f"neighbors_{kd}x{kh}x{kw}"
-    nbr = x.cache.get(key)
-    if nbr is None:
-        nbr = x.cache[key] = neighbor_map(x.coords, kd)
+    if not kd == kh == kw or kd % 2 == 0:
+        raise ValueError(f"an odd cubic kernel is expected, got {kd}x{kh}x{kw}")
+    pairs = _neighbor_pairs(x, kd)
     feats = x.feats.to(weight.dtype)
-    padded = torch.cat([feats, feats.new_zeros(1, ci)])  # row N = the missing neighbour
-    nbr = torch.where(nbr < 0, feats.shape[0], nbr)
     w = weight.reshape(co, kd * kh * kw, ci)
-    out = feats.new_zeros(feats.shape[0], co) if bias is None else bias.expand(feats.shape[0], co).clone()
-    for k in range(kd * kh * kw):
-        out = out + padded[nbr[k]] @ w[:, k].T
+    centre = (kd * kh * kw) // 2  # offset (0, 0, 0): every voxel is its own neighbour
+    out = feats @ w[:, centre].T
+    if bias is not None:
+        out = out + bias
+    for k, (rows_out, rows_in) in enumerate(pairs):
+        if k == centre or rows_out.numel() == 0:
+            continue
+        out.index_add_(0, rows_out, feats[rows_in] @ w[:, k].T)
     return out
 
 
@@ -167,7 +191,7 @@ def channel_to_spatial(x: SparseVoxels, subdivision: torch.Tensor | None = None)
             new_coords[:, axis + 1] += subidx // 2**axis % 2
         idx = torch.repeat_interleave(torch.arange(x.coords.shape[0], device=x.coords.device), leaves)
         cache = {}
-    feats = x.feats.reshape(x.feats.shape[0] * 8, -1)[idx * 8 + subidx]
+    feats = x.feats.reshape(x.feats.shape[0] * 8, x.feats.shape[1] // 8)[idx * 8 + subidx]
     return SparseVoxels(feats, new_coords, cache)
 
 
@@ -556,3 +580,285 @@ def shape_vae_key_shapes(part: str, size: str = "full") -> dict[str, list[int]]:
     with torch.device("meta"):
         model = shape_encoder(size) if part == "encoder" else shape_decoder(size)
     return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the VAE as a whole: encode, decode, files
+
+SHAPE_VAE_PARTS = ("encoder", "decoder")
+# upstream's released file stems (TRELLIS.2-4B ``ckpts/``), besides our ``encoder`` / ``decoder``
+UPSTREAM_STEMS = {"encoder": "shape_enc_next_dc_f16c32_fp16", "decoder": "shape_dec_next_dc_f16c32_fp16"}
+SHIPPED_SHAPE_VAE = Path(__file__).resolve().parent.parent / "assets" / "debug-shape-vae"
+NORMALIZATION_FILE = "normalization.json"
+
+
+class ShapeVAELoadError(Exception):
+    """A shape SC-VAE checkpoint cannot be loaded; the message names the file and why."""
+
+
+@dataclass(eq=False)
+class ShapeVAE:
+    """Encoder and/or decoder of the shape SC-VAE with the latent normalization (upstream's
+    ``shape_slat_normalization``: the flow works on ``(z - mean) / std``) and the fine dual-grid
+    ``resolution`` (64 debug; 512 or 1024 full size — the decoder itself is resolution-free)."""
+
+    encoder: FlexiDualGridVaeEncoder | None
+    decoder: FlexiDualGridVaeDecoder | None
+    resolution: int
+    mean: torch.Tensor  # [C]
+    std: torch.Tensor  # [C]
+
+    def __post_init__(self) -> None:
+        if self.encoder is None and self.decoder is None:
+            raise ValueError("a ShapeVAE needs an encoder, a decoder or both")
+        self.mean = torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1).cpu()
+        self.std = torch.as_tensor(self.std, dtype=torch.float32).reshape(-1).cpu()
+        c = self.latent_channels
+        if self.mean.shape != (c,) or self.std.shape != (c,):
+            raise ValueError(f"mean / std need {c} entries, got {len(self.mean)} and {len(self.std)}")
+        if not bool((self.std > 0).all()) or not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("std must be positive and mean finite")
+        self.resolution = int(self.resolution)
+        factor = 2 ** (self.stages - 1)
+        if self.resolution < factor or self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the downsampling factor {factor}")
+        if self.decoder is not None:
+            self.decoder.set_resolution(self.resolution)
+
+    @property
+    def _module(self) -> _ShapeVAEBase:
+        return self.encoder if self.encoder is not None else self.decoder
+
+    @property
+    def stages(self) -> int:
+        return len(self._module.model_channels)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self._module.latent_channels)
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.resolution // 2 ** (self.stages - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._module.parameters()).device
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self.mean.to(z.device)) / self.std.to(z.device)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z.float() * self.std.to(z.device) + self.mean.to(z.device)
+
+    @torch.no_grad()
+    def encode(self, grid: DualGrid) -> tuple[np.ndarray, torch.Tensor]:
+        """(latent coords int64 ``[M, 3]`` at :attr:`latent_resolution`, normalized features float32
+        ``[M, C]`` on the CPU) of a dual grid at :attr:`resolution`: the posterior mean."""
+        if self.encoder is None:
+            raise ValueError("this ShapeVAE has no encoder")
+        coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 3)
+        if len(coords) == 0:
+            return np.zeros((0, 3), np.int64), torch.zeros(0, self.latent_channels)
+        if coords.min() < 0 or coords.max() >= self.resolution:
+            raise ValueError(f"dual-grid coords outside [0, {self.resolution})")
+        x = dual_grid_voxels([grid], self.device)
+        flags = x.replace(torch.as_tensor(np.asarray(grid.edge_flags), dtype=torch.float32, device=self.device))
+        self.encoder.eval()
+        z = self.encoder(x, flags)
+        return z.coords[:, 1:].cpu().numpy(), self.normalize(z.feats).cpu()
+
+    @torch.no_grad()
+    def decode(self, coords: np.ndarray | torch.Tensor, feats: np.ndarray | torch.Tensor) -> DualGrid:
+        """The dual grid at :attr:`resolution` of normalized latents (``coords [M, 3]`` at
+        :attr:`latent_resolution`, ``feats [M, C]``): eval mode, the decoder's own predicted
+        subdivision, vertices clipped to [0, 1], edge flags = logits > 0, split weights = its
+        quad_lerp; voxels in C order. No latents (or no predicted children) -> an empty grid."""
+        if self.decoder is None:
+            raise ValueError("this ShapeVAE has no decoder")
+        coords = torch.as_tensor(coords).long().reshape(-1, 3).cpu()
+        feats = torch.as_tensor(feats, dtype=torch.float32).cpu()
+        if len(coords) == 0:
+            return empty_dual_grid()
+        if feats.shape != (len(coords), self.latent_channels):
+            raise ValueError(f"feats [{len(coords)}, {self.latent_channels}] expected, got {list(feats.shape)}")
+        if int(coords.min()) < 0 or int(coords.max()) >= self.latent_resolution:
+            raise ValueError(f"latent coords outside [0, {self.latent_resolution})")
+        device = self.device
+        batch = torch.zeros(len(coords), 1, dtype=torch.long)
+        x = SparseVoxels(self.denormalize(feats).to(device), torch.cat([batch, coords], 1).to(device))
+        self.decoder.eval()
+        h = self.decoder(x)
+        if h.feats.shape[0] == 0:
+            return empty_dual_grid()
+        vertices, logits, quad = self.decoder.fields(h)
+        out_coords = h.coords[:, 1:].cpu().numpy()
+        order = np.lexsort((out_coords[:, 2], out_coords[:, 1], out_coords[:, 0]))
+        return DualGrid(
+            out_coords[order],
+            vertices.clamp(0.0, 1.0).double().cpu().numpy()[order],
+            (logits > 0).cpu().numpy()[order],
+            quad.double().cpu().numpy()[order],
+        )
+
+
+def empty_dual_grid() -> DualGrid:
+    return DualGrid(np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros((0, 3), bool), np.zeros((0, 1)))
+
+
+def dual_grid_voxels(grids: list[DualGrid], device: str | torch.device = "cpu") -> SparseVoxels:
+    """The encoder's vertex input: SparseVoxels of the dual vertices (offsets in [0, 1]) of
+    ``grids`` batched in order (batch index = position in the list); edge flags via ``replace``."""
+    coords, feats = [], []
+    for b, grid in enumerate(grids):
+        c = torch.as_tensor(np.asarray(grid.coords, dtype=np.int64).reshape(-1, 3))
+        coords.append(torch.cat([torch.full((len(c), 1), b, dtype=torch.long), c], 1))
+        feats.append(torch.as_tensor(np.asarray(grid.vertices, dtype=np.float32).reshape(-1, 3)))
+    return SparseVoxels(torch.cat(feats).to(device), torch.cat(coords).to(device))
+
+
+def _module_args(module: _ShapeVAEBase) -> dict:
+    """Constructor args of a module (upstream's ``{"name", "args"}`` json)."""
+    args = {
+        "model_channels": list(module.model_channels),
+        "latent_channels": int(module.latent_channels),
+        "num_blocks": list(module.num_blocks),
+    }
+    checkpointed = [any(getattr(b, "use_checkpoint", False) for b in stage) for stage in module.blocks]
+    if any(checkpointed):
+        args["block_args"] = [{"use_checkpoint": c} for c in checkpointed]
+    if isinstance(module, FlexiDualGridVaeDecoder):
+        args = {"resolution": int(module.resolution), **args}
+        if module.voxel_margin != 0.5:
+            args["voxel_margin"] = module.voxel_margin
+        if not module.pred_subdiv:
+            args["pred_subdiv"] = False
+    if module.dtype == torch.float16:
+        args["use_fp16"] = True
+    name = ENCODER_NAME if isinstance(module, FlexiDualGridVaeEncoder) else DECODER_NAME
+    return {"name": name, "args": args}
+
+
+def save_shape_vae(vae: ShapeVAE, folder: str | Path) -> Path:
+    """``<folder>/{encoder,decoder}.safetensors`` + ``.json`` (upstream's ``{"name", "args"}``) for
+    the parts present, and ``normalization.json`` ``{"mean", "std", "resolution"}``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, module in (("encoder", vae.encoder), ("decoder", vae.decoder)):
+        if module is None:
+            continue
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, str(folder / f"{part}.safetensors"), metadata={"format": "pt", "part": part})
+        (folder / f"{part}.json").write_text(json.dumps(_module_args(module), indent=2) + "\n")
+    norm = {"mean": vae.mean.tolist(), "std": vae.std.tolist(), "resolution": vae.resolution}
+    (folder / NORMALIZATION_FILE).write_text(json.dumps(norm, indent=2) + "\n")
+    return folder
+
+
+def _part_files(folder: Path, part: str) -> tuple[Path, Path]:
+    stems = (part, UPSTREAM_STEMS[part])
+    candidates = [sub / f"{stem}.safetensors" for sub in (folder, folder / "ckpts") for stem in stems]
+    weights = next((p for p in candidates if p.is_file()), None)
+    if weights is None:
+        names = " or ".join(f"{stem}.safetensors" for stem in stems)
+        raise ShapeVAELoadError(f"{folder}: no {part} weights ({names}, also under ckpts/)")
+    return weights, weights.with_suffix(".json")
+
+
+def _build_part(config: Path, part: str) -> _ShapeVAEBase:
+    cls = FlexiDualGridVaeEncoder if part == "encoder" else FlexiDualGridVaeDecoder
+    if not config.is_file():
+        if config.stem == UPSTREAM_STEMS[part]:  # a bare released checkpoint: the released size
+            return shape_encoder("full") if part == "encoder" else shape_decoder("full")
+        raise ShapeVAELoadError(f"{config}: missing (the {part} config next to its weights)")
+    try:
+        data = json.loads(config.read_text())
+        if "models" in data or "name" in data:
+            module = from_upstream_json(data, part)
+        else:
+            module = cls(**data.get("args", data))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ShapeVAELoadError(f"{config}: not a shape SC-VAE {part} config ({type(exc).__name__}: {exc})") from None
+    if not isinstance(module, cls):
+        raise ShapeVAELoadError(f"{config}: describes a {type(module).__name__}, not the {part}")
+    return module
+
+
+def _load_part(folder: Path, part: str) -> _ShapeVAEBase:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, config = _part_files(folder, part)
+    module = _build_part(config, part)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ShapeVAELoadError(f"{weights}: unreadable safetensors ({exc})") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        problems = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                problems.append(f"{name} {len(keys)}: {', '.join(keys[:5])}{more}")
+        raise ShapeVAELoadError(f"{weights}: not a shape SC-VAE {part} of {config.name}; " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def _load_normalization(folder: Path) -> tuple[list, list, int | None, Path]:
+    path = folder / NORMALIZATION_FILE
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return data["mean"], data["std"], data.get("resolution"), path
+        pipeline = folder / "pipeline.json"  # upstream's released pipeline folder
+        if pipeline.is_file():
+            data = json.loads(pipeline.read_text())
+            norm = data.get("args", data)["shape_slat_normalization"]
+            return norm["mean"], norm["std"], None, pipeline
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShapeVAELoadError(f"{path}: unreadable latent normalization ({type(exc).__name__}: {exc})") from None
+    raise ShapeVAELoadError(f"{path}: missing (nor a pipeline.json with shape_slat_normalization)")
+
+
+def load_shape_vae(
+    source: str | Path,
+    parts: tuple[str, ...] = SHAPE_VAE_PARTS,
+    device: str | torch.device = "cpu",
+    resolution: int | None = None,
+) -> ShapeVAE:
+    """The shape SC-VAE ``parts`` from a folder (``"debug"``: the shipped debug VAE): weights
+    ``<part>.safetensors`` or upstream's ``shape_{enc,dec}_next_dc_f16c32_fp16.safetensors`` (also
+    under ``ckpts/``) with the json next to them (upstream's ``{"name", "args"}``, a training
+    config, or the bare args), and ``normalization.json`` (else upstream's ``pipeline.json``).
+    ``resolution`` overrides the stored one (else normalization.json's, else the decoder's).
+    Keys and shapes are checked strictly; every problem raises :class:`ShapeVAELoadError` naming
+    the file. The modules come back in eval mode on ``device``."""
+    parts = tuple(parts)
+    if not parts or any(p not in SHAPE_VAE_PARTS for p in parts):
+        raise ValueError(f"parts must be a non-empty subset of {SHAPE_VAE_PARTS}, got {parts!r}")
+    folder = SHIPPED_SHAPE_VAE if str(source) == "debug" else Path(source).expanduser()
+    if not folder.is_dir():
+        raise ShapeVAELoadError(f"{folder}: no such folder (a shape SC-VAE folder or 'debug' expected)")
+    modules = {part: _load_part(folder, part) for part in parts}
+    mean, std, stored_resolution, norm_file = _load_normalization(folder)
+    if resolution is None:
+        resolution = stored_resolution
+    if resolution is None:
+        if "decoder" not in modules:
+            raise ShapeVAELoadError(f"{norm_file}: no resolution stored (pass resolution=)")
+        resolution = modules["decoder"].resolution
+    try:
+        vae = ShapeVAE(
+            modules.get("encoder"), modules.get("decoder"), resolution, torch.tensor(mean), torch.tensor(std)
+        )
+    except (ValueError, TypeError) as exc:
+        raise ShapeVAELoadError(f"{norm_file}: does not fit the checkpoint ({exc})") from None
+    for module in modules.values():
+        module.to(device).eval()
+    return vae

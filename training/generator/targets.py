@@ -94,10 +94,19 @@ def _rendered_assets(dataset: Path) -> Iterator[dict]:
         yield json.loads(file.read_text())
 
 
-def build_targets(store: TargetStore) -> tuple[dict[str, int], dict[str, str]]:
-    """Occupancy + latent of every rendered asset of the store's data build (those already
-    stored are skipped). The asset file is the record's ``uri`` when it is a local file (local
-    and procedural sources). Returns counts per status and a reason per failed asset."""
+def asset_name(summary: dict) -> str:
+    """How messages name a rendered asset: its file name, else its key, else its hash."""
+    uri = summary.get("uri") or ""
+    return Path(uri).name or summary.get("key") or summary["sha256"]
+
+
+def build_each(store, make) -> tuple[dict[str, int], dict[str, str]]:
+    """The per-asset pass both target stores share: for every rendered asset of ``store.dataset``
+    not yet at ``store.path(sha)``, ``make(sha, path)`` with its local mesh file. Returns counts
+    (``encoded`` / ``cached`` / ``failed``) and, per failed asset (by key), a reason naming its file;
+    one asset's failure never stops the others."""
+    from know3d.rendering.assets import AssetError
+
     counts: Counter[str] = Counter()
     failures: dict[str, str] = {}
     for summary in _rendered_assets(store.dataset):
@@ -105,15 +114,28 @@ def build_targets(store: TargetStore) -> tuple[dict[str, int], dict[str, str]]:
         if store.path(sha).is_file():
             counts["cached"] += 1
             continue
+        name = asset_name(summary)
         try:
-            if not Path(uri).is_file():
-                raise TargetError(f"{Path(uri).name or summary.get('key')}: not a local file")
-            store.put(sha, asset_occupancy(Path(uri), store.resolution))
+            if not uri or not Path(uri).is_file():
+                raise TargetError(f"{name}: not a local file")
+            make(sha, Path(uri))
             counts["encoded"] += 1
         except Exception as exc:  # noqa: BLE001 - one asset's problem is that asset's alone
             counts["failed"] += 1
-            failures[summary.get("key") or sha] = str(exc) if isinstance(exc, TargetError) else describe_exception(exc)
+            if isinstance(exc, (TargetError, AssetError)):  # plain messages that name the file
+                reason = str(exc)
+            else:
+                message = describe_exception(exc)
+                reason = message if name in str(exc) else f"{name}: {message}"
+            failures[summary.get("key") or sha] = reason
     return dict(counts), failures
+
+
+def build_targets(store: TargetStore) -> tuple[dict[str, int], dict[str, str]]:
+    """Occupancy + latent of every rendered asset of the store's data build (those already
+    stored are skipped). The asset file is the record's ``uri`` when it is a local file (local
+    and procedural sources). Returns counts per status and a reason per failed asset."""
+    return build_each(store, lambda sha, path: store.put(sha, asset_occupancy(path, store.resolution)))
 
 
 def generator_records(store: TargetStore, split: str = "train") -> Iterator[dict]:

@@ -1,4 +1,4 @@
-"""The Know3D generator's stage-1 trainer (paper §3.2, §4.1.2) on the shared engine.
+"""The Know3D generator's trainer (paper §3.2, §4.1.2), both stages, on the shared engine.
 
 :func:`run_worker` runs on every data-parallel rank under Ray Train (``know3d train generator``)
 or torchrun (``torchrun --nproc_per_node N -m know3d.training.generator.train CONFIG [--set
@@ -21,6 +21,13 @@ is updated after every step, checkpointed, and used for validation and export.
 Validation (every ``schedule.validate_every`` steps, rank 0, EMA weights): sample latents for
 held-out assets with the Euler CFG sampler, decode with the SS decoder, and score the occupancy
 against the true one (IoU, Chamfer); an image of sampled vs true projections goes to MLflow.
+Stage 2 (``model.stage: shape``): the same step on the shape structured latents — x0 = the
+asset's normalized shape SC-VAE latent (``feats [M, C]`` at its coordinates, a batch packed as
+``[N, C]`` + ``[N, 4]``), TRELLIS.2's SLat flow, uniform timesteps by the stage-2 configs; the loss
+is each sample's MSE over its voxels (:func:`~know3d.training.generator.flow.sparse_flow_loss`).
+Validation samples latents on each held-out asset's true structure, decodes them with the shape
+SC-VAE and scores the dual grid against the true one (fine-voxel IoU, Chamfer of dual vertices).
+
 Determinism: every random draw of step s on rank r is seeded by (seed, r, s); the stream position,
 EMA and clipper buffer are checkpointed, so a resumed run logs the same losses.
 """
@@ -49,8 +56,21 @@ from know3d.training.engine.tracking import TrainingTracker
 from know3d.training.flow_matching import timestep_bins
 from know3d.training.generator.config import TrainGeneratorConfig
 from know3d.training.generator.data import GeneratorPairs
-from know3d.training.generator.flow import AdaptiveGradClipper, EulerCfgSampler, flow_loss
-from know3d.training.generator.model import add_lora, build_base, export_merged, load_decoder, save_generator
+from know3d.training.generator.flow import (
+    AdaptiveGradClipper,
+    EulerCfgSampler,
+    SparseSample,
+    flow_loss,
+    sparse_flow_loss,
+)
+from know3d.training.generator.model import (
+    add_lora,
+    build_base,
+    export_merged,
+    load_decoder,
+    load_shape_codec,
+    save_generator,
+)
 from know3d.training.generator.occupancy import comparison_image, occupancy_chamfer, occupancy_iou
 
 STAGE = "train.generator"
@@ -86,15 +106,18 @@ class IndexStream:
         return indices[state.consumed - 1]
 
 
-def find_targets(dataset: Path, targets: str | None) -> Path:
-    """The target store folder: given, or the only one under ``<dataset>/targets``."""
+def find_targets(dataset: Path, targets: str | None, stage: str = "ss") -> Path:
+    """The target store folder: given, or the only one of the stage under ``<dataset>/targets``
+    (``r<res>-<encoder>`` for stage 1, ``shape-r<res>-<encoder>`` for stage 2)."""
     if targets:
         return Path(targets)
-    found = sorted(p for p in (Path(dataset) / "targets").glob("r*-*") if p.is_dir())
+    pattern = "shape-r*-*" if stage == "shape" else "r*-*"
+    found = sorted(p for p in (Path(dataset) / "targets").glob(pattern) if p.is_dir())
     if len(found) != 1:
         what = ", ".join(p.name for p in found) or "none"
+        command = "know3d data targets" + (" --stage shape" if stage == "shape" else "")
         raise FileNotFoundError(
-            f"{dataset}: {len(found)} target stores ({what}); run `know3d data targets` or set data.targets"
+            f"{dataset}: {len(found)} {stage} target stores ({what}); run `{command}` or set data.targets"
         )
     return found[0]
 
@@ -123,9 +146,8 @@ def _condition_dir(cfg: TrainGeneratorConfig) -> Path | None:
 def open_pairs(cfg: TrainGeneratorConfig, split: str) -> GeneratorPairs:
     d = cfg.data
     condition = "none" if d.hidden_mode == "online" else cfg.model.condition
-    pairs = GeneratorPairs(
-        d.dataset, find_targets(Path(d.dataset), d.targets), condition, _condition_dir(cfg), split, keys=d.keys or None
-    )
+    targets = find_targets(Path(d.dataset), d.targets, cfg.model.stage)
+    pairs = GeneratorPairs(d.dataset, targets, condition, _condition_dir(cfg), split, keys=d.keys or None)
     return select_assets(pairs, d.max_assets)
 
 
@@ -182,11 +204,26 @@ class FrozenInputs:
         return torch.stack(states).to(self.device)
 
     @torch.no_grad()
-    def batch(self, records: list[dict], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        x0 = torch.stack([r["latent"] for r in records]).to(self.device, dtype)
+    def conditions(self, records: list[dict], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(DINOv3 front tokens [B, T, D], the branch's condition [B, L, C] or None)."""
         cond = self.dino.encode([r["front"] for r in records]).to(self.device, dtype)
         hidden = self.hidden(records)
-        return x0, cond, None if hidden is None else hidden.to(dtype)
+        return cond, None if hidden is None else hidden.to(dtype)
+
+    @torch.no_grad()
+    def batch(self, records: list[dict], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stage 1: (SS latents [B, 8, r, r, r], cond, hidden)."""
+        x0 = torch.stack([r["latent"] for r in records]).to(self.device, dtype)
+        return (x0, *self.conditions(records, dtype))
+
+    @torch.no_grad()
+    def sparse_batch(self, records: list[dict], dtype: torch.dtype):
+        """Stage 2: (latent feats [N, C], coords [N, 4] = (sample, x, y, z), cond, hidden)."""
+        feats = torch.cat([r["shape_feats"] for r in records]).to(self.device, dtype)
+        coords = torch.cat(
+            [torch.nn.functional.pad(r["shape_coords"].long(), (1, 0), value=i) for i, r in enumerate(records)]
+        ).to(self.device)
+        return (feats, coords, *self.conditions(records, dtype))
 
 
 def condition_width(cfg: TrainGeneratorConfig, frozen: FrozenInputs, train: GeneratorPairs) -> int | None:
@@ -235,9 +272,13 @@ class Trainer:
         for micro in range(s.grad_accum):
             parts = (self.cfg.seed, self.env.rank, step, micro)
             records = [self.train[self.stream.next(self.state)] for _ in range(s.micro_batch_size)]
-            x0, cond, hidden = self.frozen.batch(records, self.dtype)
-            gen = torch.Generator(device=x0.device).manual_seed(derive_seed("noise", *parts))
-            out = flow_loss(self.engine, x0, cond, hidden, generator=gen, config=self.cfg.flow)
+            gen = torch.Generator(device=self.frozen.device).manual_seed(derive_seed("noise", *parts))
+            if self.cfg.model.stage == "shape":
+                feats, coords, cond, hidden = self.frozen.sparse_batch(records, self.dtype)
+                out = sparse_flow_loss(self.engine, feats, coords, cond, hidden, generator=gen, config=self.cfg.flow)
+            else:
+                x0, cond, hidden = self.frozen.batch(records, self.dtype)
+                out = flow_loss(self.engine, x0, cond, hidden, generator=gen, config=self.cfg.flow)
             self.engine.backward(out.loss)
             own_norm = None
             if micro == s.grad_accum - 1:
@@ -276,19 +317,77 @@ def sample_occupancy(model, decoder, frozen: FrozenInputs, records: list[dict], 
     return grids
 
 
+@torch.no_grad()
+def sample_shape_latents(
+    model, frozen: FrozenInputs, records: list[dict], cfg, seed: int, coords: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Stage 2: sampled latent feats [M, C] (normalized) on each record's structure — ``coords``
+    [M, 3] when given (stage 1's output at inference), else the record's true latent coordinates
+    (validation scores stage 2 on its own)."""
+    sampler = EulerCfgSampler(cfg.sampler, sigma_min=cfg.flow.sigma_min)
+    param = next(model.parameters())
+    out = []
+    for i, record in enumerate(records):
+        cond, hidden = frozen.conditions([record], param.dtype)
+        xyz = coords[i] if coords is not None else record["shape_coords"]
+        gen = torch.Generator(device=param.device).manual_seed(derive_seed("sample", seed, i))
+        noise = torch.randn((1, len(xyz), model.cfg.in_channels), generator=gen, device=param.device, dtype=param.dtype)
+        wrapped = SparseSample(model, xyz.to(param.device))
+        out.append(sampler.sample(wrapped, noise, cond, hidden).samples[0].float().cpu())
+    return out
+
+
+def shape_scores(decoded, truth, resolution: int) -> dict[str, float]:
+    """IoU of the fine voxels and the symmetric Chamfer distance (mean of both directions, unit
+    cube) between the dual vertices of a decoded and a true :class:`DualGrid`."""
+    from know3d.evaluation.geometry import nearest_distances
+
+    a = {tuple(c) for c in np.asarray(decoded.coords).tolist()}
+    b = {tuple(c) for c in np.asarray(truth.coords).tolist()}
+    iou = len(a & b) / max(len(a | b), 1)
+    if not len(decoded) or not len(truth):
+        return {"iou": iou, "chamfer": float("inf")}
+    pred, true = decoded.positions(resolution), truth.positions(resolution)
+    d1, d2 = nearest_distances(pred, true)[0], nearest_distances(true, pred)[0]
+    return {"iou": iou, "chamfer": float(d1.mean() + d2.mean()) / 2}
+
+
+def fine_grid(grid, resolution: int) -> np.ndarray:
+    occupancy = np.zeros((resolution,) * 3, dtype=bool)
+    if len(grid):
+        occupancy[tuple(np.asarray(grid.coords).T)] = True
+    return occupancy
+
+
 def validate(trainer: Trainer, decoder, records: list[dict], tracker: TrainingTracker, step: int) -> dict:
-    """EMA-weight samples for ``records`` scored against their true occupancy (rank 0)."""
+    """EMA-weight samples for ``records`` scored against their truth (rank 0): stage 1's occupancy
+    (IoU, Chamfer of the voxels); stage 2's decoded dual grid on the true structure (fine-voxel IoU,
+    Chamfer of the dual vertices)."""
     model = trainer.engine.module
     model.eval()
+    cfg = trainer.cfg
     with trainer.ema.swapped():
-        grids = sample_occupancy(model, decoder, trainer.frozen, records, trainer.cfg, trainer.cfg.seed)
+        if cfg.model.stage == "shape":
+            latents = sample_shape_latents(model, trainer.frozen, records, cfg, cfg.seed)
+        else:
+            grids = sample_occupancy(model, decoder, trainer.frozen, records, cfg, cfg.seed)
     model.train()
-    ious = [occupancy_iou(g, r["occupancy"].numpy()) for g, r in zip(grids, records)]
-    chamfers = [occupancy_chamfer(g, r["occupancy"].numpy()) for g, r in zip(grids, records)]
+    if cfg.model.stage == "shape":
+        res = decoder.resolution
+        decoded = [decoder.decode(r["shape_coords"], z) for r, z in zip(records, latents)]
+        scores = [shape_scores(d, r["grid"], res) for d, r in zip(decoded, records)]
+        ious = [sc["iou"] for sc in scores]
+        chamfers = [sc["chamfer"] for sc in scores]
+        grids = [fine_grid(d, res) for d in decoded]
+        truths = [fine_grid(r["grid"], res) for r in records]
+    else:
+        truths = [r["occupancy"].numpy() for r in records]
+        ious = [occupancy_iou(g, t) for g, t in zip(grids, truths)]
+        chamfers = [occupancy_chamfer(g, t) for g, t in zip(grids, truths)]
     metrics = {"val_iou": float(np.mean(ious)), "val_chamfer": float(np.mean(chamfers))}
     path = Path(trainer.cfg.output) / "validation" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    pairs = [(f"{r['key'][:12]} IoU {iou:.2f}", g, r["occupancy"].numpy()) for r, g, iou in zip(records, grids, ious)]
+    pairs = [(f"{r['key'][:12]} IoU {iou:.2f}", g, t) for r, g, t, iou in zip(records, grids, truths, ious)]
     comparison_image(pairs).save(path)
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(path, "validation")
@@ -362,7 +461,10 @@ def run_worker(cfg: TrainGeneratorConfig, env: WorkerEnv) -> dict:
         tracker.start(cfg, info, dataset_refs([cfg.data.dataset]))
         decoder, val = None, []
         if env.is_main and s.validate_every > 0:
-            decoder = load_decoder(cfg.model.ss_decoder, env.device)
+            if cfg.model.stage == "shape":
+                decoder = load_shape_codec(cfg.model.shape_vae, env.device)
+            else:
+                decoder = load_decoder(cfg.model.ss_decoder, env.device)
             val = validation_records(cfg, train)
         started = time.perf_counter()
         while step < s.max_steps:
