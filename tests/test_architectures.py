@@ -53,7 +53,7 @@ def test_slat_flow_keys_are_the_official_ones_plus_the_branch(shared_reference):
     from know3d.training.generator.ss_flow import is_branch_key
 
     official = json.loads((shared_reference / "trellis2_slat_flow_img2shape_1_3B.json").read_text())["keys"]
-    res = CliRunner().invoke(app, ["models", "keys", "slat-flow"])
+    res = CliRunner().invoke(app, ["models", "keys", "slat-flow-shape"])
     assert res.exit_code == 0, res.output
     keys = json.loads(res.stdout)
     assert {k: v for k, v in keys.items() if not is_branch_key(k)} == official

@@ -12,6 +12,7 @@ import pytest
 import torch
 import trimesh
 
+from know3d.training.generator import sparse
 from know3d.training.generator.debug_shape_vae import (
     DebugShapeVaeConfig,
     ShapeSample,
@@ -25,11 +26,15 @@ from know3d.training.generator.shape_vae import (
     UPSTREAM_STEMS,
     ShapeVAE,
     ShapeVAELoadError,
+    SparseVoxels,
+    convert_shape_vae_state,
     dual_grid_voxels,
     load_shape_vae,
     save_shape_vae,
+    set_conv_backend,
     shape_decoder,
     shape_encoder,
+    shape_vae_conv_names,
     shape_vae_key_shapes,
 )
 
@@ -127,6 +132,130 @@ def test_save_load_round_trip(vae: ShapeVAE, heldout: ShapeSample, tmp_path: Pat
     decoder_only = load_shape_vae(upstream, parts=("decoder",), resolution=64)
     assert decoder_only.encoder is None and decoder_only.resolution == 64
     assert torch.allclose(decoder_only.mean, vae.mean)
+
+
+# the debug VAE's 3³ convs (num_blocks [0, 1, 1] / [1, 1, 0]): S2C / C2S blocks hold conv1 and conv2
+DEBUG_CONVS = {
+    "encoder": [
+        "blocks.0.0.conv1",
+        "blocks.0.0.conv2",
+        "blocks.1.0.conv",
+        "blocks.1.1.conv1",
+        "blocks.1.1.conv2",
+        "blocks.2.0.conv",
+    ],
+    "decoder": [
+        "blocks.0.0.conv",
+        "blocks.0.1.conv1",
+        "blocks.0.1.conv2",
+        "blocks.1.0.conv",
+        "blocks.1.1.conv1",
+        "blocks.1.1.conv2",
+    ],
+}
+
+
+@pytest.mark.parametrize("layout", ["KRSC", "RSKC", "RSCK"])
+def test_spconv_state_conversion_round_trip(vae: ShapeVAE, layout: str) -> None:
+    for part, module in (("encoder", vae.encoder), ("decoder", vae.decoder)):
+        names = shape_vae_conv_names(module)
+        assert names == DEBUG_CONVS[part]
+        flex = module.state_dict()
+        sp = convert_shape_vae_state(flex, module, "spconv", layout)
+        conv_keys = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        expected = (set(flex) - conv_keys) | {f"{n}.conv.{p}" for n in names for p in ("weight", "bias")}
+        assert set(sp) == expected  # exactly: every conv nested, nothing else touched
+        for n in names:
+            co, *_, ci = flex[f"{n}.weight"].shape
+            assert (
+                tuple(sp[f"{n}.conv.weight"].shape)
+                == {"KRSC": (co, 3, 3, 3, ci), "RSKC": (3, 3, 3, co, ci), "RSCK": (3, 3, 3, ci, co)}[layout]
+            )
+            assert torch.equal(sp[f"{n}.conv.bias"], flex[f"{n}.bias"])
+        for back in (
+            convert_shape_vae_state(sp, module, "flex_gemm", layout),
+            convert_shape_vae_state(sp, module, "flex_gemm"),
+        ):
+            assert set(back) == set(flex) and all(torch.equal(back[k], flex[k]) for k in flex)
+        with pytest.raises(KeyError):
+            convert_shape_vae_state(flex, module, "flex_gemm", layout)
+    with pytest.raises(ValueError, match="'spconv' or 'flex_gemm'"):
+        convert_shape_vae_state(flex, vae.decoder, "torchsparse")
+
+
+@pytest.mark.parametrize("layout", ["KRSC", "RSKC"])
+def test_spconv_layout_checkpoint_loads_and_encodes_identically(
+    vae: ShapeVAE, heldout: ShapeSample, tmp_path: Path, layout: str
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = save_shape_vae(vae, tmp_path / "spconv")
+    for part, module in (("encoder", vae.encoder), ("decoder", vae.decoder)):
+        path = folder / f"{part}.safetensors"
+        sp = convert_shape_vae_state(load_file(str(path)), module, "spconv", layout)
+        save_file({k: v.contiguous() for k, v in sp.items()}, str(path))
+        assert any(k.endswith(".conv.conv.weight") for k in load_file(str(path)))
+    again = load_shape_vae(folder)
+    for a, b in ((vae.encoder, again.encoder), (vae.decoder, again.decoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c1, f1 = vae.encode(heldout.grid)
+    c2, f2 = again.encode(heldout.grid)
+    assert np.array_equal(c1, c2) and torch.equal(f1, f2)
+    g1, g2 = vae.decode(c1, f1), again.decode(c2, f2)
+    assert np.array_equal(g1.coords, g2.coords) and np.array_equal(g1.vertices, g2.vertices)
+    # a half-converted file (one conv left in the flex_gemm layout) is refused, naming the file
+    path = folder / "decoder.safetensors"
+    state = load_file(str(path))
+    state["blocks.0.0.conv.weight"] = state.pop("blocks.0.0.conv.conv.weight").contiguous()
+    save_file(state, str(path))
+    with pytest.raises(
+        ShapeVAELoadError, match=r"decoder.safetensors: not a spconv-layout .*blocks.0.0.conv.conv.weight"
+    ):
+        load_shape_vae(folder)
+
+
+def test_neighbour_maps_built_once_per_level(vae: ShapeVAE, heldout: ShapeSample, monkeypatch) -> None:
+    calls = []
+    original = sparse.submanifold_pairs
+
+    def counting(coords, *args, **kwargs):
+        calls.append(coords.shape[0])
+        return original(coords, *args, **kwargs)
+
+    monkeypatch.setattr(sparse, "submanifold_pairs", counting)
+    x = dual_grid_voxels([heldout.grid])
+    flags = x.replace(torch.as_tensor(heldout.grid.edge_flags, dtype=torch.float32))
+    with torch.no_grad():
+        z = vae.encoder(x, flags)
+        assert len(calls) == 3  # one per level (64³, 32³, 16³), for 6 convs
+        assert calls[0] == len(heldout.grid.coords) and calls[-1] == z.coords.shape[0]
+        vae.decoder(z)  # the encoder's structure: its cached maps serve the decoder's convs
+        assert len(calls) == 3
+        vae.decoder(SparseVoxels(z.feats, z.coords))  # a fresh structure: one map per level again
+        assert len(calls) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and sparse.spconv_available()),
+    reason="spconv backend needs CUDA and an importable spconv",
+)
+def test_spconv_backend_matches_torch_backend_on_cuda(heldout: ShapeSample) -> None:
+    vae = load_shape_vae("debug", device="cuda")
+    outs = {}
+    for backend in ("torch", None):  # None on CUDA with spconv importable: spconv
+        set_conv_backend(vae.encoder, backend)
+        set_conv_backend(vae.decoder, backend)
+        x = dual_grid_voxels([heldout.grid], "cuda")
+        flags = x.replace(torch.as_tensor(heldout.grid.edge_flags, dtype=torch.float32, device="cuda"))
+        with torch.no_grad():
+            z = vae.encoder(x, flags)
+            h = vae.decoder(z)  # the encoder's structure: comparable site for site
+        outs[backend] = (z.coords, z.feats, h.coords, h.feats)
+    (zc, zf, hc, hf), (zc2, zf2, hc2, hf2) = outs["torch"], outs[None]
+    assert torch.equal(zc, zc2) and torch.equal(hc, hc2)
+    assert torch.allclose(zf2, zf, atol=1e-3, rtol=1e-3) and torch.allclose(hf2, hf, atol=1e-3, rtol=1e-3)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from know3d.training.engine.metrics import steps_done
 from tests.test_generator_train import _cfg, _torchrun, data  # noqa: F401 - the shared data fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")

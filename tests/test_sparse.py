@@ -253,6 +253,87 @@ def test_spconv_backend_refused_on_cpu():
         conv(random_sparse())
 
 
+# -- the shape SC-VAE's conv (shape_vae.SparseConv3d) is SubMConv3d on SparseVoxels --------------
+
+
+def _shape_vae_conv_pair(ci: int, co: int):
+    from know3d.training.generator.shape_vae import SparseConv3d
+
+    conv = SparseConv3d(ci, co)
+    with torch.no_grad():
+        conv.bias.normal_()
+    ref = SubMConv3d(ci, co)
+    ref.load_state_dict(conv.state_dict())  # strict: the same keys and shapes
+    return conv, ref
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shape_vae_conv_equals_submconv(threads):
+    from know3d.training.generator.shape_vae import SparseVoxels
+
+    torch.manual_seed(4)
+    conv, ref = _shape_vae_conv_pair(6, 5)
+    assert isinstance(conv, SubMConv3d) and conv.backend is None and list(conv.state_dict()) == ["weight", "bias"]
+    assert conv.weight.shape == (5, 3, 3, 3, 6)
+    with num_threads(threads):
+        for seed in range(3):
+            x = random_sparse(20 + seed, shape=(9, 8, 7), channels=6)
+            out = conv(SparseVoxels(x.feats, x.coords))
+            assert torch.equal(out.feats, ref(x).feats)  # the same kernel, bit for bit
+            assert torch.allclose(out.feats, dense_reference(x, ref), atol=1e-5, rtol=0)
+            # SparseVoxels need no batch order: rows of both items interleaved
+            perm = torch.randperm(x.num_sites)
+            out = conv(SparseVoxels(x.feats[perm], x.coords[perm]))
+            assert torch.allclose(out.feats, dense_reference(x, ref)[perm], atol=1e-5, rtol=0)
+
+
+def test_shape_vae_conv_torch_backend_forced_and_gradients():
+    from know3d.training.generator.shape_vae import SparseVoxels
+
+    torch.manual_seed(5)
+    conv, ref = _shape_vae_conv_pair(4, 3)
+    conv.backend = "torch"
+    x = random_sparse(30, channels=4)
+    feats = x.feats.clone().requires_grad_(True)
+    (conv(SparseVoxels(feats, x.coords)).feats.square()).sum().backward()
+    feats_ref = x.feats.clone().requires_grad_(True)
+    (ref(x.replace(feats_ref)).feats.square()).sum().backward()
+    assert torch.equal(feats.grad, feats_ref.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
+    conv.backend = "spconv"
+    with pytest.raises(RuntimeError, match="CUDA-only"):
+        conv(SparseVoxels(x.feats, x.coords))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and spconv_available()),
+    reason="spconv backend needs CUDA and an importable spconv",
+)
+def test_shape_vae_conv_spconv_backend_matches_torch_backend():
+    from know3d.training.generator.shape_vae import SparseVoxels
+
+    torch.manual_seed(8)
+    conv, _ = _shape_vae_conv_pair(8, 16)
+    conv = conv.cuda()
+    x = random_sparse(31, shape=(12, 11, 10), channels=8)
+    perm = torch.randperm(x.num_sites)
+    vox = SparseVoxels(x.feats[perm].cuda(), x.coords[perm].cuda())
+    conv.backend = "torch"
+    feats = vox.feats.clone().requires_grad_(True)
+    ref = conv(vox.replace(feats)).feats
+    ref.square().sum().backward()
+    grads_ref = (feats.grad, conv.weight.grad.clone(), conv.bias.grad.clone())
+    conv.zero_grad()
+    conv.backend = None  # CUDA + spconv importable: spconv
+    feats = vox.feats.clone().requires_grad_(True)
+    out = conv(vox.replace(feats)).feats
+    out.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip((feats.grad, conv.weight.grad, conv.bias.grad), grads_ref):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+    assert list(conv.state_dict()) == ["weight", "bias"]
+
+
 # -- resampling --------------------------------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], dict[str, list[int]]]]] = {
         "TRELLIS.2 ss_flow_img_dit_1_3B_64 + the Know3D H branch (know3d_* keys; H = 4 layers x 3072)",
         _ss_flow,
     ),
-    "slat-flow": (
+    "slat-flow-shape": (
         "TRELLIS.2 slat_flow_img2shape_dit_1_3B_512 + the Know3D H branch (know3d_* keys)",
         _slat_flow,
     ),

@@ -46,6 +46,7 @@ from know3d.training.generator.ss_flow import (
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "know3d_generator.json"
 DEBUG_BASE = "debug"
+DEBUG_SHAPE_PE = "ape"
 
 
 class GeneratorLoadError(Exception):
@@ -72,6 +73,10 @@ def debug_base(hidden_channels: int | None, cond_channels: int, seed: int = 0, s
     them small random values instead (the branch's output layer stays zero)."""
     config_cls, model_cls, *_ = _stage_kit(stage)
     cfg = replace(config_cls.debug(hidden_channels=hidden_channels), cond_channels=cond_channels)
+    if stage == "shape":
+        # absolute positions, as the stage-1 debug flow: a CPU-size base memorizes its few assets
+        # faster with them than with RoPE (see benchmarks/RESULTS.md)
+        cfg = replace(cfg, pe_mode=DEBUG_SHAPE_PE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(cfg)

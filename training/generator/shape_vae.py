@@ -26,20 +26,23 @@ Parameters: every 3³ sparse conv holds ``<m>.weight (Co, 3, 3, 3, Ci)`` and ``<
 upstream's flex_gemm layout (its default backend, the released checkpoints) — in
 :class:`SparseConv3d`. ``norm2`` has no parameters and there are no buffers.
 
-Sparse execution here is a plain-torch reference: :class:`SparseVoxels` (features, coordinates and
-a per-coordinate-set cache) and :func:`submanifold_conv3d` (hash lookup of the 27 neighbours via
-sorted codes, then one gather - GEMM - scatter per kernel offset over the neighbours that exist).
-Kernel index ``(a, b, c)`` of the weight pairs with the neighbour at ``(x + a - 1, y + b - 1,
-z + c - 1)`` (cross-correlation, like ``torch.nn.Conv3d`` over ``[D, H, W] = [x, y, z]``). That
-axis pairing is an ASSUMPTION not yet checked against flex_gemm's kernel; the production backend
-(``training/generator/sparse.py``) replaces this function without changing any key.
+Sparse execution: :class:`SparseVoxels` (features, coordinates and a per-coordinate-set cache)
+carries the U-Net's structure; :class:`SparseConv3d` is ``training/generator/sparse.py``'s
+:class:`~know3d.training.generator.sparse.SubMConv3d` on it, so the convolutions run through that
+module's backends: the pure-torch reference (default on CPU: sorted-key neighbour search, then one
+gather - GEMM - scatter per kernel offset; thread-count independent) or spconv (default on CUDA
+when it imports). Kernel index ``(a, b, c)`` of the weight pairs with the neighbour at
+``(x + a - 1, y + b - 1, z + c - 1)`` (cross-correlation, like ``torch.nn.Conv3d`` over
+``[D, H, W] = [x, y, z]``), sparse.py's FlexGEMM convention; this module's former own conv used
+the same pairing (checked equal, bit for bit, before it was replaced). The neighbour map of a
+coordinate set is built once and kept in its ``SparseVoxels.cache`` (:func:`sparse_tensor`).
+Checkpoints of upstream's spconv backend (``<conv>.conv.weight``) convert explicitly with
+:func:`convert_shape_vae_state`; :func:`load_shape_vae` detects and maps them.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from know3d.training.generator.dual_grid import DualGrid
+from know3d.training.generator.sparse import (
+    SPCONV_LAYOUTS,
+    ConvBackend,
+    SparseTensor,
+    SubMConv3d,
+    flex_gemm_to_spconv_state,
+    flex_gemm_weight_to_spconv,
+    spconv_to_flex_gemm_state,
+    submconv_names,
+)
 from know3d.training.generator.ss_flow import LayerNorm32
 
 ENCODER_NAME = "FlexiDualGridVaeEncoder"
@@ -90,65 +103,21 @@ class SparseVoxels:
         return int(self.coords[:, 0].max()) + 1 if self.coords.numel() else 0
 
 
-def _codes(coords: torch.Tensor, base: int) -> torch.Tensor:
-    """One int64 per (batch, x, y, z), lexicographic; xyz shifted by 1 so that -1 is encodable."""
-    b, x, y, z = (coords[:, i] for i in range(4))
-    return ((b * base + (x + 1)) * base + (y + 1)) * base + (z + 1)
+def sparse_tensor(x: SparseVoxels, feats: torch.Tensor | None = None) -> SparseTensor:
+    """``x`` (or ``feats`` on its sites) as a :class:`~know3d.training.generator.sparse.SparseTensor`.
 
-
-def neighbor_map(coords: torch.Tensor, kernel: int = 3) -> torch.Tensor:
-    """``[kernel³, N]`` index of the voxel at each kernel offset (``-1`` where there is none), kernel
-    index ``(a, b, c)`` flattened row-major = offset ``(a - k//2, b - k//2, c - k//2)`` on x, y, z."""
-    half = kernel // 2
-    base = int(coords[:, 1:].max()) + 2 * half + 2 if coords.numel() else 1
-    keys = _codes(coords, base)
-    sorted_keys, order = torch.sort(keys)
-    out = []
-    for offset in itertools.product(range(-half, half + 1), repeat=3):
-        shifted = coords.clone()
-        shifted[:, 1:] += torch.tensor(offset, device=coords.device)
-        query = _codes(shifted, base)
-        pos = torch.searchsorted(sorted_keys, query).clamp(max=max(len(sorted_keys) - 1, 0))
-        found = sorted_keys[pos] == query
-        out.append(torch.where(found, order[pos], torch.full_like(pos, -1)))
-    return torch.stack(out)
-
-
-def _neighbor_pairs(x: SparseVoxels, kernel: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per kernel offset, the (output row, input row) pairs of existing neighbours (cached)."""
-    key = f"pairs_{kernel}x{kernel}x{kernel}"
-    pairs = x.cache.get(key)
-    if pairs is None:
-        nbr_key = f"neighbors_{kernel}x{kernel}x{kernel}"
-        nbr = x.cache.get(nbr_key)
-        if nbr is None:
-            nbr = x.cache[nbr_key] = neighbor_map(x.coords, kernel)
-        pairs = []
-        for row in nbr:
-            valid = row >= 0
-            pairs.append((valid.nonzero()[:, 0], row[valid]))
-        x.cache[key] = pairs
-    return pairs
-
-
-def submanifold_conv3d(x: SparseVoxels, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Submanifold 3D convolution (outputs at the input voxels) with a ``(Co, k, k, k, Ci)`` weight:
-    gather - GEMM - scatter over the existing neighbour pairs of each kernel offset."""
-    co, kd, kh, kw, ci = weight.shape
-    if not kd == kh == kw or kd % 2 == 0:
-        raise ValueError(f"an odd cubic kernel is expected, got {kd}x{kh}x{kw}")
-    pairs = _neighbor_pairs(x, kd)
-    feats = x.feats.to(weight.dtype)
-    w = weight.reshape(co, kd * kh * kw, ci)
-    centre = (kd * kh * kw) // 2  # offset (0, 0, 0): every voxel is its own neighbour
-    out = feats @ w[:, centre].T
-    if bias is not None:
-        out = out + bias
-    for k, (rows_out, rows_in) in enumerate(pairs):
-        if k == centre or rows_out.numel() == 0:
-            continue
-        out.index_add_(0, rows_out, feats[rows_in] @ w[:, k].T)
-    return out
+    The SparseTensor over ``x``'s coordinates (int32 coords, batch size, spatial shape and its
+    spatial cache) is built once per coordinate set and kept in ``x.cache["sparse_tensor"]``; every
+    call shares that spatial cache, so all the convolutions at one U-Net level build their neighbour
+    map once (the torch backend's pairs or spconv's indice pairs)."""
+    feats = x.feats if feats is None else feats
+    view = x.cache.get("sparse_tensor")
+    if view is None or view.coords.device != x.coords.device:
+        n = x.coords.shape[0]
+        placeholder = torch.empty(n, 0, device=x.coords.device)  # the view keeps no features alive
+        view = SparseTensor(placeholder, x.coords.to(torch.int32), batch_size=x.batch_size, check=False)
+        x.cache["sparse_tensor"] = view
+    return view.replace(feats)
 
 
 def spatial_to_channel(x: SparseVoxels) -> SparseVoxels:
@@ -198,31 +167,28 @@ def channel_to_spatial(x: SparseVoxels, subdivision: torch.Tensor | None = None)
 # --------------------------------------------------------------------------- modules
 
 
-class SparseConv3d(nn.Module):
+class SparseConv3d(SubMConv3d):
     """3³ submanifold conv holding upstream's flex_gemm parameters: ``weight (Co, k, k, k, Ci)``,
-    ``bias (Co)``; initialized as upstream (kaiming-uniform of the ``(Co, Ci, k, k, k)`` weight)."""
+    ``bias (Co)``; initialized as upstream (kaiming-uniform of the ``(Co, Ci, k, k, k)`` weight).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        k = kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, k, k, k, in_channels))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        k = self.kernel_size
-        w = torch.empty(self.out_channels, self.in_channels, k, k, k, device=self.weight.device)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.weight.copy_(w.permute(0, 2, 3, 4, 1))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_channels * k**3)
-            nn.init.uniform_(self.bias, -bound, bound)
+    :class:`~know3d.training.generator.sparse.SubMConv3d` on :class:`SparseVoxels`: the same
+    parameters, init and backends. ``backend`` (attribute or argument): ``None`` = spconv on CUDA
+    when it imports, else the torch reference; ``"torch"`` / ``"spconv"`` force one (see
+    :func:`set_conv_backend`). The features are cast to the weight's dtype (fp16 torso)."""
 
     def forward(self, x: SparseVoxels) -> SparseVoxels:
-        return x.replace(submanifold_conv3d(x, self.weight, self.bias))
+        out = super().forward(sparse_tensor(x, x.feats.to(self.weight.dtype)))
+        return x.replace(out.feats)
+
+
+def set_conv_backend(module: nn.Module, backend: ConvBackend | None) -> nn.Module:
+    """Set ``backend`` (``None``, ``"torch"`` or ``"spconv"``) on every :class:`SparseConv3d` of ``module``."""
+    if backend not in (None, "torch", "spconv"):
+        raise ValueError(f"unknown sparse conv backend {backend!r}")
+    for m in module.modules():
+        if isinstance(m, SparseConv3d):
+            m.backend = backend
+    return module
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -582,6 +548,60 @@ def shape_vae_key_shapes(part: str, size: str = "full") -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+# --------------------------------------------------------------------------- checkpoint layouts
+
+
+def shape_vae_conv_names(module: nn.Module) -> list[str]:
+    """Module names of every 3³ sparse conv of an encoder / decoder, in state-dict order."""
+    return submconv_names(module)
+
+
+def spconv_state_layout(state: dict[str, torch.Tensor], module: nn.Module) -> str:
+    """spconv's weight layout (one of ``SPCONV_LAYOUTS``) of a spconv-layout state dict for
+    ``module``: the one under which every ``<conv>.conv.weight`` present has the module's shape.
+    Raises ``ValueError`` when none fits, or when several do with different meanings."""
+    convs = [(name, m) for name, m in module.named_modules() if isinstance(m, SubMConv3d)]
+    fits = []
+    for layout in SPCONV_LAYOUTS:
+        shapes = [
+            (state[f"{name}.conv.weight"].shape, flex_gemm_weight_to_spconv(m.weight.to("meta"), layout).shape)
+            for name, m in convs
+            if f"{name}.conv.weight" in state
+        ]
+        if shapes and all(tuple(a) == tuple(b) for a, b in shapes):
+            fits.append(layout)
+    if len(fits) != 1:
+        why = "no spconv weight layout" if not fits else f"several spconv weight layouts ({', '.join(fits)})"
+        raise ValueError(f"{why} of {SPCONV_LAYOUTS} fit the conv weights' shapes")
+    return fits[0]
+
+
+def convert_shape_vae_state(
+    state: dict[str, torch.Tensor], module: nn.Module, to: str, layout: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Convert an encoder / decoder state dict between upstream's flex_gemm layout (the released
+    checkpoints, this module's own: ``<conv>.weight (Co, 3, 3, 3, Ci)``, ``<conv>.bias``) and its
+    spconv backend's (``<conv>.conv.weight`` in spconv's ``layout``, ``<conv>.conv.bias``).
+
+    ``to``: ``"spconv"`` or ``"flex_gemm"``. The conv names come from ``module`` (an encoder or
+    decoder of the checkpoint's architecture, e.g. built on the meta device); every other key
+    passes through unchanged. ``layout``: spconv's ``"KRSC"`` (spconv >= 2.3; the default going
+    to spconv), ``"RSKC"`` or ``"RSCK"`` (older Native); going to flex_gemm, ``None`` infers it
+    from the shapes (:func:`spconv_state_layout`). A missing conv weight raises ``KeyError``."""
+    names = shape_vae_conv_names(module)
+    if to == "spconv":
+        return flex_gemm_to_spconv_state(state, names, layout or "KRSC")
+    if to == "flex_gemm":
+        return spconv_to_flex_gemm_state(state, names, layout or spconv_state_layout(state, module))
+    raise ValueError(f"to must be 'spconv' or 'flex_gemm', got {to!r}")
+
+
+def is_spconv_state(state: dict[str, torch.Tensor], module: nn.Module) -> bool:
+    """Whether ``state`` nests any of ``module``'s convs as upstream's spconv backend does
+    (``<conv>.conv.weight``; never a flex_gemm key, where the ConvNeXt ``conv`` is ``<block>.conv.weight``)."""
+    return any(f"{name}.conv.weight" in state for name in shape_vae_conv_names(module))
+
+
 # --------------------------------------------------------------------------- the VAE as a whole: encode, decode, files
 
 SHAPE_VAE_PARTS = ("encoder", "decoder")
@@ -785,7 +805,7 @@ def _build_part(config: Path, part: str) -> _ShapeVAEBase:
     return module
 
 
-def _load_part(folder: Path, part: str) -> _ShapeVAEBase:
+def _load_part(folder: Path, part: str, spconv_layout: str | None = None) -> _ShapeVAEBase:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -795,6 +815,11 @@ def _load_part(folder: Path, part: str) -> _ShapeVAEBase:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ShapeVAELoadError(f"{weights}: unreadable safetensors ({exc})") from None
+    if is_spconv_state(state, module):  # upstream's spconv backend: mapped explicitly, then loaded strictly
+        try:
+            state = convert_shape_vae_state(state, module, "flex_gemm", spconv_layout)
+        except (KeyError, ValueError) as exc:
+            raise ShapeVAELoadError(f"{weights}: not a spconv-layout shape SC-VAE {part} ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -831,21 +856,25 @@ def load_shape_vae(
     parts: tuple[str, ...] = SHAPE_VAE_PARTS,
     device: str | torch.device = "cpu",
     resolution: int | None = None,
+    spconv_layout: str | None = None,
 ) -> ShapeVAE:
     """The shape SC-VAE ``parts`` from a folder (``"debug"``: the shipped debug VAE): weights
     ``<part>.safetensors`` or upstream's ``shape_{enc,dec}_next_dc_f16c32_fp16.safetensors`` (also
     under ``ckpts/``) with the json next to them (upstream's ``{"name", "args"}``, a training
     config, or the bare args), and ``normalization.json`` (else upstream's ``pipeline.json``).
     ``resolution`` overrides the stored one (else normalization.json's, else the decoder's).
-    Keys and shapes are checked strictly; every problem raises :class:`ShapeVAELoadError` naming
-    the file. The modules come back in eval mode on ``device``."""
+    Weights saved by upstream's spconv backend (``<conv>.conv.weight``) are converted to the
+    flex_gemm layout first (:func:`convert_shape_vae_state`; spconv's weight layout inferred from
+    the shapes unless ``spconv_layout`` says it). Keys and shapes are checked strictly; every
+    problem raises :class:`ShapeVAELoadError` naming the file. The modules come back in eval mode
+    on ``device``."""
     parts = tuple(parts)
     if not parts or any(p not in SHAPE_VAE_PARTS for p in parts):
         raise ValueError(f"parts must be a non-empty subset of {SHAPE_VAE_PARTS}, got {parts!r}")
     folder = SHIPPED_SHAPE_VAE if str(source) == "debug" else Path(source).expanduser()
     if not folder.is_dir():
         raise ShapeVAELoadError(f"{folder}: no such folder (a shape SC-VAE folder or 'debug' expected)")
-    modules = {part: _load_part(folder, part) for part in parts}
+    modules = {part: _load_part(folder, part, spconv_layout) for part in parts}
     mean, std, stored_resolution, norm_file = _load_normalization(folder)
     if resolution is None:
         resolution = stored_resolution

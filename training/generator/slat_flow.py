@@ -149,9 +149,9 @@ class SLatFlowConfig:
         return cls(hidden_channels=hidden_channels)
 
     @classmethod
-    def debug(cls, hidden_channels: int | None = 24) -> SLatFlowConfig:
+    def debug(cls, hidden_channels: int | None = 24, pe_mode: str = "rope") -> SLatFlowConfig:
         """CPU size: 16³ grid, 8-channel latent, 128 channels, 4 blocks of 8 heads (head_dim 16),
-        MLP ratio 4, RoPE, cond 32, H 24."""
+        MLP ratio 4, RoPE (or ``pe_mode="ape"``), cond 32, H 24."""
         return cls(
             resolution=16,
             in_channels=8,
@@ -162,6 +162,7 @@ class SLatFlowConfig:
             num_heads=8,
             mlp_ratio=4.0,
             hidden_channels=hidden_channels,
+            pe_mode=pe_mode,
         )
 
     # attributes stage 1's ModulatedTransformerCrossBlock / initialize_weights read
