@@ -57,7 +57,8 @@ PY
 $k generate shapes --images "$shapes/image" --prompts "$shapes/prompts.json" --backview-lora "$bv/lora" \
   --generator runs/train-generator-debug/generator --shape-generator runs/train-generator-shape-debug/generator \
   --output "$shapes/pred"
-$k eval shapes --pred "$shapes/pred" --images "$shapes/image" --gt "$shapes/gt" --output runs/eval-generator --no-semantic
+$k eval shapes --pred "$shapes/pred" --images "$shapes/image" --gt "$shapes/gt" --output runs/eval-generator --no-semantic \
+  --set mesh.allow_non_manifold=true  # dual-grid meshes have non-manifold edges even from true grids (benchmarks/RESULTS.md)
 $k train ablation configs/generator_ss_debug.yaml --dataset "$geo" --output runs/ablation-debug --heldout 3
 echo "generators: runs/train-generator-debug/generator (stage 1), runs/train-generator-shape-debug/generator (stage 2)"
 echo "shapes: $shapes/pred/<uid>/000.glb (+ work/: back.png, occupancy.npz, shape.json)   evaluation: runs/eval-generator/report.html"
