@@ -84,7 +84,9 @@ def main() -> None:
         if spconv_available():
             backends.append(("spconv", torch.device("cuda")))
     print(f"channels {args.channels} -> {args.channels}, threads {args.threads}, repeats {args.repeats}")
-    print("| resolution | backend | device | active voxels | first call s (maps) | forward s | fwd+bwd s | voxels/s fwd |")
+    print(
+        "| resolution | backend | device | active voxels | first call s (maps) | forward s | fwd+bwd s | voxels/s fwd |"
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for res in args.resolution:
         for backend, device in backends:
