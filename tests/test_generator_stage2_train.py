@@ -53,6 +53,33 @@ def stage2(shape_data: Path, tmp_path_factory):
     return base, know3d, ss
 
 
+def test_the_multiview_baseline_runs_on_generators_without_the_branch(stage2, shape_data: Path, tmp_path: Path):
+    """Paper §4.2's baseline: front + generated back view as two image conditions, no H."""
+    from typer.testing import CliRunner
+
+    from know3d.pipeline.cli import app
+
+    base, know3d, ss = stage2
+    plain = _cfg(shape_data, tmp_path / "plain", "model.base=debug", "model.condition=none", "schedule.max_steps=3",
+                 "schedule.validate_every=0")  # fmt: skip
+    _torchrun(plain)
+    front = _front(shape_data, tmp_path)
+    args = ["generate", "shape", "--image", str(front), "--generator", str(Path(plain.output) / "generator")]
+    args += ["--shape-generator", str(Path(base.output) / "generator"), "--output", str(tmp_path / "mv")]
+    for mode in ("stochastic", "multidiffusion"):
+        res = CliRunner().invoke(app, [*args[:-1], str(tmp_path / mode), "--multiview", mode])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((tmp_path / mode / "shape.json").read_text())
+        assert summary["multiview"] == mode and summary["condition"] == "none"
+        assert (tmp_path / mode / "back.png").is_file() and (tmp_path / mode / "occupancy.npz").is_file()
+    # a generator that reads H cannot run the image-only baseline
+    with_h = ["generate", "shape", "--image", str(front), "--generator", str(Path(ss.output) / "generator")]
+    res = CliRunner().invoke(app, [*with_h, "--multiview", "stochastic", "--output", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "conditions on images only" in res.output
+    res = CliRunner().invoke(app, [*args, "--multiview", "average"])
+    assert res.exit_code == 2 and "multi-image mode" in res.output
+
+
 def _scores(cfg, generator: Path | None):
     """Per training asset: (scores of the sampled latent, scores of the VAE's reconstruction)."""
     from know3d.training.generator.model import load_generator
