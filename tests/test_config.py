@@ -79,16 +79,18 @@ def test_every_shipped_config_validates_against_its_stage():
     """configs/*.yaml stay valid as the config classes move between packages."""
     from know3d.evaluation.config import EvalConfig
     from know3d.training.config import TrainBackviewConfig
+    from know3d.training.generator.config import TrainGeneratorConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    models = {"backview_": TrainBackviewConfig, "eval_": EvalConfig}
+    models = {"backview_": TrainBackviewConfig, "eval_": EvalConfig, "generator_": TrainGeneratorConfig}
     checked = []
     for path in sorted(root.glob("*.yaml")):
         model = next((m for prefix, m in models.items() if path.name.startswith(prefix)), BuildConfig)
         if path.name == "backview.yaml":  # the data build's back-view profile
             model = BuildConfig
         checked.append((path.name, type(load_config(path, [], model)).__name__))
-    assert len(checked) == 9
+    assert len(checked) == 15
+    assert ("generator_shape_know3d.yaml", "TrainGeneratorConfig") in checked
     assert ("backview_debug.yaml", "TrainBackviewConfig") in checked and ("quickstart.yaml", "BuildConfig") in checked
 
 
