@@ -123,16 +123,16 @@ def _check_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np
     return np.clip(vertices, -0.5, 0.5), faces
 
 
-def _expand(lo: np.ndarray, hi: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def box_cells(lo: np.ndarray, hi: np.ndarray, chunk: int = _CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(owner, cell) pairs for the inclusive integer boxes [lo, hi] ([T, d]; empty boxes skipped),
-    in chunks of about ``_CHUNK`` pairs."""
+    in chunks of about ``chunk`` pairs."""
     span = np.maximum(hi - lo + 1, 0)
     counts = span.prod(1)
     rows = np.flatnonzero(counts)
     start = 0
     while start < len(rows):
         cum = np.cumsum(counts[rows[start:]])
-        stop = start + max(1, int(np.searchsorted(cum, _CHUNK, side="right")))
+        stop = start + max(1, int(np.searchsorted(cum, chunk, side="right")))
         sel = rows[start:stop]
         n = counts[sel]
         owner = np.repeat(sel, n)
@@ -299,7 +299,7 @@ def mesh_to_dual_grid(
         lo, hi = np.maximum(lo, 1), np.minimum(hi, res - 1)
         area = (s[:, 1] - s[:, 0]) * (r[:, 2] - r[:, 0]) - (s[:, 2] - s[:, 0]) * (r[:, 1] - r[:, 0])
         hi[area == 0] = -1  # triangle parallel to the lines: no transversal crossing
-        for owner, line in _expand(lo, hi):
+        for owner, line in box_cells(lo, hi):
             u, w = line[:, 0].astype(np.float64), line[:, 1].astype(np.float64)
             signs, bary = [], []
             for j in range(3):  # edge j -> j + 1 gives the barycentric of corner j + 2
@@ -364,7 +364,7 @@ def mesh_to_dual_grid(
         lo = np.clip(np.floor(tri.min(1)).astype(np.int64), 0, res - 1)
         hi = np.clip(np.floor(tri.max(1)).astype(np.int64), 0, res - 1)
         hi[~plane_ok] = -1
-        for owner, cell in _expand(lo, hi):
+        for owner, cell in box_cells(lo, hi):
             idx = _lookup(keys, _keys(cell, res))
             keep = idx >= 0
             owner, cell, idx = owner[keep], cell[keep], idx[keep]

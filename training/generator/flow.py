@@ -490,6 +490,18 @@ class EulerCfgSampler:
             pred = self.xstart_to_pred(x_t, t, x_0)
         return pred
 
+    # hooks of :meth:`sample` (a guided sampler overrides them; the loop stays one)
+    def new_result(self, noise: torch.Tensor) -> SampleResult:
+        return SampleResult(samples=noise, timesteps=[], guided=[])
+
+    def initial(self, noise: torch.Tensor) -> torch.Tensor:
+        """x at t = 1."""
+        return noise
+
+    def step(self, x, v, t: float, t_prev: float, noise: torch.Tensor, result: SampleResult) -> torch.Tensor:
+        """One Euler step from t to t_prev with velocity v."""
+        return x - (t - t_prev) * v
+
     @torch.no_grad()
     def sample(
         self,
@@ -524,14 +536,14 @@ class EulerCfgSampler:
             neg_hidden = torch.zeros_like(hidden)
         lo, hi = cfg.guidance_interval
         t_seq = timestep_schedule(cfg.steps, cfg.rescale_t)
-        x = noise
-        result = SampleResult(samples=noise, timesteps=[], guided=[])
+        result = self.new_result(noise)
+        x = self.initial(noise)
         for t, t_prev in zip(t_seq[:-1], t_seq[1:], strict=True):
             strength = cfg.guidance_strength if lo <= t <= hi else 1
             v = self.predict(model, x, t, cond, hidden, neg_cond, neg_hidden, strength, cfg.guidance_rescale)
             if trajectory:
                 result.pred_x_0.append(self.pred_to_xstart(x, t, v))
-            x = x - (t - t_prev) * v
+            x = self.step(x, v, t, t_prev, noise, result)
             if trajectory:
                 result.pred_x_t.append(x)
             result.timesteps.append(t)

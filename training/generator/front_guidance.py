@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,14 +82,11 @@ from pydantic import Field
 
 from know3d.core.config import StrictModel
 from know3d.training.generator.config import SIGMA_MIN, SamplerConfig
+from know3d.training.generator.dual_grid import box_cells
 from know3d.training.generator.flow import (
-    Cond,
     EulerCfgSampler,
-    Model,
     SampleResult,
-    _randn,
     timestep_schedule,
-    zeros_like_cond,
 )
 from know3d.training.generator.occupancy import GLTF_TO_ZUP
 
@@ -368,29 +364,6 @@ def point_triangle_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.n
     return np.where(inside, plane, edges)
 
 
-def _box_pairs(lo: np.ndarray, hi: np.ndarray, chunk: int = _PAIR_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(owner, cell [K, 3]) for every integer cell of the inclusive boxes ``[lo, hi]`` ([T, 3]),
-    in chunks of about ``chunk`` pairs (empty boxes skipped)."""
-    span = np.maximum(hi - lo + 1, 0)
-    counts = span.prod(1)
-    rows = np.flatnonzero(counts)
-    start = 0
-    while start < len(rows):
-        cum = np.cumsum(counts[rows[start:]])
-        stop = start + max(1, int(np.searchsorted(cum, chunk, side="right")))
-        sel = rows[start:stop]
-        n = counts[sel]
-        owner = np.repeat(sel, n)
-        local = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        cell = np.empty((len(owner), 3), dtype=np.int64)
-        for d in (2, 1, 0):
-            s = span[owner, d]
-            cell[:, d] = local % s + lo[owner, d]
-            local //= s
-        yield owner, cell
-        start = stop
-
-
 def _check_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces)
@@ -433,7 +406,7 @@ def band_field(
     hi = np.where(inside[:, None], hi, lo - 1)
     keys = np.zeros(0, np.int64)
     dist = np.zeros(0, np.float64)
-    for owner, cell in _box_pairs(lo, hi):
+    for owner, cell in box_cells(lo, hi, _PAIR_CHUNK):
         t = tri[owner]
         d = point_triangle_distance(cell.astype(np.float64), t[:, 0], t[:, 1], t[:, 2])
         near = d < band
@@ -815,65 +788,31 @@ class GuidedEulerSampler(EulerCfgSampler):
             raise FrontGuidanceError("front guidance target holds NaN / inf")
         return target, mask
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Model,
-        noise: torch.Tensor | None,
-        cond: Cond,
-        hidden: torch.Tensor | None = None,
-        *,
-        neg_cond: Cond | None = None,
-        neg_hidden: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        shape: tuple[int, ...] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        trajectory: bool = False,
-    ) -> GuidedSampleResult:
-        """As :meth:`EulerCfgSampler.sample`, with the pull of Eq. 9 (see the class docstring)."""
-        cfg = self.config
-        if noise is None:
-            if shape is None:
-                raise ValueError("give noise or a shape to draw it from")
-            if device is None:
-                ref = next(iter(cond.values())) if isinstance(cond, Mapping) else cond
-                device = ref.device
-            noise = _randn(tuple(shape), generator, device, dtype)
-        if neg_cond is None:
-            neg_cond = zeros_like_cond(cond)
-        if neg_hidden is None and hidden is not None:
-            neg_hidden = torch.zeros_like(hidden)
-        guided = self.lam != 0
-        target = mask = None
-        if guided or self.start_from_front:
-            target, mask = self._prepared(noise)
-        x = noise
-        if self.start_from_front:
-            start = (1 - self.start_t) * target + (self.sigma_min + (1 - self.sigma_min) * self.start_t) * noise
-            x = noise + mask * (start - noise)
-        lo, hi = cfg.guidance_interval
-        t_seq = timestep_schedule(cfg.steps, cfg.rescale_t)
-        result = GuidedSampleResult(samples=noise, timesteps=[], guided=[])
-        count = float(mask.expand_as(noise).sum()) if mask is not None else 0.0
-        for t, t_prev in zip(t_seq[:-1], t_seq[1:], strict=True):
-            strength = cfg.guidance_strength if lo <= t <= hi else 1
-            v = self.predict(model, x, t, cond, hidden, neg_cond, neg_hidden, strength, cfg.guidance_rescale)
-            if trajectory:
-                result.pred_x_0.append(self.pred_to_xstart(x, t, v))
-            if guided:
-                delta = mask * (x - self._reference(target, t, noise))
-                result.residual.append(math.sqrt(float(delta.square().sum()) / max(count, 1.0)))
-                if self.integrator == "euler":
-                    x = x - (t - t_prev) * (v + self.lam * delta)
-                else:
-                    pull = (t - t_prev) * self.lam * mask
-                    x = (x - (t - t_prev) * v + pull * self._reference(target, t_prev, noise)) / (1 + pull)
-            else:
-                x = x - (t - t_prev) * v
-            if trajectory:
-                result.pred_x_t.append(x)
-            result.timesteps.append(t)
-            result.guided.append(strength not in (0, 1))
-        result.samples = x
-        return result
+    # the hooks of EulerCfgSampler.sample: the loop is the plain sampler's
+    def new_result(self, noise: torch.Tensor) -> GuidedSampleResult:
+        return GuidedSampleResult(samples=noise, timesteps=[], guided=[])
+
+    def initial(self, noise: torch.Tensor) -> torch.Tensor:
+        """Noise, or with ``start_from_front`` the diffused front target on the mask; prepares the
+        target and mask of this run."""
+        self._run = None
+        if self.lam == 0 and not self.start_from_front:
+            return noise
+        target, mask = self._prepared(noise)
+        self._run = (target, mask, float(mask.expand_as(noise).sum()))
+        if not self.start_from_front:
+            return noise
+        start = (1 - self.start_t) * target + (self.sigma_min + (1 - self.sigma_min) * self.start_t) * noise
+        return noise + mask * (start - noise)
+
+    def step(self, x, v, t: float, t_prev: float, noise: torch.Tensor, result) -> torch.Tensor:
+        """Eq. 9 (see the class docstring); the plain Euler step when λ = 0."""
+        if self.lam == 0:
+            return super().step(x, v, t, t_prev, noise, result)
+        target, mask, count = self._run
+        delta = mask * (x - self._reference(target, t, noise))
+        result.residual.append(math.sqrt(float(delta.square().sum()) / max(count, 1.0)))
+        if self.integrator == "euler":
+            return x - (t - t_prev) * (v + self.lam * delta)
+        pull = (t - t_prev) * self.lam * mask
+        return (x - (t - t_prev) * v + pull * self._reference(target, t_prev, noise)) / (1 + pull)
