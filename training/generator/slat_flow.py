@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from know3d.training.generator.checkpoints import weights_file
 from know3d.training.generator.ss_flow import (
     BRANCH_PREFIX,
     FULL_HIDDEN_CHANNELS,
@@ -484,53 +485,8 @@ def save_slat_flow(model: SLatFlowModel, folder: Path | str) -> Path:
     return path
 
 
-def _find_weights(folder: Path) -> Path:
-    own = folder / f"{_FILE_STEM}.safetensors"
-    if own.is_file():
-        return own
-    found = [p for sub in (folder, folder / "ckpts") if sub.is_dir() for p in sorted(sub.glob(_UPSTREAM_GLOB))]
-    if not found:
-        raise SLatFlowLoadError(
-            f"{folder}: no SLat-flow safetensors ({_FILE_STEM}.safetensors or [ckpts/]{_UPSTREAM_GLOB}); "
-            "only safetensors checkpoints are loaded"
-        )
-    if len(found) > 1:
-        names = ", ".join(str(p.relative_to(folder)) for p in found)
-        raise SLatFlowLoadError(f"{folder}: several SLat-flow checkpoints ({names}); pass the .safetensors file")
-    return found[0]
-
-
-def _resolve(source: str | Path) -> Path:
-    """A local folder/file, or a Hugging Face hub id (the local cache first, then a download of
-    the SLat-flow files only)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    text = str(source)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise SLatFlowLoadError(f"{source}: no such file or folder (and not a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{_FILE_STEM}.*", "slat_flow_img2shape_*", "ckpts/slat_flow_img2shape_*"]
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (any hub error): download below
-        pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - network/hub errors become one clear line
-        raise SLatFlowLoadError(
-            f"{source}: cannot download the SLat-flow model from the hub ({type(exc).__name__}: {exc})"
-        ) from None
-
-
 def _weights_file(source: str | Path) -> Path:
-    path = _resolve(source)
-    if path.is_dir():
-        return _find_weights(path)
-    if path.suffix == ".safetensors":
-        return path
-    raise SLatFlowLoadError(f"{path}: not a .safetensors file (pickled checkpoints are never loaded)")
+    return weights_file(source, _FILE_STEM, _UPSTREAM_GLOB, "SLat-flow", SLatFlowLoadError)
 
 
 def _stored_config(weights: Path) -> SLatFlowConfig:
