@@ -139,10 +139,15 @@ def iter_shard_keys(path: Path) -> list[str]:
 
 
 def iter_samples(
-    shards: list[Path], fields: tuple[str, ...] = ("front.png", "back.png", "json"), keys: set[str] | None = None
+    shards: list[Path],
+    fields: tuple[str, ...] = ("front.png", "back.png", "json"),
+    keys: set[str] | None = None,
+    optional: tuple[str, ...] = (),
 ) -> Iterator[dict[str, bytes]]:
-    """Stream samples (``__key__`` plus the requested fields as bytes) shard by shard; with
+    """Stream samples (``__key__`` plus the requested fields as bytes) shard by shard; a sample
+    missing one of ``fields`` is skipped, ``optional`` fields are read when present; with
     ``keys`` only those samples' payloads are read."""
+    wanted = set(fields) | set(optional)
     for shard in shards:
         with tarfile.open(shard) as tar:
             sample: dict = {}
@@ -155,7 +160,7 @@ def iter_samples(
                 if keys is not None and key not in keys:
                     continue
                 sample["__key__"] = key
-                if field in fields and member.isfile():
+                if field in wanted and member.isfile():
                     sample[field] = tar.extractfile(member).read()
             if sample and all(f in sample for f in fields):
                 yield sample

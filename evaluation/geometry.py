@@ -115,3 +115,41 @@ def compare_meshes(pred_mesh: object, gt_mesh: object, uid: str, seed: int, opti
     )
     result.update(voxel_iou(pred_mesh, gt_mesh, options.voxel_resolution))
     return result
+
+
+def front_consistency(
+    front_points: np.ndarray,
+    mesh_points: np.ndarray,
+    view_dir: np.ndarray,
+    centre: np.ndarray | None = None,
+    threshold: float = 0.02,
+    workers: int = -1,
+) -> dict[str, float]:
+    """How faithfully a generated surface keeps the input's visible front (Consistent3DGen's
+    front-partial guidance), both in the generator's frame (Z-up unit cube, no normalization):
+
+    * ``front_to_mesh``: one-sided Chamfer from the front surface (the point map's valid points,
+      ``front_points [N, 3]``) to the surface samples ``mesh_points [M, 3]`` -- mean distance, and
+      ``front_within@τ`` the share of front points within τ;
+    * ``mesh_front_to_front``: the reverse, restricted to the front hemisphere: surface samples on
+      the camera's side of the plane through ``centre`` (default the origin) normal to
+      ``view_dir`` (camera -> object), ``(p - centre) · view_dir < 0``;
+      ``mesh_front_share`` is the share of samples there.
+    """
+    front_points = np.asarray(front_points, dtype=np.float64).reshape(-1, 3)
+    mesh_points = np.asarray(mesh_points, dtype=np.float64).reshape(-1, 3)
+    if not len(front_points) or not len(mesh_points):
+        raise ValueError("front consistency needs front points and surface samples")
+    view_dir = np.asarray(view_dir, dtype=np.float64)
+    view_dir = view_dir / np.linalg.norm(view_dir)
+    centre = np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64)
+    d_front, _ = nearest_distances(front_points, mesh_points, workers)
+    out = {"front_to_mesh": float(d_front.mean()), f"front_within@{threshold:g}": float((d_front <= threshold).mean())}
+    facing = (mesh_points - centre) @ view_dir < 0
+    out["mesh_front_share"] = float(facing.mean())
+    if facing.any():
+        d_back, _ = nearest_distances(mesh_points[facing], front_points, workers)
+        out["mesh_front_to_front"] = float(d_back.mean())
+    else:
+        out["mesh_front_to_front"] = float("nan")
+    return out

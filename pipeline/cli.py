@@ -747,13 +747,72 @@ def generate_shape_cmd(
             "model.condition=none.",
         ),
     ] = None,
+    front_guidance: Annotated[
+        str | None,
+        typer.Option(
+            "--front-guidance",
+            help="Keep the visible front faithful (Consistent3DGen): the point map of the front view from its "
+            "rendered 'depth' + camera, or from 'vggt'; needs --shape-generator.",
+        ),
+    ] = None,
+    guidance_lambda: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance-lambda", help="lambda of the pull on stage 2 (default 1.0; stage 1: --guidance-set lam_ss=...)."
+        ),
+    ] = None,
+    front_depth: Annotated[
+        Path | None,
+        typer.Option(
+            "--front-depth",
+            help="The front view's z-depth: 16-bit PNG (scale from --front-camera) or float .npy; default for a "
+            "rendered <asset>/rgba/NNN.png: <asset>/depth/NNN.png.",
+        ),
+    ] = None,
+    front_camera: Annotated[
+        Path | None,
+        typer.Option(
+            "--front-camera",
+            help="JSON with the front view's camera (a camera, a shard sample's .json or a render's asset.json "
+            "with --front-view); default for a rendered view: its asset.json.",
+        ),
+    ] = None,
+    front_view: Annotated[
+        int | None, typer.Option("--front-view", help="Camera index in a render's asset.json.")
+    ] = None,
+    guidance_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guidance-set",
+            help="Front-guidance setting key=value (repeatable), e.g. lam_ss=0.5, integrator=implicit, "
+            "on_bad_front=unguided, vggt_model=debug.",
+        ),
+    ] = None,
 ) -> None:
     """Front view (+ description of the back) -> back view -> H -> sparse structure -> shape latent -> mesh (GLB)."""
     _quiet_libraries()
+    from know3d.core.config import ConfigError, load_config
+    from know3d.training.generator.front_guidance import FrontGuidanceConfig
     from know3d.training.generator.generate import generate_shape
     from know3d.training.generator.model import GeneratorLoadError
 
     overrides = {k: v for k, v in (("steps", steps), ("guidance_strength", cfg_scale)) if v is not None}
+    guidance, front = None, None
+    if front_guidance is None and (guidance_lambda is not None or guidance_set or front_depth or front_camera):
+        err.print(
+            "[red]error:[/] --guidance-lambda, --guidance-set, --front-depth and --front-camera need --front-guidance"
+        )
+        raise typer.Exit(2)
+    if front_guidance is not None:
+        extra = [f"source={front_guidance}", *(guidance_set or [])]
+        if guidance_lambda is not None:
+            extra.append(f"lam_shape={guidance_lambda}")
+        try:
+            guidance = load_config(None, extra, model=FrontGuidanceConfig)
+        except ConfigError as exc:
+            err.print(f"[red]error:[/] front guidance: {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        front = {"depth": front_depth, "camera": front_camera, "view": front_view}
     try:
         summary = generate_shape(
             image,
@@ -765,6 +824,8 @@ def generate_shape_cmd(
             overrides,
             shape_generator=shape_generator,
             multiview=multiview,
+            front_guidance=guidance,
+            front=front,
         )
     except (GeneratorLoadError, FileNotFoundError, ValueError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
@@ -775,6 +836,16 @@ def generate_shape_cmd(
         out.print(f"mesh -> {summary['mesh']} (from the {summary['mesh_from'].replace('_', ' ')})")
     else:
         out.print(f"mesh: none ({summary['no_mesh_reason']})")
+    fg = summary.get("front_guidance")
+    if fg is not None and fg.get("unguided_reason"):
+        out.print(f"front guidance: off ({escape(fg['unguided_reason'])})")
+    elif fg is not None:
+        t = fg["targets"]
+        out.print(
+            f"front guidance ({fg['source']}, lambda ss {fg['lam_ss']} / shape {fg['lam_shape']}): "
+            f"{t['sheet_faces']} front triangles -> {t['shape_front_voxels']} shape-latent voxels, "
+            f"{t['ss_mask_cells']} stage-1 cells; points -> {fg['points']}"
+        )
     out.print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["seconds"].items()))
 
 
@@ -953,6 +1024,69 @@ def eval_backviews_cmd(
     _run_eval(
         config, set_, extra, address, strict, lambda cfg: evaluate_backviews(cfg, pred, gt, output, images, fresh)
     )
+
+
+@eval_app.command(
+    "guidance-sweep",
+    cls=_Command,
+    epilog="Example: know3d eval guidance-sweep --dataset runs/geo --generator runs/train-generator-debug/generator "
+    "--shape-generator runs/train-generator-shape-debug/generator --lambdas 0.25,1,4,16 --output runs/guidance-sweep",
+)
+def eval_guidance_sweep_cmd(
+    dataset: Annotated[
+        list[Path], typer.Option("--dataset", help="Data build(s) whose held-out assets are generated (repeatable).")
+    ],
+    generator: Annotated[Path, typer.Option("--generator", help="An exported stage-1 generator.")],
+    shape_generator: Annotated[Path, typer.Option("--shape-generator", help="An exported stage-2 generator.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder: one subfolder per setting, guidance_sweep.md.")],
+    lambdas: Annotated[
+        str, typer.Option("--lambdas", help="Comma-separated lambda values (the unguided run is always added).")
+    ] = "0.25,0.5,1,2,4,8,16",
+    key: Annotated[
+        str, typer.Option("--key", help="The swept setting: lam_shape (stage 2) or lam_ss (stage 1).")
+    ] = "lam_shape",
+    split: Annotated[str, typer.Option("--split", help="Assets from the val split, train or all.")] = "val",
+    heldout: Annotated[int, typer.Option("--heldout", help="Assets per data build.")] = 8,
+    backview_lora: Annotated[
+        Path | None, typer.Option("--backview-lora", help="Back-view LoRA; default: the generator's own.")
+    ] = None,
+    guidance_set: Annotated[
+        list[str] | None,
+        typer.Option("--guidance-set", help="Front-guidance setting key=value (repeatable), e.g. integrator=implicit."),
+    ] = None,
+    set_: EvalSetOpt = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Front-partial guidance on held-out assets: front consistency and IoU / Chamfer, unguided and per lambda."""
+    _quiet_libraries()
+    from know3d.core.config import ConfigError
+    from know3d.pipeline.ablation import run_guidance_sweep
+    from know3d.training.generator.model import GeneratorLoadError
+
+    if split not in ("val", "train", "all"):
+        err.print(f"[red]error:[/] --split must be val, train or all, got {escape(split)}")
+        raise typer.Exit(2)
+    try:
+        values = [float(v) for v in lambdas.split(",") if v.strip()]
+        result = run_guidance_sweep(
+            generator,
+            shape_generator,
+            dataset,
+            output,
+            values,
+            heldout,
+            split,
+            key,
+            backview_lora,
+            guidance_set,
+            set_,
+            seed,
+        )
+    except (ConfigError, GeneratorLoadError, FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    out.print(Path(result["table"]).read_text())
+    out.print(f"table -> {result['table']}")
 
 
 def main(argv: list[str] | None = None) -> None:

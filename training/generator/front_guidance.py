@@ -64,9 +64,11 @@ kept values (the other literal reading) gives the same field up to ``d_min ~ 0``
 ``d_max ~ band``; the fixed form does not depend on which voxels happen to be sampled. The shell
 is therefore ``band`` voxels thick, its two faces ``band / 2`` voxels from the sheet.
 
-Bad point maps (wrong shape, NaN everywhere, no valid pixel, no triangle) raise
-:class:`FrontGuidanceError` naming the input and the reason; a caller that wants "unguided run
-with a warning" catches it.
+Bad point maps (wrong shape, NaN everywhere, no valid pixel, no triangle) and bad input files
+(missing, unreadable, wrong size, no camera) raise :class:`FrontGuidanceError` naming the input and
+the reason. ``know3d generate shape`` stops with that message by default
+(``on_bad_front="error"``); with ``on_bad_front="unguided"`` it warns, generates without guidance
+and writes the reason to ``shape.json`` (``front_guidance.unguided_reason``).
 """
 
 from __future__ import annotations
@@ -178,6 +180,12 @@ class FrontGuidanceConfig(StrictModel):
         "'implicit': the pull at the new point, x' = (x - dt v + dt lambda M ref) / (1 + dt lambda M) "
         "(stable for any lambda; lambda -> inf replaces the mask by the reference).",
     )
+    on_bad_front: Literal["error", "unguided"] = Field(
+        default="error",
+        description="A front input that cannot be used (no camera or depth file, a point map with no valid "
+        "pixel, no front half): 'error' stops with the file and the reason; 'unguided' warns, runs "
+        "without guidance and records the reason in shape.json.",
+    )
     union_coords: bool = Field(
         default=True,
         description="Stage 2 samples on the union of stage 1's structure and x_fg's coordinates (the paper).",
@@ -240,6 +248,167 @@ def pointmap_from_depth(depth: np.ndarray, camera) -> tuple[np.ndarray, np.ndarr
         raise FrontGuidanceError("depth map: no pixel with a finite depth > 0 (empty view)")
     points = backproject(np.where(valid, depth, np.nan), camera.K, camera.c2w)
     return points, valid.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- input files
+
+MAX_DEPTH_PIXELS = 4096 * 4096  # decoding bound of a depth map file
+
+
+@dataclass
+class FrontView:
+    """The known camera of the input front view, and its z-depth when the source is ``depth``
+    (``[H, W]`` float64, unit-cube units, 0 = background)."""
+
+    camera: Any
+    depth: np.ndarray | None = None
+    depth_file: str | None = None
+    camera_file: str | None = None
+
+
+def camera_from_json(data: dict, where: str = "camera") -> Any:
+    """A :class:`know3d.rendering.camera.Camera` from its JSON (``c2w_opencv`` [4, 4], ``K`` [3, 3],
+    ``width``, ``height``; the angles are optional). Wrong fields raise :class:`FrontGuidanceError`
+    naming ``where``."""
+    from know3d.rendering.camera import Camera
+
+    try:
+        c2w = np.asarray(data["c2w_opencv"], dtype=np.float64)
+        K = np.asarray(data["K"], dtype=np.float64)
+        width, height = int(data["width"]), int(data["height"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FrontGuidanceError(
+            f"{where}: not a camera (needs c2w_opencv [4x4], K [3x3], width, height): {exc!r}"
+        ) from None
+    if c2w.shape != (4, 4) or K.shape != (3, 3) or not (np.isfinite(c2w).all() and np.isfinite(K).all()):
+        raise FrontGuidanceError(f"{where}: c2w_opencv must be a finite 4x4 and K a finite 3x3 matrix")
+    if not (0 < width <= 16384 and 0 < height <= 16384) or abs(np.linalg.det(c2w[:3, :3]) - 1) > 1e-3:
+        raise FrontGuidanceError(f"{where}: implausible camera (size {width} x {height}, rotation det != 1)")
+    return Camera(
+        azimuth_deg=float(data.get("azimuth_deg", float("nan"))),
+        elevation_deg=float(data.get("elevation_deg", float("nan"))),
+        fov_deg=float(data.get("fov_deg", float("nan"))),
+        distance=float(np.linalg.norm(c2w[:3, 3])),
+        c2w=c2w,
+        K=K,
+        width=width,
+        height=height,
+    )
+
+
+def read_camera_file(path, view: int | None = None) -> tuple[Any, float | None]:
+    """``(camera, depth_scale or None)`` from a JSON file in any of the layouts our data writes:
+    a camera (:meth:`Camera.to_json`, optionally with ``depth_scale``), a shard sample's ``.json``
+    (``front_camera``), or a render's ``asset.json`` (``cameras[view]``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FrontGuidanceError(f"{path}: no such camera file")
+    if path.stat().st_size > 16 * 2**20:
+        raise FrontGuidanceError(f"{path}: larger than 16 MiB, not a camera file")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrontGuidanceError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FrontGuidanceError(f"{path}: expected a JSON object")
+    scale = data.get("depth_scale")
+    if "cameras" in data:
+        cameras = data["cameras"]
+        if view is None:
+            raise FrontGuidanceError(f"{path}: holds {len(cameras)} cameras; say which view (--front-view N)")
+        if not 0 <= view < len(cameras):
+            raise FrontGuidanceError(f"{path}: no view {view} (it holds {len(cameras)} cameras)")
+        data = cameras[view]
+    elif "front_camera" in data:
+        data = data["front_camera"]
+    return camera_from_json(data, str(path)), (None if scale is None else float(scale))
+
+
+def read_depth_file(path, depth_scale: float | None) -> np.ndarray:
+    """A z-depth map file -> ``[H, W]`` float64 in unit-cube units: a 16-bit PNG as the renderer
+    writes it (``value * depth_scale``, 0 = background; needs ``depth_scale``) or a float ``.npy``
+    (``allow_pickle=False``). Decoding is bounded (:data:`MAX_DEPTH_PIXELS`)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FrontGuidanceError(f"{path}: no such depth map")
+    if path.suffix.lower() == ".npy":
+        try:
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until read
+            if mapped.size > MAX_DEPTH_PIXELS:
+                raise FrontGuidanceError(f"{path}: {mapped.shape} is larger than {MAX_DEPTH_PIXELS} pixels")
+            depth = np.array(mapped)
+        except (ValueError, OSError) as exc:
+            if isinstance(exc, FrontGuidanceError):
+                raise
+            raise FrontGuidanceError(f"{path}: not a readable .npy depth map ({exc})") from None
+        if not np.issubdtype(depth.dtype, np.number):
+            raise FrontGuidanceError(f"{path}: depth must be numeric, got {depth.dtype}")
+        return depth.astype(np.float64)
+    if depth_scale is None or not depth_scale > 0:
+        raise FrontGuidanceError(f"{path}: a PNG depth map needs its depth_scale (from the camera JSON)")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_DEPTH_PIXELS:
+                raise FrontGuidanceError(f"{path}: {img.width}x{img.height} is larger than {MAX_DEPTH_PIXELS} pixels")
+            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+                raise FrontGuidanceError(f"{path}: expected a 16-bit greyscale depth PNG, got mode {img.mode}")
+            raw = np.asarray(img).astype(np.float64)
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise FrontGuidanceError(f"{path}: not a readable image ({exc})") from None
+    return raw * float(depth_scale)
+
+
+def rendered_view_files(image) -> tuple[Any, Any, int] | None:
+    """``(asset.json, depth/NNN.png, NNN)`` when ``image`` is a rendered view ``<asset>/rgba/NNN.png``
+    of our renderer and both files exist (inside the same asset folder), else None."""
+    from pathlib import Path
+
+    image = Path(image)
+    if image.parent.name != "rgba" or not image.stem.isdigit():
+        return None
+    folder = image.parent.parent
+    meta, depth = folder / "asset.json", folder / "depth" / f"{image.stem}.png"
+    return (meta, depth, int(image.stem)) if meta.is_file() and depth.is_file() else None
+
+
+def read_front_view(image, source: str, depth=None, camera=None, view: int | None = None) -> FrontView:
+    """The camera (and, for ``source="depth"``, the z-depth) of the front view ``image``.
+
+    ``camera``: a JSON file (:func:`read_camera_file`); ``depth``: a depth file
+    (:func:`read_depth_file`). Both default to the render's own files when ``image`` is
+    ``<asset>/rgba/NNN.png`` (:func:`rendered_view_files`: ``asset.json`` camera NNN and
+    ``depth/NNN.png``). The depth must have the camera's pixel size."""
+    found = rendered_view_files(image) if camera is None or (source == "depth" and depth is None) else None
+    if camera is None:
+        if found is None:
+            raise FrontGuidanceError(
+                f"{image}: front guidance needs the view's camera (--front-camera FILE.json; found automatically "
+                "only for rendered views <asset>/rgba/NNN.png)"
+            )
+        camera, view = found[0], found[2] if view is None else view
+    cam, scale = read_camera_file(camera, view)
+    result = FrontView(camera=cam, camera_file=str(camera))
+    if source == "depth":
+        if depth is None:
+            if found is None:
+                raise FrontGuidanceError(
+                    f"{image}: front guidance 'depth' needs the view's depth map (--front-depth FILE)"
+                )
+            depth = found[1]
+        z = read_depth_file(depth, scale)
+        if z.shape != (cam.height, cam.width):
+            raise FrontGuidanceError(
+                f"{depth}: depth map is {z.shape[1]} x {z.shape[0]} pixels, its camera {cam.width} x {cam.height}"
+            )
+        result.depth, result.depth_file = z, str(depth)
+    return result
 
 
 # --------------------------------------------------------------------------- Algorithm 1

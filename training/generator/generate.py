@@ -14,7 +14,13 @@ sparse structure (stage 1) -> shape structured latent (stage 2) -> mesh, with tr
    which the SLat flow samples the shape latent (same front tokens and H); the shape SC-VAE decodes
    it to a flexible dual grid and :func:`~know3d.training.generator.dual_grid.dual_grid_to_mesh`
    extracts the mesh. Without one, marching cubes on the occupancy gives a coarse mesh.
-5. The multi-view baseline (paper §4.2, ``multiview="stochastic"|"multidiffusion"``): instead of H,
+5. Front-partial guidance (Consistent3DGen, ``front_guidance``): the input view's point map
+   (rendered depth + its camera, or VGGT) -> front sheet -> thin band -> the shape SC-VAE and SS-VAE
+   latents of its front half; stage 1 starts from the front latent and both stages are pulled
+   towards it on the visible region (:mod:`~know3d.training.generator.front_guidance`); stage 2
+   samples on stage 1's structure united with the front's coordinates. Needs the stage-2 generator
+   (its SC-VAE encodes the front). ``front.npz`` holds the point map's valid points.
+6. The multi-view baseline (paper §4.2, ``multiview="stochastic"|"multidiffusion"``): instead of H,
    the generated back view's DINOv3 tokens become a second image condition beside the front's
    (TRELLIS's multi-image mode, :class:`~know3d.training.generator.flow.MultiImage`), for
    generators trained without the branch (``model.condition: none``).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,13 @@ import torch
 
 from know3d.core.io import atomic_write
 from know3d.training.generator.config import HiddenStatesConfig, SamplerConfig
+from know3d.training.generator.front_guidance import (
+    FrontGuidanceConfig,
+    FrontGuidanceError,
+    FrontView,
+    GuidedEulerSampler,
+    union_coords,
+)
 from know3d.training.generator.model import load_decoder, load_generator
 from know3d.training.generator.occupancy import occupancy_mesh
 from know3d.training.prompting import build_prompt
@@ -134,6 +148,7 @@ class ShapeGenerator:
         shape_sampler: dict[str, Any] | None = None,
         device: str | None = None,
         multiview: str | None = None,
+        front_guidance: FrontGuidanceConfig | dict[str, Any] | None = None,
     ) -> None:
         from know3d.training.generator.dino import front_features
         from know3d.training.generator.model import GeneratorLoadError, load_shape_codec
@@ -183,19 +198,113 @@ class ShapeGenerator:
                         f"{folder}: the multi-view baseline conditions on images only; this generator reads "
                         f"'{meta['condition']}' (use one trained with model.condition=none)"
                     )
+        self.front_guidance = None
+        if front_guidance is not None:
+            self._load_front_guidance(front_guidance, shape_generator)
         self.hcfg = backview_settings(self.meta, backview_lora, multiview is not None)
         self.pipe = load_backview_pipeline(self.hcfg, self.device)
         self.load_seconds = time.perf_counter() - started
 
+    def _load_front_guidance(self, cfg: FrontGuidanceConfig | dict[str, Any], shape_generator: Path | None) -> None:
+        """The encoders that turn the front into latents (the stage-2 generator's shape SC-VAE, stage
+        1's SS-VAE) and, for the ``vggt`` source, VGGT."""
+        from know3d.training.generator.model import GeneratorLoadError
+        from know3d.training.generator.shape_vae import ShapeVAELoadError, load_shape_vae
+        from know3d.training.generator.ss_vae import load_ss_vae
+
+        cfg = cfg if isinstance(cfg, FrontGuidanceConfig) else FrontGuidanceConfig.model_validate(cfg)
+        if self.shape_model is None:
+            raise GeneratorLoadError(
+                "front guidance needs the stage-2 generator (--shape-generator): its shape SC-VAE encodes the front"
+            )
+        try:
+            self.shape_encoder = load_shape_vae(self.shape_meta["model"]["shape_vae"], ("encoder",), self.device)
+        except ShapeVAELoadError as exc:
+            raise GeneratorLoadError(str(exc)) from None
+        source = self.meta["model"]["ss_decoder"]
+        if source == "debug":
+            from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
+
+            self.ss_encoder = resolve_debug_ss_vae().encoder.to(self.device).eval()
+        else:
+            self.ss_encoder = load_ss_vae(source, "encoder", device=self.device)
+        for what, have, want in (
+            ("shape SC-VAE latent grid", self.shape_encoder.latent_resolution, self.shape_model.cfg.resolution),
+            ("SS-VAE latent grid", self.ss_encoder.cfg.latent_resolution, self.model.cfg.resolution),
+            ("SS-VAE latent channels", self.ss_encoder.cfg.latent_channels, self.model.cfg.in_channels),
+        ):
+            if int(have) != int(want):
+                raise GeneratorLoadError(f"front guidance: the {what} is {have}, the generator's {want}")
+        self.vggt = None
+        if cfg.source == "vggt":
+            from know3d.training.generator.vggt import load_vggt
+
+            self.vggt = load_vggt(cfg.vggt_model, self.device)
+        self.front_guidance = cfg
+
+    def front_targets(
+        self, image: Path, front: FrontView | dict[str, Any] | None = None, cfg: FrontGuidanceConfig | None = None
+    ):
+        """``(FrontTargets, valid points [N, 3], view_dir [3])`` of the front view ``image``; ``front``:
+        its :class:`FrontView`, or the files (``depth``, ``camera``, ``view``) of
+        :func:`~.front_guidance.read_front_view` (default: a rendered view's own files); ``cfg``:
+        default the chain's settings."""
+        from know3d.training.generator.front_guidance import (
+            camera_view_dir,
+            front_pointmap,
+            front_targets,
+            read_front_view,
+            valid_pixels,
+        )
+
+        cfg = cfg or self.front_guidance
+        view = front if isinstance(front, FrontView) else read_front_view(image, cfg.source, **(front or {}))
+        try:
+            points, conf = front_pointmap(cfg, view.camera, depth=view.depth, image=image, vggt_model=self.vggt)
+            direction = camera_view_dir(view.camera)
+            targets = front_targets(points, conf, direction, self.shape_encoder, self.ss_encoder, cfg)
+        except FrontGuidanceError as exc:
+            raise FrontGuidanceError(f"{view.depth_file or image}: {exc}") from None
+        targets.info.update(camera_file=view.camera_file, depth_file=view.depth_file)
+        return targets, points[valid_pixels(points, conf, cfg.conf_threshold)], direction
+
     @torch.no_grad()
-    def run(self, image: Path, output: Path, prompt: str | None = None, seed: int = 0) -> dict[str, Any]:
-        """One front view -> files in ``output``; returns the summary written to ``shape.json``."""
+    def run(
+        self,
+        image: Path,
+        output: Path,
+        prompt: str | None = None,
+        seed: int = 0,
+        front: FrontView | dict[str, Any] | None = None,
+        guidance: FrontGuidanceConfig | bool = True,
+    ) -> dict[str, Any]:
+        """One front view -> files in ``output``; returns the summary written to ``shape.json``.
+        ``front``: the front view's depth / camera for front guidance (see :meth:`front_targets`);
+        ``guidance``: True = the chain's front-guidance settings, False = unguided, or other settings
+        of the same source (a lambda sweep on one loaded chain)."""
         from know3d.training.edit_model import to_pil
         from know3d.training.generator.flow import EulerCfgSampler, SparseSample
 
         image, output = Path(image), Path(output)
         check_front(image)
         seconds: dict[str, float] = {}
+        fg = self.front_guidance if guidance is True else (guidance or None)
+        if fg is not None and (self.front_guidance is None or fg.source != self.front_guidance.source):
+            raise ValueError("front guidance: load the chain with front guidance of this source first")
+        targets, guidance = None, None
+        if fg is not None:
+            clock = time.perf_counter()
+            guidance = {**fg.model_dump(mode="json"), "unguided_reason": None}
+            try:
+                targets, front_points, view_dir = self.front_targets(image, front, fg)
+            except FrontGuidanceError as exc:
+                if fg.on_bad_front == "error":
+                    raise
+                warnings.warn(f"front guidance off: {exc}", stacklevel=2)
+                guidance["unguided_reason"] = str(exc)
+            else:
+                guidance["targets"] = targets.info
+            seconds["front_targets"] = time.perf_counter() - clock
         clock = time.perf_counter()
         back, condition, text, back_tokens = backview_and_condition(
             self.pipe, self.hcfg, image, prompt, self.meta["condition"], self.dino, seed
@@ -219,13 +328,24 @@ class ShapeGenerator:
         cfg = self.model.cfg
         noise = torch.randn((1, cfg.in_channels, *(cfg.resolution,) * 3), generator=gen, device=self.device)
         hidden = None if condition is None else condition.to(self.device)
-        sampler = EulerCfgSampler(self.settings, sigma_min=self.meta["sigma_min"])
-        latent = sampler.sample(conditioned(self.model), noise, cond, hidden).samples
+        if targets is None:
+            sampler = EulerCfgSampler(self.settings, sigma_min=self.meta["sigma_min"])
+        else:
+            sampler = GuidedEulerSampler.for_stage(
+                "ss", self.settings, fg, *targets.ss_guidance(), sigma_min=self.meta["sigma_min"]
+            )
+        result = sampler.sample(conditioned(self.model), noise, cond, hidden)
+        latent = result.samples
+        if targets is not None:
+            guidance["residual_ss"] = [round(r, 5) for r in result.residual]
         grid = (self.decoder(latent.float())[0, 0] > 0).cpu().numpy()
         seconds["stage1"] = time.perf_counter() - clock
 
         output.mkdir(parents=True, exist_ok=True)
         to_pil(back).save(output / "back.png")
+        if targets is not None:
+            atomic_write(output / "front.npz", _npz(points=front_points.astype(np.float32), view_dir=view_dir))
+            guidance["points"] = str(output / "front.npz")
         buffer = _npz(grid=grid, coords=np.argwhere(grid).astype(np.int16), resolution=np.int64(grid.shape[0]))
         atomic_write(output / "occupancy.npz", buffer)
         summary: dict[str, Any] = {
@@ -241,6 +361,7 @@ class ShapeGenerator:
             "mesh": None,
             "mesh_from": None,
             "stage2": self.shape_model is not None,
+            "front_guidance": guidance,
         }
         mesh_bytes, reason = None, None
         clock = time.perf_counter()
@@ -250,12 +371,25 @@ class ShapeGenerator:
             mesh_bytes = occupancy_mesh(grid).export(file_type="glb")
             summary["mesh_from"] = "occupancy"
         else:
-            coords = torch.from_numpy(pooled_structure(grid, self.shape_model.cfg.resolution))
+            structure = pooled_structure(grid, self.shape_model.cfg.resolution)
+            if targets is not None and fg.union_coords:
+                structure = union_coords(structure, targets.shape_coords)
+            coords = torch.from_numpy(structure)
             hidden2 = None if self.shape_meta["condition"] == "none" else hidden
             noise = torch.randn((1, len(coords), self.shape_model.cfg.in_channels), generator=gen, device=self.device)
-            sampler2 = EulerCfgSampler(self.shape_settings, sigma_min=self.shape_meta["sigma_min"])
+            sigma_min = self.shape_meta["sigma_min"]
+            if targets is None:
+                sampler2 = EulerCfgSampler(self.shape_settings, sigma_min=sigma_min)
+            else:
+                pair = targets.shape_guidance(coords)
+                sampler2 = GuidedEulerSampler.for_stage(
+                    "shape", self.shape_settings, fg, *pair, sigma_min=sigma_min
+                )
             wrapped = conditioned(SparseSample(self.shape_model, coords.to(self.device)))
-            feats = sampler2.sample(wrapped, noise, cond, hidden2).samples[0].float()
+            result2 = sampler2.sample(wrapped, noise, cond, hidden2)
+            feats = result2.samples[0].float()
+            if targets is not None:
+                guidance["residual_shape"] = [round(r, 5) for r in result2.residual]
             seconds["stage2"] = time.perf_counter() - clock
             clock = time.perf_counter()
             fine = self.codec.decode(coords, feats)
@@ -289,10 +423,14 @@ def generate_shape(
     shape_generator: Path | None = None,
     shape_sampler: dict[str, Any] | None = None,
     multiview: str | None = None,
+    front_guidance: FrontGuidanceConfig | dict[str, Any] | None = None,
+    front: FrontView | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the chain for one front view; returns where the files are and a summary."""
-    chain = ShapeGenerator(generator, shape_generator, backview_lora, sampler, shape_sampler, device, multiview)
-    return chain.run(Path(image), Path(output), prompt, seed)
+    chain = ShapeGenerator(
+        generator, shape_generator, backview_lora, sampler, shape_sampler, device, multiview, front_guidance
+    )
+    return chain.run(Path(image), Path(output), prompt, seed, front)
 
 
 def _npz(**arrays) -> bytes:

@@ -205,8 +205,9 @@ def _read_rgba(image: Any) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, str | Path):
-        with Image.open(image) as img:
-            return np.asarray(img.convert("RGBA"))
+        from know3d.training.generate import read_image  # bounded decoding, errors naming the file
+
+        return read_image(Path(image), lambda img: np.asarray(img.convert("RGBA")))
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGBA"))
     array = np.asarray(image)
