@@ -334,3 +334,26 @@ def test_a_render_failure_keeps_the_metrics(real_dir: Path, tmp_path: Path, monk
     result, points = measure_shape(ShapeJob("duck", duck, gt=duck), cfg, tmp_path)
     assert result["status"] == "ok" and result["geometry"]["iou_volume@64"] == 1.0
     assert result["render_error"] == "RuntimeError: GL context lost" and "renders" not in result and points is None
+
+
+def test_front_consistency_on_known_geometry():
+    """A flat front at z = 0.3 seen from +z (view_dir -z): a mesh surface 0.05 behind it gives
+    front -> mesh 0.05; mesh samples behind the centre plane do not count in the reverse."""
+    from know3d.evaluation.geometry import front_consistency
+
+    g = np.linspace(-0.2, 0.2, 41)
+    x, y = np.meshgrid(g, g)
+    front = np.stack([x.ravel(), y.ravel(), np.full(x.size, 0.3)], 1)
+    near = front + [0, 0, -0.05]  # on the camera's side of the centre: counted both ways
+    far = front * [1, 1, -1]  # z = -0.3, behind the centre plane: only in the forward direction's pool
+    out = front_consistency(front, np.concatenate([near, far]), view_dir=np.array([0, 0, -1.0]))
+    assert out["front_to_mesh"] == pytest.approx(0.05)
+    assert out["mesh_front_to_front"] == pytest.approx(0.05) and out["mesh_front_share"] == pytest.approx(0.5)
+    assert out["front_within@0.02"] == 0.0
+    exact = front_consistency(front, front, view_dir=np.array([0, 0, -1.0]))
+    assert exact["front_to_mesh"] == 0 and exact["front_within@0.02"] == 1.0
+    # the direction matters: seen from -z, the near sheet is behind the centre plane
+    flipped = front_consistency(front, np.concatenate([near, far]), view_dir=np.array([0, 0, 1.0]))
+    assert flipped["mesh_front_to_front"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="needs front points"):
+        front_consistency(np.zeros((0, 3)), front, np.array([0, 0, 1.0]))

@@ -74,6 +74,9 @@ def test_algorithm1_on_a_hand_made_point_map():
     assert len(pointmap_to_mesh(_grid3(), np.ones((3, 3)), 0.5, 0.15)[1]) == 8
     with pytest.raises(FrontGuidanceError, match="every triangle has an edge longer"):
         pointmap_to_mesh(_grid3(), np.ones((3, 3)), 0.5, 0.14)
+    # automatic threshold (None): 4 x the median shortest edge (0.1 here) = 0.4, whatever the scale
+    assert pointmap_to_mesh(points, conf, 0.5, None, compact=False)[1].tolist() == faces.tolist()
+    assert pointmap_to_mesh(points * 10, conf, 0.5, None, compact=False)[1].tolist() == faces.tolist()
 
 
 @pytest.mark.parametrize(
@@ -176,6 +179,28 @@ def test_front_half_relative_to_the_view_direction():
     assert np.array_equal(front_half(coords, res, [1, 0, 0], center=c), p[:, 0] <= 0.25)
     with pytest.raises(FrontGuidanceError, match="view_dir"):
         front_half(coords, res, [0, 0, 0])
+
+
+def test_shell_front_cuts_the_rear_layer_wherever_the_sheet_lies():
+    """A flat front face through the grid centre, seen along +y: the grid-centre plane keeps only
+    the layers in front of the centre; the shell cut keeps the sheet's own layer and the voxels in
+    front of it, at any depth of the sheet."""
+    from know3d.training.generator.front_guidance import shell_front
+
+    res = 8
+    coords = np.argwhere(np.ones((res,) * 3, bool))
+    p = (coords + 0.5) / res - 0.5
+    g = np.linspace(-0.5, 0.5, 65)
+    x, z = np.meshgrid(g, g)
+    for depth in (-0.3, 0.0625, 0.3):  # the sheet y = depth (a voxel centre plane at 0.0625)
+        sheet = np.stack([x.ravel(), np.full(x.size, depth), z.ravel()], 1)
+        keep = shell_front(coords, res, [0, 1, 0], sheet)
+        assert np.array_equal(keep, p[:, 1] <= depth + 1e-9), depth
+        more = shell_front(coords, res, [0, 1, 0], sheet, margin=0.125)
+        assert np.array_equal(more, p[:, 1] <= depth + 0.125 + 1e-9)
+    assert np.array_equal(front_half(coords, res, [0, 1, 0]), p[:, 1] < 0)  # whatever the sheet
+    with pytest.raises(FrontGuidanceError, match="finite points"):
+        shell_front(coords, res, [0, 1, 0], np.zeros((0, 3)))
 
 
 def test_front_latent_maps_onto_stage1_coordinates():
@@ -382,8 +407,12 @@ def test_front_targets_through_the_debug_vaes(rendered):
     assert targets.shape_feats.shape == (len(targets.shape_coords), shape_vae.latent_channels) and len(
         targets.shape_coords
     )
-    assert front_half(targets.shape_coords, targets.shape_resolution, view_dir).all()
-    assert front_half(np.argwhere(targets.ss_occupancy), targets.ss_occupancy.shape[0], view_dir).all()
+    from know3d.training.generator.front_guidance import shell_front
+
+    assert shell_front(targets.shape_coords, targets.shape_resolution, view_dir, vertices).all()
+    assert shell_front(np.argwhere(targets.ss_occupancy), targets.ss_occupancy.shape[0], view_dir, vertices).all()
+    grid_cut = encode_front(vertices, faces, view_dir, shape_vae, ss_vae, FrontGuidanceConfig(front_cut="grid_centre"))
+    assert front_half(grid_cut.shape_coords, grid_cut.shape_resolution, view_dir).all()
     # the latent mask covers exactly the latent cells of the front occupancy
     f = targets.ss_occupancy.shape[0] // r
     cells = targets.ss_occupancy.reshape(r, f, r, f, r, f).any(axis=(1, 3, 5))
@@ -456,3 +485,112 @@ def test_vggt_loader_errors(monkeypatch):
         vggt_pointmap(DebugVGGT(), np.zeros((8, 8, 4), np.uint8), make_camera(0, 0, 40, 8))
     with pytest.raises(FrontGuidanceError, match="does not match|is 8 x 8 pixels"):
         vggt_pointmap(DebugVGGT(), np.zeros((8, 8, 4), np.uint8), make_camera(0, 0, 40, 16))
+
+
+# --------------------------------------------------------------------------- input files
+
+
+def _render_folder(root: Path, camera, depth: np.ndarray, scale: float = 1e-4) -> Path:
+    """A rendered asset folder as the renderer lays it out: asset.json (cameras, depth_scale),
+    rgba/000.png and depth/000.png (uint16, metres = value * depth_scale)."""
+    import json
+
+    from PIL import Image
+
+    for sub in ("rgba", "depth"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rgba = np.zeros((*depth.shape, 4), np.uint8)
+    rgba[depth > 0] = (200, 100, 50, 255)
+    Image.fromarray(rgba).save(root / "rgba" / "000.png")
+    Image.fromarray(np.round(depth / scale).astype(np.uint16)).save(root / "depth" / "000.png")
+    meta = {"depth_scale": scale, "cameras": [camera.to_json()]}
+    (root / "asset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_front_view_files_from_a_render_and_given_explicitly(rendered, tmp_path: Path):
+    import json
+
+    from know3d.training.generator.front_guidance import read_camera_file, read_front_view
+
+    camera, view, _ = rendered
+    folder = _render_folder(tmp_path / "asset", camera, view.depth)
+    image = folder / "rgba" / "000.png"
+    found = read_front_view(image, "depth")  # found next to the rendered view
+    assert found.camera_file == str(folder / "asset.json") and found.depth_file == str(folder / "depth" / "000.png")
+    assert np.allclose(found.camera.c2w, camera.c2w) and np.allclose(found.camera.K, camera.K)
+    assert (
+        np.abs(found.depth - view.depth).max() <= 0.5e-4 + 1e-6
+    )  # 16-bit quantization at depth_scale 1e-4 (+ float32)
+    p_file, _ = pointmap_from_depth(found.depth, found.camera)
+    p_view, _ = pointmap_from_depth(view.depth, camera)
+    assert np.nanmax(np.abs(p_file - p_view)) < 1e-3
+    # the vggt source needs no depth
+    assert read_front_view(image, "vggt").depth is None
+    # a single camera (+ depth_scale) and a shard sample's json are read as well; .npy depth as is
+    (tmp_path / "cam.json").write_text(json.dumps({**camera.to_json(), "depth_scale": 1e-4}))
+    (tmp_path / "sample.json").write_text(json.dumps({"front_camera": camera.to_json(), "depth_scale": 1e-4}))
+    np.save(tmp_path / "depth.npy", view.depth)
+    for cam_file in ("cam.json", "sample.json"):
+        cam, scale = read_camera_file(tmp_path / cam_file)
+        assert scale == 1e-4 and np.allclose(cam.c2w, camera.c2w) and (cam.width, cam.height) == (RES, RES)
+    given = read_front_view(tmp_path / "x.png", "depth", depth=tmp_path / "depth.npy", camera=tmp_path / "cam.json")
+    assert np.array_equal(given.depth, view.depth)
+
+
+def test_front_view_file_errors_name_the_file(rendered, tmp_path: Path):
+    import json
+
+    from know3d.training.generator.front_guidance import read_camera_file, read_depth_file, read_front_view
+
+    camera, view, _ = rendered
+    cam = tmp_path / "cam.json"
+    cam.write_text(json.dumps(camera.to_json()))
+    cases = [
+        (lambda: read_front_view(tmp_path / "front.png", "depth"), "front.png: front guidance needs the view's camera"),
+        (lambda: read_front_view(tmp_path / "front.png", "depth", camera=cam), "needs the view's depth map"),
+        (lambda: read_camera_file(tmp_path / "none.json"), "none.json: no such camera file"),
+        (lambda: read_depth_file(tmp_path / "none.png", 1.0), "none.png: no such depth map"),
+    ]
+    (tmp_path / "bad.json").write_text("{not json")
+    cases.append((lambda: read_camera_file(tmp_path / "bad.json"), "bad.json: not JSON"))
+    (tmp_path / "nocam.json").write_text(json.dumps({"K": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}))
+    cases.append((lambda: read_camera_file(tmp_path / "nocam.json"), "nocam.json: not a camera"))
+    (tmp_path / "asset.json").write_text(json.dumps({"cameras": [camera.to_json()], "depth_scale": 1e-4}))
+    cases.append((lambda: read_camera_file(tmp_path / "asset.json"), "holds 1 cameras; say which view"))
+    cases.append((lambda: read_camera_file(tmp_path / "asset.json", 3), "no view 3"))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    cases.append((lambda: read_depth_file(tmp_path / "rgb.png", 1e-4), "rgb.png: expected a 16-bit greyscale"))
+    Image.fromarray(np.ones((RES, RES), np.uint16)).save(tmp_path / "d.png")
+    cases.append((lambda: read_depth_file(tmp_path / "d.png", None), "needs its depth_scale"))
+    np.save(tmp_path / "small.npy", np.ones((8, 8)))
+    cases.append(
+        (
+            lambda: read_front_view(tmp_path / "f.png", "depth", depth=tmp_path / "small.npy", camera=cam),
+            "small.npy: depth map is 8 x 8 pixels, its camera 96 x 96",
+        )
+    )
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    cases.append((lambda: read_depth_file(tmp_path / "obj.npy", None), "obj.npy: not a readable .npy"))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    cases.append((lambda: read_depth_file(tmp_path / "junk.png", 1.0), "junk.png: not a readable image"))
+    for call, message in cases:
+        with pytest.raises(FrontGuidanceError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            call()
+
+
+def test_sweep_saturation_is_where_the_curve_stops_changing():
+    from know3d.pipeline.ablation import saturation, sweep_markdown
+
+    def rows(values):
+        return [{"lambda": lam, "front_to_mesh": v, "meshes": 2} for lam, v in values]
+
+    curve = rows([(None, 0.14), (0.5, 0.08), (1, 0.03), (2, 0.021), (4, 0.02), (8, 0.02)])
+    # gain 0.12; within 0.012 of the best (0.02) from lambda 1 on
+    assert saturation(curve) == 1
+    assert saturation(rows([(None, 0.1), (1, 0.12), (2, 0.11)])) is None  # guidance never helped
+    assert saturation(rows([(None, 0.1), (1, 0.02), (2, 0.09), (4, 0.02)])) == 4  # not yet stable at 1
+    table = sweep_markdown(curve, 2, "lam_shape", 1)
+    assert "| unguided | 0.1400 |" in table and "| 8 | 0.0200 |" in table and "lambda): 1." in table

@@ -92,6 +92,7 @@ from know3d.training.generator.flow import (
 )
 from know3d.training.generator.occupancy import GLTF_TO_ZUP
 
+AUTO_JUMP = 4.0  # automatic depth_jump: this many times the point map's median pixel spacing
 _PAIR_CHUNK = 1_000_000  # (triangle, voxel) candidate pairs per vectorized pass
 
 
@@ -125,11 +126,12 @@ class FrontGuidanceConfig(StrictModel):
         "0/1; VGGT gives 1 + exp(.) >= 1 (zeroed outside the image's alpha), so 0.5 keeps the whole "
         "object and e.g. 2-5 drops VGGT's unsure pixels.",
     )
-    depth_jump: float = Field(
-        default=0.05,
+    depth_jump: float | None = Field(
+        default=None,
         gt=0.0,
         description="A triangle is dropped when any of its 3 edges is longer than this (3D Euclidean length "
-        "in unit-cube units). Keep it a few pixel footprints (about 2.2 * tan(fov / 2) * 2 / pixels; "
+        "in unit-cube units). None (default): 4 x the point map's median pixel spacing, which fits any "
+        "resolution; a fixed value should be a few pixel footprints (about 2.2 * tan(fov / 2) * 2 / pixels: "
         "0.016 at 96 px and 40 deg, 0.003 at 518 px).",
     )
     band: float = Field(
@@ -138,10 +140,16 @@ class FrontGuidanceConfig(StrictModel):
         description="Band half-width in voxels of the shape VAE's fine grid: voxels closer than this to the "
         "front sheet are kept; the shell's faces sit band / 2 from the sheet.",
     )
+    front_cut: Literal["shell", "grid_centre"] = Field(
+        default="shell",
+        description="Which half of the encoded band is kept: 'shell' = the voxels on the camera's side of the "
+        "front sheet (the shell's front layer, wherever the front lies); 'grid_centre' = the voxels on the "
+        "camera's side of the plane through the grid centre.",
+    )
     front_margin: float = Field(
         default=0.0,
         description="Front-half cut: keep latent voxels whose centre is at most this far (unit-cube units) "
-        "behind the plane through the grid centre facing the camera; > 0 keeps more than half.",
+        "behind the cut (the sheet, or the plane through the grid centre); > 0 keeps more than half.",
     )
     ss_occupancy: Literal["band", "surface"] = Field(
         default="band",
@@ -452,7 +460,7 @@ def pointmap_to_mesh(
     points: np.ndarray,
     confidence: np.ndarray,
     conf_threshold: float = 0.5,
-    depth_jump: float = 0.05,
+    depth_jump: float | None = 0.05,
     compact: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 1: the front sheet of a point map ``[H, W, 3]`` (any frame; the mesh is in it).
@@ -466,7 +474,9 @@ def pointmap_to_mesh(
       it ``[p1, p3, p2]``: both wind counter-clockwise seen from the camera (normals towards it).
     * **Depth jump**: a triangle is dropped when the 3D Euclidean length of any of its three edges
       (``|p_a - p_b|`` in the point map's units, unit-cube units for our sources) is
-      ``> depth_jump``; the other triangle of its block may stay.
+      ``> depth_jump``; the other triangle of its block may stay. ``depth_jump=None``: automatic,
+      :data:`AUTO_JUMP` times the median over the candidate triangles of their shortest edge (the
+      point map's pixel spacing on the surface), so one setting fits every resolution.
 
     Returns ``(vertices [V, 3] float64, faces [F, 3] int64)``. With ``compact`` (default) only the
     pixels used by a face are kept, in increasing pixel order, and faces index them; with
@@ -490,11 +500,13 @@ def pointmap_to_mesh(
     flat = points.reshape(-1, 3)
     tri = flat[faces]  # [F, 3, 3]
     edges = np.linalg.norm(tri - tri[:, [1, 2, 0]], axis=2)  # |p0-p1|, |p1-p2|, |p2-p0|
+    if depth_jump is None:
+        depth_jump = AUTO_JUMP * float(np.median(edges.min(axis=1)))
     faces = faces[edges.max(axis=1) <= depth_jump]
     if len(faces) == 0:
         raise FrontGuidanceError(
             f"point map: every triangle has an edge longer than depth_jump = {depth_jump} "
-            f"(shortest longest-edge {float(edges.max(axis=1).min()):.4g}); raise depth_jump"
+            f"(shortest longest-edge {float(edges.max(axis=1).min()):.4g}); raise depth_jump (or None: automatic)"
         )
     faces = faces.astype(np.int64)
     if not compact:
@@ -662,6 +674,35 @@ def front_half(
     return (p - c) @ (-v / norm) >= -margin
 
 
+def shell_front(
+    coords: np.ndarray,
+    resolution: int,
+    view_dir: np.ndarray,
+    sheet: np.ndarray,
+    margin: float = 0.0,
+) -> np.ndarray:
+    """Mask ``[N]`` bool of the voxels ``coords [N, 3]`` (at ``resolution``) on the camera's side of
+    the front sheet itself: a voxel centre ``p`` is kept when ``(p - q) . (-view_dir) >= -margin``,
+    ``q`` the nearest of the sheet's points ``sheet [V, 3]`` (its vertices, pixel-dense). This cuts
+    the thick band shell's rear half wherever the front lies, the paper's reading ("retain only the
+    front surface of this mesh ... the front half of the mesh", §3.2.3), where :func:`front_half`'s
+    fixed plane also cuts visible surface behind the grid centre (a flat face at the centre, the
+    inside of a cup seen from above)."""
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords).reshape(-1, 3)
+    v = np.asarray(view_dir, dtype=np.float64).reshape(3)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0:
+        raise FrontGuidanceError(f"front half: view_dir must be a finite non-zero 3-vector, got {view_dir!r}")
+    sheet = np.asarray(sheet, dtype=np.float64).reshape(-1, 3)
+    if not len(sheet) or not np.isfinite(sheet).all():
+        raise FrontGuidanceError("front half: the sheet needs finite points")
+    p = (coords.astype(np.float64) + 0.5) / resolution - 0.5
+    _, nearest = cKDTree(sheet).query(p)
+    return (p - sheet[nearest]) @ (-v / norm) >= -margin
+
+
 def map_front_latent(
     front_coords: np.ndarray, front_feats: torch.Tensor, coords: np.ndarray | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -778,13 +819,18 @@ def encode_front(
         raise FrontGuidanceError(f"band shell: no dual grid ({exc})") from None
     lat_coords, lat_feats = shape_vae.encode(grid)
     r_lat = int(shape_vae.latent_resolution)
-    keep = front_half(lat_coords, r_lat, view_dir, margin=cfg.front_margin)
+    def cut(coords: np.ndarray, resolution: int) -> np.ndarray:
+        if cfg.front_cut == "shell":
+            return shell_front(coords, resolution, view_dir, vertices, margin=cfg.front_margin)
+        return front_half(coords, resolution, view_dir, margin=cfg.front_margin)
+
+    keep = cut(lat_coords, r_lat)
     if cfg.ss_occupancy == "band":
         occ = coarse_occupancy(grid.coords, r_f, r_ss)
     else:
         occ = occupancy_from_mesh(np.clip(vertices, -0.5, 0.5), faces, r_ss).grid
     idx = np.argwhere(occ)
-    front = front_half(idx, r_ss, view_dir, margin=cfg.front_margin)
+    front = cut(idx, r_ss)
     occ = np.zeros_like(occ)
     occ[tuple(idx[front].T)] = True
     if not occ.any() or not keep.any():

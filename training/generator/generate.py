@@ -365,7 +365,8 @@ class ShapeGenerator:
         }
         mesh_bytes, reason = None, None
         clock = time.perf_counter()
-        if not grid.any():
+        front_only = targets is not None and fg.union_coords  # stage 2 also samples on the front's voxels
+        if not grid.any() and not front_only:
             reason = "stage 1 produced an empty sparse structure"
         elif self.shape_model is None:
             mesh_bytes = occupancy_mesh(grid).export(file_type="glb")
