@@ -819,6 +819,7 @@ def encode_front(
         raise FrontGuidanceError(f"band shell: no dual grid ({exc})") from None
     lat_coords, lat_feats = shape_vae.encode(grid)
     r_lat = int(shape_vae.latent_resolution)
+
     def cut(coords: np.ndarray, resolution: int) -> np.ndarray:
         if cfg.front_cut == "shell":
             return shell_front(coords, resolution, view_dir, vertices, margin=cfg.front_margin)

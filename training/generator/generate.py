@@ -383,9 +383,7 @@ class ShapeGenerator:
                 sampler2 = EulerCfgSampler(self.shape_settings, sigma_min=sigma_min)
             else:
                 pair = targets.shape_guidance(coords)
-                sampler2 = GuidedEulerSampler.for_stage(
-                    "shape", self.shape_settings, fg, *pair, sigma_min=sigma_min
-                )
+                sampler2 = GuidedEulerSampler.for_stage("shape", self.shape_settings, fg, *pair, sigma_min=sigma_min)
             wrapped = conditioned(SparseSample(self.shape_model, coords.to(self.device)))
             result2 = sampler2.sample(wrapped, noise, cond, hidden2)
             feats = result2.samples[0].float()
