@@ -39,11 +39,13 @@ COLUMNS = (
 )
 
 
-def heldout_cases(dataset: Path, folder: Path, limit: int, split: str = "val") -> list[dict[str, str]]:
+def heldout_cases(
+    dataset: Path, folder: Path, limit: int, split: str = "val", skip: set[str] | frozenset = frozenset()
+) -> list[dict[str, str]]:
     """Write the held-out assets' front views (``images/<uid>/000.png``), their rendered depth and
     camera when the shards carry them (``front/<uid>/depth.png``, ``front/<uid>/camera.json``), and
     copy their meshes (``gt/<uid>/000.<ext>``): the first pair of each ``split`` asset (``val``,
-    ``train`` or ``all``) with a mesh on disk."""
+    ``train`` or ``all``) with a mesh on disk, but none whose asset id starts with one of ``skip``."""
     from know3d.core.shards import iter_samples, resolve_shards
     from know3d.training.generator.targets import _rendered_assets
 
@@ -57,7 +59,7 @@ def heldout_cases(dataset: Path, folder: Path, limit: int, split: str = "val") -
     for sample in iter_samples([Path(u) for u in urls], fields=("front.png", "json"), optional=("front.depth.png",)):
         info = json.loads(sample["json"])
         asset = info["asset_id"]
-        if asset in seen or asset not in meshes:
+        if asset in seen or asset not in meshes or any(asset.startswith(s) for s in skip):
             continue
         seen.add(asset)
         uid = asset[:16]
@@ -192,12 +194,12 @@ SWEEP_COLUMNS = (
     ("f_score", "F-score@0.01 ↑"),
 )
 SWEEP_KEYS = ("lam_shape", "lam_ss")
-SATURATION = 0.1  # saturated: within this share of the whole gain (unguided -> best) of the best value
+SATURATION = 0.05  # saturated: within this share of the whole gain (unguided -> best) of the best value
 
 
 def saturation(rows: list[dict[str, Any]], metric: str = "front_to_mesh") -> float | None:
     """The smallest lambda whose ``metric`` (lower is better) is within :data:`SATURATION` of the
-    whole gain of the best one, ``m(λ) - m_best <= 0.1 (m_unguided - m_best)``, and stays there for
+    whole gain of the best one, ``m(λ) - m_best <= 0.05 (m_unguided - m_best)``, and stays there for
     every larger lambda: where the curve stops changing. None without a gain."""
     base = next((r.get(metric) for r in rows if r["lambda"] is None), None)
     guided = sorted(
@@ -289,9 +291,13 @@ def run_guidance_sweep(
         raise ValueError(f"lambdas must be >= 0, got {lambdas}")
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
+    trained: set[str] = set()  # held out = not trained on by either generator (pair keys <asset prefix>_...)
+    for folder in (generator, shape_generator):
+        meta = json.loads((Path(folder) / "know3d_generator.json").read_text()) if Path(folder).is_dir() else {}
+        trained |= {key.split("_")[0] for key in meta.get("trained_on") or []}
     cases: list[dict[str, str]] = []
     for dataset in datasets:
-        cases += heldout_cases(Path(dataset), output / "heldout", heldout, split)
+        cases += heldout_cases(Path(dataset), output / "heldout", heldout, split, trained)
     base = load_config(None, ["source=depth", *(guidance_overrides or [])], model=FrontGuidanceConfig)
     # dual-grid meshes carry non-manifold edges even from true grids (benchmarks/RESULTS.md, issue 16)
     defaults = ["semantic.enabled=false", "mesh.allow_non_manifold=true"]

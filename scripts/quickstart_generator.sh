@@ -6,7 +6,8 @@
 #   -> stage 2: shape targets (dual grid + shape SC-VAE latent) -> a CPU-size SLat-flow base ->
 #      Know3D LoRA + H -> `know3d generate shapes` (front + prompt -> back view -> both stages ->
 #      mesh from the decoded dual grid, HY3D-Bench layout) -> `know3d eval shapes` against the
-#   assets' meshes -> the conditioning ablation table (hidden | vae_latent | dino_back | none).
+#   assets' meshes -> the conditioning ablation table (hidden | vae_latent | dino_back | none)
+#   -> a front-guided shape (the rendered front's depth + camera) and the guidance lambda sweep.
 # Debug-size models memorize their 2 training assets on a CPU; the held-out ablation shows the
 # commands and the table, not the paper's numbers (that needs the real models and data).
 set -euo pipefail
@@ -60,6 +61,16 @@ $k generate shapes --images "$shapes/image" --prompts "$shapes/prompts.json" --b
 $k eval shapes --pred "$shapes/pred" --images "$shapes/image" --gt "$shapes/gt" --output runs/eval-generator --no-semantic \
   --set mesh.allow_non_manifold=true  # dual-grid meshes have non-manifold edges even from true grids (benchmarks/RESULTS.md)
 $k train ablation configs/generator_ss_debug.yaml --dataset "$geo" --output runs/ablation-debug --heldout 3
+# front-partial guidance (Consistent3DGen): a rendered front view's depth + camera keep the visible side faithful
+fronts=("$geo"/work/*/*/*/rgba/000.png); front=${fronts[0]}
+$k generate shape --image "$front" --prompt "the back of the object" --backview-lora "$bv/lora" \
+  --generator runs/train-generator-debug/generator --shape-generator runs/train-generator-shape-debug/generator \
+  --front-guidance depth --guidance-lambda 4 --output runs/generator-front-guided
+# its lambda curve on 3 assets neither generator was trained on: front consistency, IoU / Chamfer
+$k eval guidance-sweep --dataset "$geo" --split all --heldout 3 --lambdas 1,4,16 --backview-lora "$bv/lora" \
+  --generator runs/train-generator-debug/generator --shape-generator runs/train-generator-shape-debug/generator \
+  --output runs/guidance-sweep-debug
 echo "generators: runs/train-generator-debug/generator (stage 1), runs/train-generator-shape-debug/generator (stage 2)"
 echo "shapes: $shapes/pred/<uid>/000.glb (+ work/: back.png, occupancy.npz, shape.json)   evaluation: runs/eval-generator/report.html"
 echo "ablation: runs/ablation-debug/ablation.md"
+echo "front-guided shape: runs/generator-front-guided/mesh.glb   lambda sweep: runs/guidance-sweep-debug/guidance_sweep.md"
