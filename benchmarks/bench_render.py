@@ -6,7 +6,10 @@ Usage:
 Runs in one process pinned to one CPU core, with Mesa's llvmpipe limited to one thread, and
 renders the 12-view `backview` profile of every asset (RGBA + depth; normals from depth).
 Columns: load = trimesh parse + texture decode + checks; gl = the 12 GL renders and readbacks;
-post = normals/mask; write = PNG encoding of rgba/depth/normal/mask. Times are medians.
+post = the render loop's other work (scene set-up, alpha, handing views to the writer); write = the
+PNG encoding (rgba/depth/normal/mask, normals computed there) still left when the last view is read
+back: the writer's threads (``--encode-threads``, default the config's) encode each view while GL
+renders the next. Times are medians.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["egl", "osmesa"], default="egl")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--encode-threads", type=int, default=0, help="PNG encoder threads (0: the config's default)")
+    parser.add_argument("--png-encoder", choices=["fast", "pillow"], default="fast")
     parser.add_argument(
         "--synthetic",
         action="store_true",
@@ -42,10 +47,11 @@ def main() -> None:
     from know3d.pipeline.config import BuildConfig
     from know3d.rendering.assets import MESH_EXTENSIONS, file_sha256, load_asset
     from know3d.rendering.config import LoadConfig
-    from know3d.rendering.process import view_plan, write_views
+    from know3d.rendering.process import view_plan, view_writer
     from know3d.rendering.render import ViewRenderer
 
-    cfg = BuildConfig.model_validate({"render": {"resolution": args.resolution, "backend": args.backend}})
+    render = {"resolution": args.resolution, "backend": args.backend, "png_encoder": args.png_encoder}
+    cfg = BuildConfig.model_validate({"render": {**render, "encode_threads": args.encode_threads}})
     files = sorted(p for p in args.assets.rglob("*") if p.suffix.lower().lstrip(".") in MESH_EXTENSIONS)
     synthetic_dir = tempfile.TemporaryDirectory()
     if args.synthetic:
@@ -67,11 +73,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 asset = load_asset(path, LoadConfig())
                 t1 = time.perf_counter()
-                views = renderer.render(asset, plan.cameras)
-                gl_s = renderer.last_gl_seconds
-                t2 = time.perf_counter()
                 out = Path(tmp) / f"{sha}-{len(samples['load'])}"
-                write_views(views, out, cfg, depth_scale=1e-4)
+                with view_writer(out, cfg, depth_scale=1e-4) as writer:  # encodes while GL renders
+                    renderer.render(asset, plan.cameras, on_view=writer.submit)
+                    gl_s = renderer.last_gl_seconds
+                    t2 = time.perf_counter()
                 t3 = time.perf_counter()
                 samples["load"].append(t1 - t0)
                 samples["gl"].append(gl_s)

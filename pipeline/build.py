@@ -67,12 +67,38 @@ class BuildError(UsageError):
 
 
 class RenderActor:
-    """Ray actor: one isolated renderer child per actor, reused across assets."""
+    """Ray actor: one isolated renderer child per actor, reused across assets. An actor holding a
+    GPU share renders on that GPU: EGL picks the device Ray assigned (``EGL_DEVICE_ID``, read by
+    pyrender; EGL enumerates every device whatever ``CUDA_VISIBLE_DEVICES`` says)."""
 
     def __init__(self, cfg_json: str, work: str) -> None:
+        import os
+
+        import ray
+
         from know3d.rendering.isolation import IsolatedRenderer
 
+        gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+        if gpus:
+            os.environ.setdefault("EGL_DEVICE_ID", str(int(gpus[0])))
         self.renderer = IsolatedRenderer(RenderJob.model_validate_json(cfg_json), Path(work))
+
+
+def render_actor_setup(cfg: BuildConfig) -> tuple[dict[str, Any], RenderJob]:
+    """Ray options of the render actors and their job, by node kind: CPU actors render with
+    ``render.backend``; with ``ray.render_gpus_per_actor`` > 0 they take that share of a GPU
+    (several actors per GPU), render with ``render.gpu_backend`` and load the NVIDIA EGL vendor."""
+    r = cfg.ray
+    options: dict[str, Any] = {"num_cpus": r.render_cpus_per_actor, "max_restarts": -1, "max_task_retries": 2}
+    job = cfg.render_job()
+    if r.render_gpus_per_actor > 0:
+        options["num_gpus"] = r.render_gpus_per_actor
+        job = job.model_copy(update={"render": job.render.model_copy(update={"backend": job.render.gpu_backend})})
+        env = {"PYGLET_HEADLESS": "1"}
+        if r.render_egl_vendor:
+            env["__EGL_VENDOR_LIBRARY_FILENAMES"] = r.render_egl_vendor
+        options["runtime_env"] = {"env_vars": env}
+    return options, job
 
     def render(self, path: str, sha: str, record: dict) -> Rendered:
         return self.renderer.run(Path(path), sha, record)
@@ -267,9 +293,10 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
             results[r.sha256] = dataclasses.replace(failure, skipped=True)
         else:
             todo.append(r)
-    actor_cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=2)(RenderActor)
+    options, job = render_actor_setup(cfg)
+    actor_cls = ray.remote(**options)(RenderActor)
     num_actors = min(cfg.ray.render_concurrency, len(todo))
-    actors = [actor_cls.remote(cfg.render_job().model_dump_json(), str(work)) for _ in range(num_actors)]
+    actors = [actor_cls.remote(job.model_dump_json(), str(work)) for _ in range(num_actors)]
 
     def submit(r: Ingested, actor: Any) -> Any:
         return actor.render.remote(r.path, r.sha256, run.by_key[r.key].to_json())

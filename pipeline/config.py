@@ -24,7 +24,22 @@ __all__ = ["BuildConfig", "BuildRayConfig", "BuildTrackingConfig", "ConfigError"
 
 
 class BuildRayConfig(RayConfig):
-    render_concurrency: int = Field(default=2, ge=1)
+    render_concurrency: int = Field(default=2, ge=1, description="Render actors.")
+    render_cpus_per_actor: float = Field(
+        default=1.0, gt=0, description="CPUs per render actor (its GL loop and PNG encoder threads)."
+    )
+    render_gpus_per_actor: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="GPU share per render actor: 0 = CPU rendering (render.backend); e.g. 0.25 = 4 actors per GPU, "
+        "on GPU nodes, with render.gpu_backend and the NVIDIA EGL vendor.",
+    )
+    render_egl_vendor: str = Field(
+        default="/usr/share/glvnd/egl_vendor.d/10_nvidia.json",
+        description="GLVND EGL vendor file for GPU render actors (the NVIDIA container toolkit mounts it with "
+        "the 'graphics' driver capability); empty = GLVND's own choice.",
+    )
     fetch_concurrency: int = Field(default=4, ge=1)
     shard_concurrency: int = Field(default=2, ge=1)
 

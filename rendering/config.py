@@ -108,7 +108,12 @@ class RenderOutputsConfig(StrictModel):
 class RenderConfig(StrictModel):
     profile: Literal["backview", "geometry"] = "backview"
     resolution: int = Field(default=512, ge=16, le=4096)
-    backend: Literal["egl", "osmesa"] = "egl"
+    backend: Literal["egl", "osmesa"] = Field(
+        default="egl", description="GL platform of CPU render actors (EGL on Mesa's llvmpipe, or OSMesa)."
+    )
+    gpu_backend: Literal["egl", "osmesa"] = Field(
+        default="egl", description="GL platform of render actors holding a GPU (ray.render_gpus_per_actor > 0)."
+    )
     background: Literal["white", "transparent"] = "white"
     fov_range_deg: tuple[float, float] = (30.0, 60.0)
     elevation_range_deg: tuple[float, float] = (-10.0, 30.0)
@@ -122,6 +127,17 @@ class RenderConfig(StrictModel):
     )
     gl_threads: int = Field(
         default=1, ge=0, description="llvmpipe threads per renderer (CPU GL; 0 = Mesa default); scale with workers."
+    )
+    png_encoder: Literal["fast", "pillow"] = Field(
+        default="fast",
+        description="Lossless PNG encoder: 'fast' = zlib-ng level 1, RLE, SUB filter (imagecodecs); 'pillow' = "
+        "Pillow level 3. Decoded pixels are identical.",
+    )
+    encode_threads: int = Field(
+        default=0,
+        ge=0,
+        description="PNG encoder threads per render actor, encoding views while the next renders "
+        "(0 = the actor's cores, at most 4; 1 = in the render loop).",
     )
 
     @model_validator(mode="after")

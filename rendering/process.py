@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from know3d.core.io import atomic_dir, atomic_write
 from know3d.rendering.assets import load_asset
 from know3d.rendering.camera import ViewPlan, backview_plan, geometry_plan
 from know3d.rendering.config import RenderJob
+from know3d.rendering.encode import ViewWriter
 from know3d.rendering.render import View, ViewRenderer, light_setup
 
-PNG_LEVEL = 3
 RESULT_FILE = "asset.json"
 
 
@@ -39,7 +38,9 @@ def render_fingerprint(cfg: RenderJob) -> str:
     payload = {
         "seed": cfg.seed,
         "load": cfg.load.model_dump(mode="json"),
-        "render": cfg.render.model_dump(mode="json", exclude={"timeout_s", "backend", "gl_threads"}),
+        "render": cfg.render.model_dump(
+            mode="json", exclude={"timeout_s", "backend", "gpu_backend", "gl_threads", "png_encoder", "encode_threads"}
+        ),
         "version": 1,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -65,10 +66,6 @@ def asset_dir(work: Path, sha: str) -> Path:
     return work / sha[:2] / sha
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, compress_level=PNG_LEVEL)
-
-
 def compose_background(rgba: np.ndarray, background: str) -> np.ndarray:
     if background == "transparent":
         return rgba
@@ -77,22 +74,16 @@ def compose_background(rgba: np.ndarray, background: str) -> np.ndarray:
     return np.concatenate([rgb.astype(np.uint8), rgba[..., 3:4]], axis=-1)
 
 
+def view_writer(out: Path, cfg: RenderJob, depth_scale: float) -> ViewWriter:
+    """The writer of this job's views into ``out`` (encoder and threads from the config)."""
+    r = cfg.render
+    return ViewWriter(out, depth_scale, r.outputs, r.background, r.png_encoder, r.encode_threads)
+
+
 def write_views(views: list[View], out: Path, cfg: RenderJob, depth_scale: float) -> None:
-    outputs = cfg.render.outputs
-    for sub, enabled in (("rgba", True), ("depth", outputs.depth), ("normal", outputs.normal), ("mask", outputs.mask)):
-        if enabled:
-            (out / sub).mkdir(parents=True, exist_ok=True)
-    for i, view in enumerate(views):
-        name = f"{i:03d}.png"
-        _save_png(compose_background(view.rgba, cfg.render.background), out / "rgba" / name)
-        if outputs.depth:
-            depth = np.clip(np.round(view.depth / depth_scale), 0, 65535).astype(np.uint16)
-            _save_png(depth, out / "depth" / name)
-        if outputs.normal:
-            encoded = np.where(view.mask[..., None], (view.normal + 1.0) * 127.5, 0.0)
-            _save_png(np.clip(np.round(encoded), 0, 255).astype(np.uint8), out / "normal" / name)
-        if outputs.mask:
-            _save_png((view.mask * 255).astype(np.uint8), out / "mask" / name)
+    with view_writer(out, cfg, depth_scale) as writer:
+        for i, view in enumerate(views):
+            writer.submit(i, view)
 
 
 def render_asset(path: Path, sha: str, record: dict, cfg: RenderJob, work: Path, renderer: ViewRenderer) -> dict:
@@ -105,12 +96,15 @@ def render_asset(path: Path, sha: str, record: dict, cfg: RenderJob, work: Path,
     asset = load_asset(path, cfg.load)
     t1 = time.perf_counter()
     plan = view_plan(sha, cfg)
-    views = renderer.render(asset, plan.cameras, part_visibility=cfg.render.part_visibility)
-    t2 = time.perf_counter()
     depth_scale = max(cam.distance + 1.0 for cam in plan.cameras) / 65535.0
     with atomic_dir(final) as tmp:  # another worker finishing first is fine: same content
-        write_views(views, tmp, cfg, depth_scale)
-        t3 = time.perf_counter()
+        # each view is encoded on the writer's threads while the next one renders
+        with view_writer(tmp, cfg, depth_scale) as writer:
+            views = renderer.render(
+                asset, plan.cameras, part_visibility=cfg.render.part_visibility, on_view=writer.submit
+            )
+            t2 = time.perf_counter()
+        t3 = time.perf_counter()  # write_s: the encoding still left when the last view was read back
         summary = {
             **record,
             "sha256": sha,

@@ -2,15 +2,16 @@
 
 One :class:`ViewRenderer` per worker process, reused across assets (creating a GL context costs
 ~0.05-0.1 s). The GL platform (``egl`` or ``osmesa``) must be chosen before PyOpenGL is first
-imported, so :func:`configure_gl` runs before the lazy pyrender import.
+imported, so :func:`configure_gl` runs before the lazy pyrender import; it also makes pyglet
+headless, so no X11 library is needed (bare GPU nodes have only the driver and GLVND's EGL).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, MutableSet
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, MutableSet
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +27,10 @@ def configure_gl(backend: str) -> None:
     if _GL_PLATFORM is not None and _GL_PLATFORM != backend:
         raise RuntimeError(f"GL platform already set to '{_GL_PLATFORM}' in this process; cannot switch to '{backend}'")
     os.environ["PYOPENGL_PLATFORM"] = backend
+    # pyrender imports its viewer, and with it pyglet's X11 window backend, at import time; on a
+    # bare GPU node (driver + GLVND EGL, no X11 libraries) that import fails. Headless pyglet
+    # needs no X11 and renders nothing itself (pyrender's OffscreenRenderer owns the context).
+    os.environ.setdefault("PYGLET_HEADLESS", "1")
     if not hasattr(np, "infty"):  # pyrender 0.1.45 uses np.infty, removed in NumPy 2
         np.infty = np.inf  # type: ignore[attr-defined]
     _GL_PLATFORM = backend
@@ -77,17 +82,25 @@ def deterministic_scene(scene: object) -> object:
     return scene
 
 
-@dataclass(slots=True)
+@dataclass
 class View:
     """One rendered view. rgba: [H, W, 4] uint8 (straight alpha); depth: [H, W] float32 z-depth
-    in unit-cube units (0 = background); normal: [H, W, 3] float32 unit normals in the OpenCV
-    camera frame (0 = background); mask: [H, W] bool."""
+    in unit-cube units (0 = background); mask: [H, W] bool; K: [3, 3] intrinsics; ``normal``:
+    [H, W, 3] float32 unit normals in the OpenCV camera frame (0 = background), computed from the
+    depth on first access, so that the render loop leaves that work to the writer's threads."""
 
     rgba: np.ndarray
     depth: np.ndarray
-    normal: np.ndarray
     mask: np.ndarray
+    K: np.ndarray
     part_pixels: dict[str, int] | None = None  # visible pixels per part (scene node), if asked
+    _normal: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def normal(self) -> np.ndarray:
+        if self._normal is None:
+            self._normal = normals_from_depth(self.depth, self.K)
+        return self._normal
 
 
 # Camera-relative three-light rig (directions in the OpenGL camera frame, light shines along -z
@@ -227,7 +240,15 @@ class ViewRenderer:
                 out[node.name] = out.get(node.name, 0) + int(counts[i + 1])
         return out
 
-    def render(self, asset: LoadedAsset, cameras: list[Camera], part_visibility: bool = False) -> list[View]:
+    def render(
+        self,
+        asset: LoadedAsset,
+        cameras: list[Camera],
+        part_visibility: bool = False,
+        on_view: Callable[[int, View], None] | None = None,
+    ) -> list[View]:
+        """The views of ``cameras``; ``on_view(index, view)`` is called as soon as each is read
+        back (several views in flight: the caller's encoder works while GL renders the next)."""
         pyrender = self._pyrender
         scene = self.build_scene(asset)
         cam_node = scene.add(pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0))
@@ -265,6 +286,9 @@ class ViewRenderer:
             alpha = (mask * 255).astype(np.uint8)  # OSMesa ignores RGBA: alpha from depth
             rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
             parts = self._part_pixels(scene) if part_visibility else None
-            views.append(View(rgba, depth.astype(np.float32), normals_from_depth(depth, cam.K), mask, parts))
+            view = View(rgba, depth.astype(np.float32), mask, np.asarray(cam.K), parts)
+            views.append(view)
+            if on_view is not None:
+                on_view(len(views) - 1, view)  # e.g. the writer encodes it while the next one renders
         self.last_gl_seconds = gl_seconds
         return views

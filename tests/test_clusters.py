@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from know3d.evaluation.config import EvalConfig
@@ -44,9 +45,13 @@ def test_rayjob_entrypoints_validate():
         _check_entrypoint(spec["spec"]["entrypoint"])
 
 
-def test_paper_config_matches_the_paper():
-    cfg = load_config(ROOT / "configs" / "backview_qwen_image_edit_2511.yaml", model=TrainBackviewConfig)
+@pytest.mark.parametrize(
+    ("name", "workers"), [("backview_qwen_image_edit_2511.yaml", 32), ("backview_qwen_image_edit_2511_8gpu.yaml", 8)]
+)
+def test_paper_config_matches_the_paper(name: str, workers: int):
+    cfg = load_config(ROOT / "configs" / name, model=TrainBackviewConfig)
     assert cfg.model.name == "Qwen/Qwen-Image-Edit-2511" and cfg.lora.rank == 64
+    assert cfg.ray.num_workers == workers
     assert cfg.ray.num_workers * cfg.schedule.micro_batch_size * cfg.schedule.grad_accum == 32  # global batch
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.bf16 == "on" and cfg.ray.use_gpu == "on"
 
@@ -59,3 +64,28 @@ def test_sbatch_scripts_parse_and_use_existing_commands():
         text = f.read_text()
         config = text.split('know3d" ', 1)[1].split()[2]  # <command> <sub> <config>
         assert (ROOT / config).is_file() or config.startswith('"$'), (f.name, config)
+
+
+def test_the_image_is_built_by_the_install_ci_runs():
+    """One install for CI and the cluster image: the Dockerfile runs scripts/install.sh (which
+    scripts/setup.sh runs too) and installs scripts/apt-packages.txt (setup.sh's list too); every
+    KubeRay manifest runs that image; the GPU render group has EGL's graphics capability."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "scripts/install.sh" in dockerfile and "bash scripts/install.sh .venv/bin/python" in setup
+    assert "scripts/apt-packages.txt" in dockerfile and "scripts/apt-packages.txt" in setup
+    assert "pip install" not in setup.replace("install.sh", "")  # no second, diverging pip install
+    lines = (ROOT / "scripts" / "apt-packages.txt").read_text().splitlines()
+    packages = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert {"libegl1", "libegl-mesa0", "libosmesa6", "libglvnd0"} <= set(packages)
+    assert not any("x11" in p.lower() or p.startswith("libx") for p in packages)
+    images = set()
+    for f in (ROOT / "clusters" / "kuberay").glob("*.yaml"):
+        images |= {line.split("image:")[1].strip() for line in f.read_text().splitlines() if "image:" in line}
+    assert images == {"ghcr.io/your-org/know3d:latest"} and "know3d:latest" in dockerfile
+    spec = yaml.safe_load((ROOT / "clusters" / "kuberay" / "data-build-rayjob.yaml").read_text())
+    gpu = next(g for g in spec["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu-render")
+    container = gpu["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "graphics" in env["NVIDIA_DRIVER_CAPABILITIES"] and env["__EGL_VENDOR_LIBRARY_FILENAMES"].endswith(".json")
+    assert container["resources"]["limits"]["nvidia.com/gpu"]

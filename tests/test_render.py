@@ -1,5 +1,6 @@
 """Rendering: image contents agree with the camera math; files on disk are what json says."""
 
+import io
 import json
 import os
 import signal
@@ -161,3 +162,117 @@ def test_osmesa_and_egl_render_the_same_silhouette(real_dir: Path, tmp_path: Pat
         masks[backend] = np.asarray(Image.open(asset_dir(tmp_path / backend, sha) / "mask" / "003.png")) > 0
     disagree = (masks["egl"] != masks["osmesa"]).mean()
     assert masks["egl"].mean() > 0.05 and disagree < 0.01
+
+
+_NO_X11 = """
+import ctypes, ctypes.util, importlib.abc, os, sys
+# a bare GPU node: no X11 client libraries, so pyglet's X11 backend cannot import or load them
+class NoX11(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("pyglet.libs.x11", "Xlib")):
+            raise ImportError(f"{name}: no X11 on this node")
+sys.meta_path.insert(0, NoX11())
+find = ctypes.util.find_library
+ctypes.util.find_library = lambda name: None if name.startswith(("X", "xkb")) else find(name)
+init = ctypes.CDLL.__init__
+def cdll(self, name, *args, **kwargs):
+    if name and os.path.basename(str(name)).startswith(("libX", "libxkb")):
+        raise OSError(f"{name}: no X11 on this node")
+    init(self, name, *args, **kwargs)
+ctypes.CDLL.__init__ = cdll
+"""
+
+
+def test_renders_headless_without_any_x11_library(tmp_path: Path):
+    """Bare GPU nodes have the driver's EGL and no X11: with X11 made absent, a plain
+    `import pyrender` fails as it does there (the control), and our renderer still renders."""
+    import subprocess
+    import sys
+
+    import trimesh
+
+    trimesh.creation.box(extents=(0.6, 0.6, 0.6)).export(tmp_path / "box.glb")
+    backend = os.environ.get("PYOPENGL_PLATFORM", "egl")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYGLET_HEADLESS", "DISPLAY")}
+    control = (
+        _NO_X11
+        + f"import os; os.environ['PYOPENGL_PLATFORM'] = {backend!r}\nimport numpy; numpy.infty = numpy.inf\nimport pyrender\n"
+    )
+    res = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0 and "no X11 on this node" in res.stderr, res.stderr[-2000:]
+    ours = (
+        _NO_X11
+        + f"""
+from pathlib import Path
+from know3d.rendering.assets import load_asset
+from know3d.rendering.camera import make_camera
+from know3d.rendering.config import LoadConfig
+from know3d.rendering.render import ViewRenderer
+renderer = ViewRenderer(48, {backend!r})
+view = renderer.render(load_asset(Path({str(tmp_path / "box.glb")!r}), LoadConfig()), [make_camera(30, 20, 40, 48)])[0]
+renderer.close()
+assert not any("x11" in m.lower() for m in sys.modules), [m for m in sys.modules if "x11" in m.lower()]
+print("mask", int(view.mask.sum()), "depth", float(view.depth.max()))
+"""
+    )
+    res = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pixels = int(res.stdout.split()[1])
+    assert 300 < pixels < 48 * 48 and float(res.stdout.split()[3]) > 0  # the box covers part of the view
+
+
+def test_fast_png_writer_decodes_to_the_same_pixels_as_pillow(real_dir: Path, renderer: ViewRenderer, tmp_path: Path):
+    """The views written by the threaded fast writer, fed by the render loop, decode to exactly the
+    arrays the former Pillow path wrote (rgba, 16-bit depth, normals, mask)."""
+    from know3d.rendering.encode import ViewWriter, encode_png, view_images
+    from know3d.rendering.process import view_writer
+
+    cfg = _cfg(encode_threads=3)
+    asset = load_asset(real_dir / "Duck.glb", LoadConfig())
+    cameras = backview_plan("a" * 64, 0, RES, (30, 60), (-10, 30)).cameras[:4]
+    with view_writer(tmp_path / "fast", cfg, 1e-4) as writer:
+        assert writer.threads == 3 and writer.encoder == "fast"
+        views = renderer.render(asset, cameras, on_view=writer.submit)
+    for i, view in enumerate(views):
+        for sub, array in view_images(view, 1e-4, cfg.render.outputs, cfg.render.background).items():
+            written = np.asarray(Image.open(tmp_path / "fast" / sub / f"{i:03d}.png"))
+            legacy = np.asarray(Image.open(io.BytesIO(encode_png(array, "pillow"))))
+            assert written.dtype == legacy.dtype and np.array_equal(written, legacy), (i, sub)
+    assert sorted(p.name for p in (tmp_path / "fast" / "depth").iterdir()) == [
+        "000.png",
+        "001.png",
+        "002.png",
+        "003.png",
+    ]
+    assert Image.open(tmp_path / "fast" / "depth" / "000.png").mode.startswith("I;16")
+    # an encoder error surfaces when the writer closes (not lost in a thread)
+    broken = views[0]
+    broken.rgba = np.zeros((RES, RES, 7), np.uint8)
+    with (
+        pytest.raises(Exception),
+        ViewWriter(tmp_path / "broken", 1e-4, cfg.render.outputs, "transparent", threads=2) as w,
+    ):
+        w.submit(0, broken)
+
+
+def test_render_actors_per_node_kind():
+    """CPU actors: one CPU, render.backend, no GPU. GPU actors: a GPU share (4 per GPU at 0.25),
+    render.gpu_backend, the NVIDIA EGL vendor and headless pyglet in their environment; the
+    rendered-pixel fingerprint is the same (the backend is not part of it)."""
+    from know3d.pipeline.build import render_actor_setup
+    from know3d.rendering.process import render_fingerprint
+
+    cpu_cfg = BuildConfig.model_validate({"render": {"backend": "osmesa"}})
+    options, job = render_actor_setup(cpu_cfg)
+    assert options["num_cpus"] == 1 and "num_gpus" not in options and "runtime_env" not in options
+    assert job.render.backend == "osmesa"
+    gpu_cfg = BuildConfig.model_validate(
+        {"render": {"backend": "osmesa"}, "ray": {"render_gpus_per_actor": 0.25, "render_cpus_per_actor": 2}}
+    )
+    options, job = render_actor_setup(gpu_cfg)
+    assert options["num_gpus"] == 0.25 and options["num_cpus"] == 2 and job.render.backend == "egl"
+    env = options["runtime_env"]["env_vars"]
+    assert env["__EGL_VENDOR_LIBRARY_FILENAMES"].endswith("10_nvidia.json") and env["PYGLET_HEADLESS"] == "1"
+    assert render_fingerprint(job) == render_fingerprint(cpu_cfg.render_job())
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        BuildConfig.model_validate({"ray": {"render_gpus_per_actor": 2}})

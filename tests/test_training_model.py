@@ -139,6 +139,12 @@ def test_only_lora_parameters_train():
     # rank 4: A is [4, in], B is [out, 4]
     name = "transformer_blocks.0.attn.to_q.lora_A.default.weight"
     assert dict(model.transformer.named_parameters())[name].shape == (4, 32)
+    assert all(p.dtype == torch.float32 for n, p in model.transformer.named_parameters() if n in trainable)
+    # bf16 LoRA weights (DeepSpeed's bf16 mode keeps the fp32 master copies): the trainer's default there
+    pipe = load_pipeline(DEBUG_EDIT_MODEL)
+    params = add_lora(pipe.transformer, 4, 4, 0.0, list(LORA_TARGETS), dtype=torch.bfloat16)
+    assert params and all(p.dtype == torch.bfloat16 for p in params)
+    assert TrainBackviewConfig().model.lora_dtype == "auto"
 
 
 def test_training_loss_is_deterministic_and_uses_p():
@@ -359,3 +365,38 @@ def test_latent_cache_folder_follows_the_weights_not_just_the_name(tmp_path: Pat
     assert cache_folder(cfg) != first
     tiny = cache_folder(_cfg(model__name=DEBUG_EDIT_MODEL))
     assert tiny != cache_folder(_cfg(model__name="debug:small-qwen-image-edit")) and tiny != first
+
+
+def test_micro_batches_give_the_same_losses_and_gradient_as_single_samples():
+    """One step of 4 pairs split as 1 x 4, 2 x 2 or 4 x 1 micro-batches: the same per-sample
+    losses (prompts of different lengths padded under a mask), the same mean loss and the same
+    accumulated gradient (fp32 here; bf16 adds rounding only)."""
+    model = _fresh_model()
+    cfg = _cfg(data__prompt_probability=1.0)
+    samples = _samples(4)  # samples 1 and 3 carry a description: longer prompts than 0 and 2
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+
+    def step(micro: int) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+        for p in params:
+            p.grad = None
+        per, used = [], []
+        for start in range(0, 4, micro):
+            loss, per_sample, _, chosen = training_loss(
+                model, model.transformer, samples[start : start + micro], cfg, (0, 0, 7), offset=start
+            )
+            (loss * micro / 4).backward()  # accumulation: the step's mean over its 4 samples
+            per.append(per_sample)
+            used += chosen
+        return torch.cat(per), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params], used
+
+    reference, grads, used = step(4)
+    assert used == [None, "a handle", None, "a handle"] and sum(float(g.abs().sum()) for g in grads) > 0
+    for micro in (2, 1):
+        per, g, u = step(micro)
+        assert u == used
+        assert torch.allclose(per, reference, rtol=1e-4, atol=1e-6), (micro, per, reference)
+        for a, b in zip(g, grads):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-7), micro
+    # and the per-sample draws do depend on the position in the step
+    shifted, *_ = training_loss(model, model.transformer, samples[:1], cfg, (0, 0, 7), offset=1)
+    assert not torch.allclose(shifted, reference[:1])

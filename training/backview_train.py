@@ -100,23 +100,33 @@ def training_loss(
     cfg: TrainBackviewConfig,
     seed_parts: tuple,
     cache: Path | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
     """(mean loss, per-sample losses, timesteps, descriptions used) of one micro-batch; with
-    ``cache`` the latents and prompt embeddings come from the pre-pass instead of the encoders."""
-    rng = random.Random(derive_seed("prompt", *seed_parts))
-    chosen = [
-        stochastic_prompt(s["components"], cfg.data.prompt_probability, rng, cfg.data.instruction) for s in samples
-    ]
+    ``cache`` the latents and prompt embeddings come from the pre-pass instead of the encoders.
+
+    Each sample's prompt draw, timestep and noise come from its own seed, ``(*seed_parts, offset +
+    i)`` with ``offset + i`` its position in the optimizer step (``micro * micro_batch_size + i``), so
+    a step's losses do not depend on how its samples are split into micro-batches: one micro-batch
+    of 4 gives the per-sample losses of 2 of 2 or 4 of 1 (prompts are padded with an attention
+    mask), and the step's mean loss and gradient are the same."""
+    f = cfg.flow
+    chosen, ts, noises = [], [], []
+    for i, s in enumerate(samples):
+        parts = (*seed_parts, offset + i)
+        rng = random.Random(derive_seed("prompt", *parts))
+        chosen.append(stochastic_prompt(s["components"], cfg.data.prompt_probability, rng, cfg.data.instruction))
+        gen = torch.Generator().manual_seed(derive_seed("noise", *parts))
+        ts.append(
+            sample_timesteps(f.timestep_sampling, 1, gen, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift)
+        )
+        noises.append(gen)
     if cache is not None:
         pair, embeds, mask = _cached_batch(model, samples, chosen, cache)
     else:
         pair, embeds, mask = _encode_batch(model, samples, [p for p, _ in chosen])
-    gen = torch.Generator().manual_seed(derive_seed("noise", *seed_parts))
-    f = cfg.flow
-    t = sample_timesteps(
-        f.timestep_sampling, len(samples), gen, logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift
-    ).to(model.device)
-    noise = torch.randn(pair.target.shape, generator=gen).to(model.device)
+    t = torch.cat(ts).to(model.device)
+    noise = torch.stack([torch.randn(pair.target.shape[1:], generator=g) for g in noises]).to(model.device)
     x_t = interpolate(pair.target, noise, t)
     pred = model.velocity(transformer, x_t, pair.reference, t, embeds, mask, pair.latent_hw)
     per_sample = flow_matching_loss(pred, pair.target, noise)
@@ -230,7 +240,10 @@ def _build_model(cfg: TrainBackviewConfig, env: WorkerEnv, bf16: bool) -> tuple[
     pipe.set_progress_bar_config(disable=True)
     model = EditModel(pipe, env.device, dtype, cfg.data.image_size)
     torch.manual_seed(derive_seed("lora", cfg.seed))
-    params = add_lora(model.transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    lora_dtype = cfg.model.lora_dtype
+    lora_dtype = torch.bfloat16 if lora_dtype == "bfloat16" or (lora_dtype == "auto" and bf16) else torch.float32
+    lc = cfg.lora
+    params = add_lora(model.transformer, lc.rank, lc.alpha, lc.dropout, lc.target_modules, dtype=lora_dtype)
     if cfg.model.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     model.transformer.train()
@@ -283,9 +296,10 @@ def _train_step(
     Per-sample losses go into the window by timestep bin."""
     losses = []
     for micro in range(cfg.schedule.grad_accum):
-        parts = (cfg.seed, env.rank, step, micro)
-        torch.manual_seed(derive_seed("torch", *parts))  # LoRA dropout etc.
-        loss, per_sample, t, _ = training_loss(model, engine, batcher.next(), cfg, parts, cache)
+        torch.manual_seed(derive_seed("torch", cfg.seed, env.rank, step, micro))  # LoRA dropout etc.
+        offset = micro * cfg.schedule.micro_batch_size  # per-sample seeds: the same for any micro-batch split
+        parts = (cfg.seed, env.rank, step)
+        loss, per_sample, t, _ = training_loss(model, engine, batcher.next(), cfg, parts, cache, offset)
         engine.backward(loss)
         engine.step()
         losses.append(per_sample)

@@ -33,6 +33,11 @@ class EditModelConfig(StrictModel):
         default="auto", description="auto = bfloat16 on GPUs, float32 on CPUs."
     )
     gradient_checkpointing: bool = Field(default=True, description="Non-reentrant activation checkpointing.")
+    lora_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="LoRA weights' dtype: auto = bfloat16 under DeepSpeed bf16 (its optimizer keeps fp32 master "
+        "copies), else float32.",
+    )
 
 
 class LoraConfig(StrictModel):
