@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run (< 5 min on one H200, no internet; issue 18). Prints the
+# figures benchmarks/RESULTS.md records:
+#   1. the full-size Qwen-Image-Edit-2511 MMDiT (random weights, bf16) back-view LoRA step:
+#      s/step, samples/s and peak GiB for micro-batch 1 and 4, fp32 and bf16 LoRA weights;
+#   2. EGL rendering on the GPU (pyrender, headless, no X11): GL-only and end-to-end views/s per
+#      actor at 512² with the threaded PNG writer, and the encode ratio against the former path;
+#   3. `torchrun` + DeepSpeed ZeRO-2 + bf16 on CUDA with the debug back-view model, on shards this
+#      script renders and writes itself (procedural assets, no Ray, no download).
+# Usage (from the repository root, the project importable: `pip install -e .` or PYTHONPATH):
+#   bash benchmarks/gpu_check.sh [OUT]          OUT: scratch folder (default /tmp/know3d-gpu-check)
+# Environment: PYTHON (default python3), SKIP="step ..." (mmdit render torchrun), SIZE=debug for a
+# CPU smoke run of the same script.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+out=${1:-/tmp/know3d-gpu-check}
+size=${SIZE:-full}
+mkdir -p "$out"
+export PYGLET_HEADLESS=1 PYOPENGL_PLATFORM=egl MLFLOW_TRACKING_URI="file://$out/mlruns" RAY_USAGE_STATS_ENABLED=0
+status=0
+run() {  # run NAME TIMEOUT CMD...: a failing check is reported, the others still run
+  local name=$1 limit=$2; shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped"; return;; esac
+  echo "== $name"
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || status=1
+}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+
+if [ "$size" = debug ]; then
+  run mmdit 120 $PY benchmarks/backview_gpu_step.py --size debug --resolution 64 --micro-batch 1,2 --steps 2 --warmup 1
+else
+  run mmdit 150 $PY benchmarks/backview_gpu_step.py --size full --resolution 512 --micro-batch 1,4 --lora-dtype fp32,bf16 --steps 4 --warmup 2
+fi
+
+# procedural assets and a tiny shard set (rendered on the GPU through EGL; the same code as the build)
+res=$([ "$size" = debug ] && echo 64 || echo 512)
+run shards 120 $PY - "$out" "$res" <<'PY'
+import json, sys
+from pathlib import Path
+from know3d.core.shards import ShardConfig, write_index
+from know3d.pipeline.config import BuildConfig
+from know3d.rendering.assets import file_sha256
+from know3d.rendering.config import ProceduralSourceConfig
+from know3d.rendering.isolation import IsolatedRenderer
+from know3d.rendering.process import read_asset, render_fingerprint
+from know3d.rendering.shards import plan_shards, write_shard
+from know3d.rendering.sources.procedural import ProceduralSource
+
+out, res = Path(sys.argv[1]), int(sys.argv[2])
+records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=8), out / "assets").discover()
+cfg = BuildConfig.model_validate({"render": {"resolution": res, "backend": "egl"}})
+work = out / "work"
+summaries = []
+with IsolatedRenderer(cfg.render_job(), work) as renderer:
+    for r in records:
+        sha = file_sha256(Path(r.uri))
+        result = renderer.run(Path(r.uri), sha, r.to_json())
+        assert result.status == "ok", result
+        summaries.append(read_asset(work, sha))
+print("GL renderer:", summaries[0].get("gl_backend"), "| render_s per asset:", [round(s["timings"]["render_s"], 3) for s in summaries])
+shards = out / "shards"
+plans = plan_shards(work, summaries, ShardConfig(val_fraction=0.0), 0)
+write_index(shards, [write_shard(work, shards, p) for p in plans], {"render_fingerprint": render_fingerprint(cfg.render_job())})
+print("shards:", json.loads((shards / "shard_index.json").read_text())["num_samples"], "samples")
+PY
+run render 90 $PY benchmarks/bench_render.py "$out/assets" --backend egl --cores 1 --repeats 1 --resolution "$res"
+run encode 90 $PY benchmarks/bench_encode.py "$out/assets" --backend egl --threads 4 --repeats 1 --resolution "$res"
+
+# torchrun on CUDA (NCCL, bf16, ZeRO-2) with the debug model on those shards
+run torchrun 150 $PY -m torch.distributed.run --nproc_per_node 1 -m know3d.training.backview_train \
+  configs/backview_debug.yaml --set "data.shards=[\"$out/shards\"]" --set mlflow.enabled=false \
+  --set "output=$out/train" --set schedule.max_steps=8 --set schedule.validate_every=4
+[ -f "$out/train/metrics.jsonl" ] && tail -n 2 "$out/train/metrics.jsonl"
+exit $status
