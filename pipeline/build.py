@@ -83,6 +83,9 @@ class RenderActor:
             os.environ.setdefault("EGL_DEVICE_ID", str(int(gpus[0])))
         self.renderer = IsolatedRenderer(RenderJob.model_validate_json(cfg_json), Path(work))
 
+    def render(self, path: str, sha: str, record: dict) -> Rendered:
+        return self.renderer.run(Path(path), sha, record)
+
 
 def render_actor_setup(cfg: BuildConfig) -> tuple[dict[str, Any], RenderJob]:
     """Ray options of the render actors and their job, by node kind: CPU actors render with
@@ -99,9 +102,6 @@ def render_actor_setup(cfg: BuildConfig) -> tuple[dict[str, Any], RenderJob]:
             env["__EGL_VENDOR_LIBRARY_FILENAMES"] = r.render_egl_vendor
         options["runtime_env"] = {"env_vars": env}
     return options, job
-
-    def render(self, path: str, sha: str, record: dict) -> Rendered:
-        return self.renderer.run(Path(path), sha, record)
 
 
 def _write_shard_task(
