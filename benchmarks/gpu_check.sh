@@ -40,35 +40,7 @@ fi
 
 # procedural assets and a tiny shard set (rendered on the GPU through EGL; the same code as the build)
 res=$([ "$size" = debug ] && echo 64 || echo 512)
-run shards 120 $PY - "$out" "$res" <<'PY'
-import json, sys
-from pathlib import Path
-from know3d.core.shards import ShardConfig, write_index
-from know3d.pipeline.config import BuildConfig
-from know3d.rendering.assets import file_sha256
-from know3d.rendering.config import ProceduralSourceConfig
-from know3d.rendering.isolation import IsolatedRenderer
-from know3d.rendering.process import read_asset, render_fingerprint
-from know3d.rendering.shards import plan_shards, write_shard
-from know3d.rendering.sources.procedural import ProceduralSource
-
-out, res = Path(sys.argv[1]), int(sys.argv[2])
-records, _ = ProceduralSource(ProceduralSourceConfig(num_assets=8), out / "assets").discover()
-cfg = BuildConfig.model_validate({"render": {"resolution": res, "backend": "egl"}})
-work = out / "work"
-summaries = []
-with IsolatedRenderer(cfg.render_job(), work) as renderer:
-    for r in records:
-        sha = file_sha256(Path(r.uri))
-        result = renderer.run(Path(r.uri), sha, r.to_json())
-        assert result.status == "ok", result
-        summaries.append(read_asset(work, sha))
-print("GL renderer:", summaries[0].get("gl_backend"), "| render_s per asset:", [round(s["timings"]["render_s"], 3) for s in summaries])
-shards = out / "shards"
-plans = plan_shards(work, summaries, ShardConfig(val_fraction=0.0), 0)
-write_index(shards, [write_shard(work, shards, p) for p in plans], {"render_fingerprint": render_fingerprint(cfg.render_job())})
-print("shards:", json.loads((shards / "shard_index.json").read_text())["num_samples"], "samples")
-PY
+run shards 120 $PY benchmarks/check_shards.py "$out" "$res"
 run render 90 $PY benchmarks/bench_render.py "$out/assets" --backend egl --cores 1 --repeats 1 --resolution "$res"
 run encode 90 $PY benchmarks/bench_encode.py "$out/assets" --backend egl --threads 4 --repeats 1 --resolution "$res"
 
