@@ -200,17 +200,16 @@ class ShapeGenerator:
                     )
         self.front_guidance = None
         if front_guidance is not None:
-            self._load_front_guidance(front_guidance, shape_generator)
+            self._load_front_guidance(front_guidance)
         self.hcfg = backview_settings(self.meta, backview_lora, multiview is not None)
         self.pipe = load_backview_pipeline(self.hcfg, self.device)
         self.load_seconds = time.perf_counter() - started
 
-    def _load_front_guidance(self, cfg: FrontGuidanceConfig | dict[str, Any], shape_generator: Path | None) -> None:
+    def _load_front_guidance(self, cfg: FrontGuidanceConfig | dict[str, Any]) -> None:
         """The encoders that turn the front into latents (the stage-2 generator's shape SC-VAE, stage
         1's SS-VAE) and, for the ``vggt`` source, VGGT."""
         from know3d.training.generator.model import GeneratorLoadError
         from know3d.training.generator.shape_vae import ShapeVAELoadError, load_shape_vae
-        from know3d.training.generator.ss_vae import load_ss_vae
 
         cfg = cfg if isinstance(cfg, FrontGuidanceConfig) else FrontGuidanceConfig.model_validate(cfg)
         if self.shape_model is None:
@@ -221,13 +220,7 @@ class ShapeGenerator:
             self.shape_encoder = load_shape_vae(self.shape_meta["model"]["shape_vae"], ("encoder",), self.device)
         except ShapeVAELoadError as exc:
             raise GeneratorLoadError(str(exc)) from None
-        source = self.meta["model"]["ss_decoder"]
-        if source == "debug":
-            from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
-
-            self.ss_encoder = resolve_debug_ss_vae().encoder.to(self.device).eval()
-        else:
-            self.ss_encoder = load_ss_vae(source, "encoder", device=self.device)
+        self.ss_encoder = load_decoder(self.meta["model"]["ss_decoder"], self.device, part="encoder")
         for what, have, want in (
             ("shape SC-VAE latent grid", self.shape_encoder.latent_resolution, self.shape_model.cfg.resolution),
             ("SS-VAE latent grid", self.ss_encoder.cfg.latent_resolution, self.model.cfg.resolution),

@@ -224,15 +224,16 @@ def export_merged(model: torch.nn.Module, folder: Path) -> Path:
     return save_slat_flow(plain, folder) if isinstance(plain, SLatFlowModel) else save_ss_flow(plain, folder)
 
 
-def load_decoder(source: str, device: str | torch.device = "cpu"):
-    """The SS-VAE decoder: ``debug`` = the shipped CPU one, else a folder / file / hub id."""
+def load_decoder(source: str, device: str | torch.device = "cpu", part: str = "decoder"):
+    """The SS-VAE decoder (``part="encoder"``: its encoder, for front guidance): ``debug`` = the
+    shipped CPU one, else a folder / file / hub id."""
     from know3d.training.generator.ss_vae import load_ss_vae
 
     if source == "debug":
         from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
 
-        return resolve_debug_ss_vae().decoder.to(device).eval()
-    return load_ss_vae(source, "decoder", device=device)
+        return getattr(resolve_debug_ss_vae(), part).to(device).eval()
+    return load_ss_vae(source, part, device=device)
 
 
 def load_shape_codec(source: str, device: str | torch.device = "cpu"):
