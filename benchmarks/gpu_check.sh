@@ -6,10 +6,13 @@
 #   2. EGL rendering on the GPU (pyrender, headless, no X11): GL-only and end-to-end views/s per
 #      actor at 512² with the threaded PNG writer, and the encode ratio against the former path;
 #   3. `torchrun` + DeepSpeed ZeRO-2 + bf16 on CUDA with the debug back-view model, on shards this
-#      script renders and writes itself (procedural assets, no Ray, no download).
+#      script renders and writes itself (procedural assets, no Ray, no download);
+#   4. `know3d train backview configs/backview_throughput.yaml` on those shards: the full-size MMDiT
+#      (random weights) through the product's own command (Ray Train, latent-cache pre-pass,
+#      DeepSpeed bf16, micro-batch 4): samples/s per GPU of the last logging window.
 # Usage (from the repository root, the project importable: `pip install -e .` or PYTHONPATH):
 #   bash benchmarks/gpu_check.sh [OUT]          OUT: scratch folder (default /tmp/know3d-gpu-check)
-# Environment: PYTHON (default python3), SKIP="step ..." (mmdit render torchrun), SIZE=debug for a
+# Environment: PYTHON (default python3), SKIP="step ..." (mmdit render torchrun trainer), SIZE=debug for a
 # CPU smoke run of the same script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,4 +52,16 @@ run torchrun 150 $PY -m torch.distributed.run --nproc_per_node 1 -m know3d.train
   configs/backview_debug.yaml --set "data.shards=[\"$out/shards\"]" --set mlflow.enabled=false \
   --set "output=$out/train" --set schedule.max_steps=8 --set schedule.validate_every=4
 [ -f "$out/train/metrics.jsonl" ] && tail -n 2 "$out/train/metrics.jsonl"
+
+# the full-size step through `know3d train backview` (SIZE=debug: the tiny model, fp32, on the CPU)
+know3d=$(dirname "$(command -v "$PY")")/know3d
+[ -x "$know3d" ] || know3d="$PY -m know3d.pipeline.cli"
+if [ "$size" = debug ]; then
+  run trainer 240 $know3d train backview configs/backview_throughput.yaml --shards "$out/shards" --output "$out/throughput" \
+    --fresh --set model.name=debug:tiny-qwen-image-edit --set model.dtype=float32 --set data.image_size=64 \
+    --set 'deepspeed.bf16="off"' --set 'ray.use_gpu="off"' --set lora.rank=4 --set schedule.max_steps=4
+else
+  run trainer 240 $know3d train backview configs/backview_throughput.yaml --shards "$out/shards" --output "$out/throughput" --fresh
+fi
+[ -f "$out/throughput/metrics.jsonl" ] && tail -n 1 "$out/throughput/metrics.jsonl"
 exit $status

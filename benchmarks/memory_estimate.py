@@ -18,20 +18,10 @@ from pathlib import Path
 import torch
 
 from know3d.training.config import LORA_TARGETS
+from know3d.training.debug_models import QWEN_IMAGE_EDIT_2511_TRANSFORMER
 
-# transformer/config.json of Qwen/Qwen-Image-Edit-2511 (diffusers 0.42 field names)
-TRANSFORMER = dict(
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=60,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=3584,
-    guidance_embeds=False,
-    axes_dims_rope=(16, 56, 56),
-    zero_cond_t=True,
-)
+# transformer/config.json of Qwen/Qwen-Image-Edit-2511 (diffusers 0.42 field names; one copy, in the package)
+TRANSFORMER = QWEN_IMAGE_EDIT_2511_TRANSFORMER
 # text_encoder/config.json (Qwen2.5-VL-7B-Instruct)
 TEXT = dict(
     vocab_size=152064,

@@ -89,7 +89,7 @@ def test_every_shipped_config_validates_against_its_stage():
         if path.name == "backview.yaml":  # the data build's back-view profile
             model = BuildConfig
         checked.append((path.name, type(load_config(path, [], model)).__name__))
-    assert len(checked) == 16
+    assert len(checked) == 17
     assert ("generator_shape_know3d.yaml", "TrainGeneratorConfig") in checked
     assert ("backview_debug.yaml", "TrainBackviewConfig") in checked and ("quickstart.yaml", "BuildConfig") in checked
 

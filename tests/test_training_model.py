@@ -400,3 +400,52 @@ def test_micro_batches_give_the_same_losses_and_gradient_as_single_samples():
     # and the per-sample draws do depend on the position in the step
     shifted, *_ = training_loss(model, model.transformer, samples[:1], cfg, (0, 0, 7), offset=1)
     assert not torch.allclose(shifted, reference[:1])
+
+
+def test_random_weights_build_the_configured_mmdit_deterministically_not_the_checkpoint():
+    """``model.random_weights``: the MMDiT from its config.json, seeded (the same on every rank),
+    not the saved weights."""
+    from know3d.training.edit_model import random_transformer
+
+    saved = load_pipeline(DEBUG_EDIT_MODEL).transformer.state_dict()
+    a = random_transformer(DEBUG_EDIT_MODEL, torch.float32, torch.device("cpu"), seed=3).state_dict()
+    b = random_transformer(DEBUG_EDIT_MODEL, torch.float32, torch.device("cpu"), seed=3).state_dict()
+    c = random_transformer(DEBUG_EDIT_MODEL, torch.bfloat16, torch.device("cpu"), seed=4).state_dict()
+    assert a.keys() == saved.keys() and all(a[k].shape == saved[k].shape for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    weights = [k for k in a if k.endswith(".weight") and a[k].dim() == 2]
+    assert not any(torch.equal(a[k], saved[k]) for k in weights)
+    assert {v.dtype for v in c.values()} == {torch.bfloat16}
+    assert not torch.equal(a[weights[0]], c[weights[0]].float())
+
+
+@pytest.mark.slow
+def test_full_size_debug_model_is_2511s_architecture_with_real_width_encoders():
+    """``debug:full-size-qwen-image-edit``: 2511's MMDiT config (20.43 B parameters, counted on the
+    meta device), no weights to load, and encoders whose outputs have the real widths and token
+    counts (16 latent channels at 1/8 resolution, 3584-wide prompt embeddings)."""
+    import json
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from know3d.training.debug_models import DEBUG_FULL_SIZE_EDIT_MODEL, QWEN_IMAGE_EDIT_2511_TRANSFORMER
+    from know3d.training.edit_model import resolve_model_path
+
+    folder = Path(resolve_model_path(DEBUG_FULL_SIZE_EDIT_MODEL))
+    assert sorted(p.name for p in (folder / "transformer").iterdir()) == ["config.json"]
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert {k: config[k] for k in QWEN_IMAGE_EDIT_2511_TRANSFORMER} == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in QWEN_IMAGE_EDIT_2511_TRANSFORMER.items()
+    }
+    with torch.device("meta"):
+        mmdit = QwenImageTransformer2DModel.from_config(config)
+    assert sum(p.numel() for p in mmdit.parameters()) == 20_430_401_088
+    with pytest.raises(RuntimeError, match="cannot load the edit model 'debug:full-size-qwen-image-edit'"):
+        load_pipeline(DEBUG_FULL_SIZE_EDIT_MODEL)  # no weights: only random_weights builds its MMDiT
+
+    pipe = load_pipeline(DEBUG_FULL_SIZE_EDIT_MODEL, transformer=None)
+    pipe.set_progress_bar_config(disable=True)
+    model = EditModel(pipe, torch.device("cpu"), torch.float32, 64)
+    assert tuple(model.encode_images(torch.zeros(1, 3, 64, 64)).shape) == (1, 16, 1, 8, 8)
+    embeds = model.encode_prompt("make the back view", np.zeros((3, 64, 64), np.float32))
+    assert embeds.dim() == 2 and embeds.shape[-1] == 3584

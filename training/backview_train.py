@@ -39,6 +39,7 @@ from know3d.training.edit_model import (
     load_pipeline,
     pack_latents,
     pad_prompts,
+    random_transformer,
     resolve_model_path,
     torch_dtype,
 )
@@ -236,6 +237,8 @@ def _build_model(cfg: TrainBackviewConfig, env: WorkerEnv, bf16: bool) -> tuple[
         needs_encoders = cfg.schedule.validate_every > 0 and (env.is_main or cfg.deepspeed.zero_stage == 3)
         if not needs_encoders:  # only the MMDiT: latents and prompt embeddings come from the cache
             encoders = {"vae": None, "text_encoder": None}
+    if cfg.model.random_weights:
+        encoders["transformer"] = random_transformer(cfg.model.name, dtype, env.device, derive_seed("mmdit", cfg.seed))
     pipe = load_pipeline(cfg.model.name, cfg.model.revision, dtype=dtype, **encoders)
     pipe.set_progress_bar_config(disable=True)
     model = EditModel(pipe, env.device, dtype, cfg.data.image_size)

@@ -38,6 +38,12 @@ class EditModelConfig(StrictModel):
         description="LoRA weights' dtype: auto = bfloat16 under DeepSpeed bf16 (its optimizer keeps fp32 master "
         "copies), else float32.",
     )
+    random_weights: bool = Field(
+        default=False,
+        description="Build the MMDiT from its transformer/config.json with random weights on the device instead "
+        "of loading them: throughput and memory runs of the real architecture (the LoRA learns nothing useful). "
+        "'debug:full-size-qwen-image-edit' is 2511's configuration with no weights, for offline machines.",
+    )
 
 
 class LoraConfig(StrictModel):

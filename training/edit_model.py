@@ -62,6 +62,26 @@ def load_pipeline(name: str, revision: str | None = None, dtype: torch.dtype = t
         raise RuntimeError(f"cannot load the edit model '{name}': {exc}{hint}") from None
 
 
+def random_transformer(name: str, dtype: torch.dtype, device: torch.device, seed: int):
+    """The MMDiT of ``name`` (its ``transformer/config.json``) with random weights, allocated and
+    initialized directly on ``device`` in ``dtype`` (a 20 B model never passes through host
+    memory). Every rank gets the same weights for the same ``seed``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = QwenImageTransformer2DModel.load_config(resolve_model_path(name), subfolder="transformer")
+    default = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = QwenImageTransformer2DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(dtype)
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, 1, h, w] -> [B, (h/2)(w/2), 4C] (2×2 patches, the pipeline's layout)."""
     b, c, _, h, w = latents.shape
