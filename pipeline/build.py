@@ -318,6 +318,7 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
         ray.kill(actor)
     seconds = run.metrics["render_s"] = time.perf_counter() - t0
     fresh = [res for res in results.values() if res.status == "ok" and not res.skipped]
+    run.metrics["num_assets_rendered_now"] = len(fresh)  # this run's renders (the rest were done before)
     if fresh:
         run.metrics["render_views_per_s"] = sum(2 * res.num_pairs for res in fresh) / seconds
         run.metrics["render_assets_per_s"] = len(fresh) / seconds

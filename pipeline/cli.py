@@ -1089,6 +1089,43 @@ def eval_guidance_sweep_cmd(
     out.print(f"table -> {result['table']}")
 
 
+@app.command(
+    "run",
+    cls=_Command,
+    epilog="Example: know3d run configs/retrain_quickstart.yaml   (a second run with nothing new does nothing)",
+)
+def run_cycle(
+    config: Annotated[Path, typer.Argument(help="The cycle's YAML (configs/retrain.yaml).", show_default=False)],
+    set_: Annotated[list[str] | None, _set_opt("evaluation.margin=0.5")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """One retraining cycle: incremental data build -> back-view LoRA -> held-out evaluation ->
+    model registry (the champion alias moves only if the new model is better). Unchanged steps
+    are skipped. Exit 0 done, 1 a step failed (named; the champion is untouched), 2 usage, 3 locked."""
+    _quiet_libraries()
+    from know3d.pipeline.cycle import Cycle, CycleConfig, CycleLocked
+
+    cfg = _load(config, set_, {"ray.address": address}, CycleConfig)
+    try:
+        record = Cycle(cfg, say=lambda line: out.print(escape(line), highlight=False)).run()
+    except CycleLocked as exc:
+        err.print(f"[red]refused:[/] {escape(str(exc))}")
+        raise typer.Exit(3) from None
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if record["status"] != "FINISHED":
+        err.print(
+            f"[red]cycle failed at step '{record['failed_step']}':[/] {escape(str(record['reason']))} "
+            "(the champion is unchanged)"
+        )
+        raise typer.Exit(1)
+    if record["nothing_new"]:
+        out.print("nothing new: every step's inputs are unchanged since the last cycle")
+    else:
+        out.print(f"cycle {record['cycle']} finished in {record['seconds']:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; exits with the command's status (0 ok, 1 --strict failures, 2 usage)."""
     app(args=argv, prog_name="know3d")

@@ -30,6 +30,10 @@ def prepare(cfg: TrainBackviewConfig) -> TrainBackviewConfig:
     cfg.output = str(check_output(cfg.output))
     cfg.data.shards = [s if "://" in s else str(Path(s).resolve()) for s in cfg.data.shards]
     cfg.data.val_shards = [s if "://" in s else str(Path(s).resolve()) for s in cfg.data.val_shards]
+    if cfg.lora.init_from:
+        cfg.lora.init_from = str(Path(cfg.lora.init_from).resolve())
+        if not (Path(cfg.lora.init_from) / "pytorch_lora_weights.safetensors").is_file():
+            raise ValueError(f"lora.init_from {cfg.lora.init_from}: no exported LoRA there")
     if cfg.mlflow.enabled:
         cfg.mlflow.tracking_uri = check_uri(
             cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

@@ -78,18 +78,28 @@ def test_resolved_config_round_trips(tmp_path: Path):
 def test_every_shipped_config_validates_against_its_stage():
     """configs/*.yaml stay valid as the config classes move between packages."""
     from know3d.evaluation.config import EvalConfig
+    from know3d.pipeline.cycle import Cycle, CycleConfig
     from know3d.training.config import TrainBackviewConfig
     from know3d.training.generator.config import TrainGeneratorConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    models = {"backview_": TrainBackviewConfig, "eval_": EvalConfig, "generator_": TrainGeneratorConfig}
+    models = {
+        "backview_": TrainBackviewConfig,
+        "eval_": EvalConfig,
+        "generator_": TrainGeneratorConfig,
+        "retrain": CycleConfig,
+    }
     checked = []
     for path in sorted(root.glob("*.yaml")):
         model = next((m for prefix, m in models.items() if path.name.startswith(prefix)), BuildConfig)
         if path.name == "backview.yaml":  # the data build's back-view profile
             model = BuildConfig
         checked.append((path.name, type(load_config(path, [], model)).__name__))
-    assert len(checked) == 17
+    assert len(checked) == 19
+    for name in ("retrain.yaml", "retrain_quickstart.yaml"):  # the stage configs a cycle names, with its --set
+        cycle = Cycle(load_config(root / name, ["mlflow.tracking_uri=sqlite:///x.db"], CycleConfig))
+        assert type(cycle.build_config()).__name__ == "BuildConfig"
+        assert cycle.train_config("data", Path("out")).data.shards == ["data"]
     assert ("generator_shape_know3d.yaml", "TrainGeneratorConfig") in checked
     assert ("backview_debug.yaml", "TrainBackviewConfig") in checked and ("quickstart.yaml", "BuildConfig") in checked
 

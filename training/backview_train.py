@@ -36,6 +36,7 @@ from know3d.training.edit_model import (
     EncodedPair,
     add_lora,
     export_lora,
+    load_lora_into,
     load_pipeline,
     pack_latents,
     pad_prompts,
@@ -247,6 +248,8 @@ def _build_model(cfg: TrainBackviewConfig, env: WorkerEnv, bf16: bool) -> tuple[
     lora_dtype = torch.bfloat16 if lora_dtype == "bfloat16" or (lora_dtype == "auto" and bf16) else torch.float32
     lc = cfg.lora
     params = add_lora(model.transformer, lc.rank, lc.alpha, lc.dropout, lc.target_modules, dtype=lora_dtype)
+    if lc.init_from:
+        load_lora_into(model.transformer, Path(lc.init_from))
     if cfg.model.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     model.transformer.train()

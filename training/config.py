@@ -51,6 +51,11 @@ class LoraConfig(StrictModel):
     alpha: float = Field(default=64.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    init_from: str | None = Field(
+        default=None,
+        description="An exported LoRA folder to start from (warm start; `know3d run` sets the champion's); "
+        "None = a fresh LoRA. A resumed run's checkpoint takes precedence.",
+    )
 
 
 class TrainDataConfig(StrictModel):

@@ -267,6 +267,35 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
+def load_lora_into(transformer, folder: Path) -> int:
+    """Copy an exported LoRA (``export_lora``'s folder) into the transformer's injected adapter:
+    a warm start from an earlier model. Ranks and targeted layers must match; returns the number
+    of tensors copied. Loaded with safetensors (no pickle)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no pytorch_lora_weights.safetensors to start from")
+    saved = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    current = lora_state_dict(transformer)
+    if saved.keys() != current.keys():
+        missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+        raise ValueError(
+            f"{path}: its layers differ from this LoRA's (missing {len(missing)}, e.g. {missing[:1]}; "
+            f"extra {len(extra)}, e.g. {extra[:1]}): same lora.target_modules needed to start from it"
+        )
+    bad = [k for k in saved if saved[k].shape != current[k].shape]
+    if bad:
+        raise ValueError(
+            f"{path}: {bad[0]} is {tuple(saved[bad[0]].shape)}, this LoRA's is {tuple(current[bad[0]].shape)} "
+            "(another lora.rank?)"
+        )
+    dtype = next(p.dtype for n, p in transformer.named_parameters() if p.requires_grad)
+    set_peft_model_state_dict(transformer, {k: v.to(dtype) for k, v in saved.items()})
+    return len(saved)
+
+
 def export_lora(transformer, folder: Path, metadata: dict) -> Path:
     """Write the LoRA in the diffusers format (``pytorch_lora_weights.safetensors``), loadable
     with ``QwenImageEditPlusPipeline.load_lora_weights``, plus ``know3d_lora.json``."""

@@ -1,0 +1,509 @@
+"""`know3d run CONFIG`: one retraining cycle as one command.
+
+    data      incremental build (only new or changed assets render; the build's own cache)
+    backview  back-view LoRA on the refreshed shards (latent cache inside), warm-started from
+              the champion, resumed, or fresh (``backview.start``)
+    evaluate  generated back views of a fixed held-out set (chosen at the first cycle) against
+              their true back views: PSNR / SSIM
+    register  a new version in the MLflow Model Registry with its lineage and metrics; the
+              ``champion`` alias moves only when the rule of :func:`know3d.core.registry.decide`
+              says so, and the version records why either way
+
+Each step has a fingerprint of its inputs (the data: the source's discovered assets and the
+build config; training: the data digest and the training config; evaluation: the model and the
+held-out set). A step whose fingerprint is unchanged since it last succeeded is skipped, so a
+cycle with nothing new does nothing and says so. The state lives in ``state`` (``steps.json``,
+``heldout.json``, one ``cycles/<id>.json`` per cycle, the trained models under ``models/``).
+
+A failing step stops the cycle: nothing is registered, the champion stays where it was, the
+cycle's record names the step and the reason, and the command exits 1. Two cycles on one state
+folder cannot run at once: the second is refused (exit 3) while the first holds ``cycle.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from know3d.core.config import RayConfig, StrictModel, TrackingConfig, load_config
+from know3d.core.errors import describe_exception
+from know3d.core.io import atomic_write
+
+STEPS = ("data", "backview", "evaluate", "register")
+
+
+class CycleDataConfig(StrictModel):
+    config: str = Field(description="The data build's YAML (as for `know3d data build`).")
+    output: str = Field(description="The data set folder; kept across cycles (the build is incremental).")
+    set: list[str] = Field(default_factory=list, description="--set overrides of the build.")
+
+
+class CycleBackviewConfig(StrictModel):
+    config: str = Field(description="The back-view training YAML (as for `know3d train backview`).")
+    set: list[str] = Field(default_factory=list, description="--set overrides of the training.")
+    start: Literal["warm", "fresh"] = Field(
+        default="warm",
+        description="warm = from the champion's LoRA (fresh when there is none); fresh = a new LoRA. "
+        "An interrupted training of the same inputs always resumes from its last checkpoint.",
+    )
+
+
+class CycleEvalConfig(StrictModel):
+    heldout: int = Field(default=8, ge=1, description="Held-out pairs, chosen at the first cycle and fixed.")
+    split: Literal["val", "train"] = Field(default="val", description="Where the held-out pairs come from.")
+    metric: Literal["psnr", "ssim"] = "psnr"
+    margin: float = Field(default=0.0, ge=0, description="The candidate must beat the champion by more than this.")
+    steps: int = Field(default=28, ge=2, description="Sampling steps of the generated back views.")
+    cfg_scale: float = Field(default=4.0, ge=1.0)
+    seed: int = 0
+
+
+class CycleRegistryConfig(StrictModel):
+    backview: str = Field(default="know3d-backview", description="Registered model name of the back-view LoRA.")
+    alias: str = "champion"
+
+
+class CycleTrackingConfig(TrackingConfig):
+    experiment: str = "know3d-cycles"
+
+
+class CycleConfig(StrictModel):
+    state: str = Field(default="runs/retrain", description="Lock, step fingerprints, cycle records, trained models.")
+    data: CycleDataConfig
+    backview: CycleBackviewConfig
+    evaluation: CycleEvalConfig = Field(default_factory=CycleEvalConfig)
+    registry: CycleRegistryConfig = Field(default_factory=CycleRegistryConfig)
+    mlflow: CycleTrackingConfig = Field(default_factory=CycleTrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class CycleLocked(RuntimeError):
+    """Another cycle holds the state folder's lock."""
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"step '{step}' failed: {reason}")
+        self.step, self.reason = step, reason
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def cycle_lock(state: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``state/cycle.lock`` (released by the kernel if the process dies);
+    a second cycle is refused with the holder's pid and start time."""
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "cycle.lock"
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CycleLocked(f"another cycle is running on {state} ({holder}); not starting a second one") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # done | skipped | failed
+    fingerprint: str | None = None
+    seconds: float = 0.0
+    detail: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+class Cycle:
+    """One cycle on a state folder; :meth:`run` does the steps, each skipped when unchanged."""
+
+    def __init__(self, cfg: CycleConfig, say: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.state = Path(cfg.state).resolve()
+        self.say = say
+        self.id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        self.results: list[StepResult] = []
+        self.tracking_uri = self._tracking_uri()
+
+    # ------------------------------------------------------------------ state
+
+    def _tracking_uri(self) -> str:
+        from know3d.core.tracking import check_uri, default_tracking_uri
+
+        if not self.cfg.mlflow.enabled:
+            raise ValueError("mlflow.enabled is false: a cycle registers its models, it needs a tracking server")
+        return check_uri(
+            self.cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        )
+
+    def _steps(self) -> dict[str, dict]:
+        path = self.state / "steps.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _remember(self, name: str, fingerprint: str, outputs: dict[str, Any]) -> None:
+        steps = self._steps()
+        steps[name] = {"fingerprint": fingerprint, "outputs": outputs, "cycle": self.id}
+        atomic_write(self.state / "steps.json", json.dumps(steps, indent=1, sort_keys=True))
+
+    def _unchanged(self, name: str, fingerprint: str) -> dict | None:
+        prev = self._steps().get(name)
+        return prev["outputs"] if prev and prev["fingerprint"] == fingerprint else None
+
+    def _step(self, name: str, inputs: Callable[[], tuple[str, Callable[[], tuple[dict, str]]]]) -> dict:
+        """``inputs()`` -> (fingerprint, work). Runs ``work`` unless the fingerprint is what the
+        step last succeeded with; returns the step's outputs. Any exception (in either) fails
+        the step, and with it the cycle, naming the step."""
+        start = time.perf_counter()
+        fingerprint = None
+        try:
+            fingerprint, work = inputs()
+            if (outputs := self._unchanged(name, fingerprint)) is not None and self._still_there(outputs):
+                self.results.append(
+                    StepResult(name, "skipped", fingerprint, detail="inputs unchanged", outputs=outputs)
+                )
+                self.say(f"{name:9} skipped (inputs unchanged)")
+                return outputs
+            self.say(f"{name:9} running")
+            outputs, detail = work()
+        except Exception as exc:  # any failure of a step ends the cycle, named
+            reason = describe_exception(exc)
+            self.results.append(StepResult(name, "failed", fingerprint, time.perf_counter() - start, reason))
+            (self.state / "cycles").mkdir(parents=True, exist_ok=True)
+            (self.state / "cycles" / f"{self.id}.{name}.traceback.txt").write_text(traceback.format_exc())
+            raise StepFailed(name, reason) from exc
+        seconds = time.perf_counter() - start
+        self._remember(name, fingerprint, outputs)
+        self.results.append(StepResult(name, "done", fingerprint, seconds, detail, outputs))
+        self.say(f"{name:9} done in {seconds:.0f} s: {detail}")
+        return outputs
+
+    @staticmethod
+    def _still_there(outputs: dict) -> bool:
+        return all(Path(p).exists() for k, p in outputs.items() if k.endswith("_path"))
+
+    # ------------------------------------------------------------------ steps
+
+    def build_config(self):
+        from know3d.pipeline.config import BuildConfig
+
+        overrides = [*self.cfg.data.set, f"output={json.dumps(str(Path(self.cfg.data.output).resolve()))}"]
+        overrides += self._shared_overrides()
+        return load_config(self.cfg.data.config, overrides, BuildConfig)
+
+    def train_config(self, data: str, output: Path):
+        from know3d.training.config import TrainBackviewConfig
+
+        overrides = [*self.cfg.backview.set, f"data.shards={json.dumps([data])}", f"output={json.dumps(str(output))}"]
+        overrides += self._shared_overrides()
+        return load_config(self.cfg.backview.config, overrides, TrainBackviewConfig)
+
+    def _shared_overrides(self) -> list[str]:
+        """The cycle's tracking server and Ray cluster for every stage it runs."""
+        out = [f"mlflow.tracking_uri={json.dumps(self.tracking_uri)}"]
+        if self.cfg.ray.address:
+            out.append(f"ray.address={json.dumps(self.cfg.ray.address)}")
+        return out
+
+    def data_fingerprint(self, bcfg) -> tuple[str, int]:
+        """The discovered assets (key, location, size, mtime) and the build config: what decides
+        whether a build could produce anything new."""
+        from know3d.rendering.sources import build_source
+
+        out = Path(bcfg.output)
+        out.mkdir(parents=True, exist_ok=True)
+        records, filtered = build_source(bcfg.source, out / "procedural").discover()
+        assets = []
+        for r in [*records, *(f.record for f in filtered)]:
+            path = Path(r.uri) if "://" not in r.uri else None
+            stat = path.stat() if path is not None and path.is_file() else None
+            assets.append([r.key, r.uri, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+        settings = bcfg.model_dump(mode="json")
+        for volatile in ("ray", "mlflow"):
+            settings.pop(volatile, None)
+        return digest(settings, sorted(assets)), len(assets)
+
+    def step_data(self) -> dict:
+        from know3d.core.shards import load_index
+        from know3d.pipeline.build import run_build
+
+        def inputs():
+            bcfg = self.build_config()
+            fingerprint, num = self.data_fingerprint(bcfg)
+            return fingerprint, lambda: work(bcfg, num)
+
+        def work(bcfg, num: int) -> tuple[dict, str]:
+            self._ray()
+            summary = run_build(bcfg)
+            index = load_index(Path(bcfg.output))
+            rendered = int(summary.metrics.get("num_assets_rendered_now", 0))
+            detail = (
+                f"{num} assets, {rendered} rendered now, {summary.num_failed} failed; {summary.num_samples} samples"
+            )
+            outputs = {
+                "output_path": str(bcfg.output),
+                "digest": index["digest"],
+                "mlflow_run_id": summary.mlflow_run_id,
+                "rendered_now": rendered,
+                "num_samples": summary.num_samples,
+            }
+            return outputs, detail
+
+        return self._step("data", inputs)
+
+    def step_backview(self, data: dict) -> dict:
+        from know3d.core.registry import ModelRegistry
+        from know3d.pipeline.train import prepare, run_train_backview
+        from know3d.training.engine.launch import last_checkpoint
+
+        def inputs():
+            fingerprint = self.backview_fingerprint(data)
+            output = self.state / "models" / f"backview-{fingerprint[:12]}"
+            return fingerprint, lambda: work(output)
+
+        def work(output: Path) -> tuple[dict, str]:
+            tcfg = self.train_config(data["output_path"], output)
+            self._ray()
+            warm = ""
+            resuming = last_checkpoint(prepare(tcfg)) is not None  # an interrupted run of these inputs
+            if self.cfg.backview.start == "warm" and not resuming:
+                registry = ModelRegistry(self.tracking_uri)
+                champion = registry.champion(self.cfg.registry.backview, self.cfg.registry.alias)
+                if champion is not None:
+                    folder = self.state / "champion" / f"v{champion.version}"
+                    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+                        tmp = folder.with_name(folder.name + ".download")
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        tmp.mkdir(parents=True)
+                        Path(registry.download(champion, str(tmp))).rename(folder)
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    tcfg.lora.init_from = str(folder)
+                    warm = f", warm-started from {self.cfg.registry.backview} v{champion.version}"
+            metrics = run_train_backview(tcfg)
+            meta = json.loads((output / "lora" / "know3d_lora.json").read_text())
+            outputs = {
+                "output_path": str(output),
+                "lora_path": str(output / "lora"),
+                "mlflow_run_id": meta.get("mlflow_run_id"),
+                "loss": metrics.get("loss"),
+                "warm_start": tcfg.lora.init_from,
+            }
+            return outputs, f"{metrics.get('step')} steps, loss {metrics.get('loss', float('nan')):.4f}{warm}"
+
+        return self._step("backview", inputs)
+
+    def backview_fingerprint(self, data: dict) -> str:
+        """The data digest and the training settings (not where things are written or run)."""
+        settings = self.train_config(data["output_path"], Path("/")).model_dump(mode="json")
+        for volatile in ("output", "ray", "mlflow"):
+            settings.pop(volatile, None)
+        settings["data"].pop("shards", None)
+        return digest(data["digest"], settings, self.cfg.backview.start)
+
+    def heldout(self, data: dict) -> list[str]:
+        """The fixed held-out pair keys: chosen from the first cycle's data and kept, so every
+        candidate is measured on the same pairs as the champion."""
+        from know3d.core.shards import iter_shard_keys, resolve_shards
+
+        path = self.state / "heldout.json"
+        if path.is_file():
+            return json.loads(path.read_text())["keys"]
+        urls, _ = resolve_shards([data["output_path"]], self.cfg.evaluation.split)
+        keys = sorted(k for url in urls for k in iter_shard_keys(Path(url)))
+        if not keys:
+            raise ValueError(f"no '{self.cfg.evaluation.split}' pairs in {data['output_path']} to hold out")
+        chosen = keys[:: max(1, len(keys) // self.cfg.evaluation.heldout)][: self.cfg.evaluation.heldout]
+        atomic_write(path, json.dumps({"split": self.cfg.evaluation.split, "keys": chosen}, indent=1))
+        return chosen
+
+    def step_evaluate(self, data: dict, model: dict) -> dict:
+        ecfg = self.cfg.evaluation
+
+        def inputs():
+            keys = self.heldout(data)
+            model_fp = self._steps()["backview"]["fingerprint"]
+            return digest(model["lora_path"], model_fp, keys, ecfg.model_dump()), lambda: work(keys)
+
+        def work(keys: list[str]) -> tuple[dict, str]:
+            metrics = evaluate_backviews(
+                Path(data["output_path"]), keys, Path(model["lora_path"]), self.state / "evals" / self.id, ecfg
+            )
+            outputs = {"metrics": metrics, "keys": len(keys)}
+            return outputs, f"{len(keys)} held-out pairs: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+        return self._step("evaluate", inputs)
+
+    def step_register(self, data: dict, model: dict, evaluation: dict) -> dict:
+        from know3d.core.registry import FINGERPRINT_TAG, ModelRegistry
+        from know3d.core.tracking import git_commit
+
+        reg = self.cfg.registry
+        ecfg = self.cfg.evaluation
+
+        def inputs():
+            model_fp = self._steps()["backview"]["fingerprint"]
+            fingerprint = digest(model_fp, evaluation["metrics"], reg.model_dump(), ecfg.metric, ecfg.margin)
+            return fingerprint, lambda: work(model_fp)
+
+        def work(model_fp: str) -> tuple[dict, str]:
+            registry = ModelRegistry(self.tracking_uri)
+            version = registry.find(reg.backview, model_fp)
+            if version is None:
+                if not model.get("mlflow_run_id"):
+                    raise ValueError("the training run has no MLflow run id: its LoRA was not logged")
+                tags = {
+                    FINGERPRINT_TAG: model_fp,
+                    "know3d.cycle": self.id,
+                    "know3d.data.digest": data["digest"],
+                    "know3d.data.run_id": str(data.get("mlflow_run_id")),
+                    "know3d.config.digest": digest(self.train_config(data["output_path"], Path("/")).model_dump()),
+                    "know3d.heldout": f"{evaluation['keys']} pairs ({self.cfg.evaluation.split})",
+                    "mlflow.source.git.commit": git_commit() or "unknown",
+                }
+                if model.get("warm_start"):
+                    tags["know3d.warm_start"] = Path(model["warm_start"]).name
+                version = registry.register(reg.backview, model["mlflow_run_id"], "lora", tags, evaluation["metrics"])
+            decision = registry.decide_and_promote(
+                version, self.cfg.evaluation.metric, self.cfg.evaluation.margin, alias=reg.alias
+            )
+            champion = registry.champion(reg.backview, reg.alias)
+            outputs = {
+                "version": version.version,
+                "promoted": decision.promote,
+                "reason": decision.reason,
+                "champion": champion.version if champion else None,
+            }
+            verdict = "promoted to" if decision.promote else "refused as"
+            return outputs, f"{reg.backview} v{version.version} {verdict} {reg.alias}: {decision.reason}"
+
+        return self._step("register", inputs)
+
+    # ------------------------------------------------------------------ the cycle
+
+    def run(self) -> dict:
+        """All steps under the lock; the cycle's record (also ``state/cycles/<id>.json``)."""
+        started = time.time()
+        status, failed = "FINISHED", None
+        with cycle_lock(self.state), contextlib.ExitStack() as stack:
+            self._stack = stack  # Ray starts (or is joined) once, by the first step that runs
+            self.say(f"cycle {self.id} on {self.state}")
+            try:
+                data = self.step_data()
+                model = self.step_backview(data)
+                evaluation = self.step_evaluate(data, model)
+                self.step_register(data, model, evaluation)
+            except StepFailed as exc:
+                status, failed = "FAILED", exc
+            record = self._record(started, status, failed)
+        return record
+
+    def _ray(self) -> None:
+        """One Ray for the cycle's steps (their sessions join it), started only when a step runs:
+        a cycle with nothing new never starts Ray."""
+        from know3d.core.runtime import ray_session
+
+        if not getattr(self, "_ray_started", False):
+            self._stack.enter_context(ray_session(self.cfg.ray))
+            self._ray_started = True
+
+    def _record(self, started: float, status: str, failed: StepFailed | None) -> dict:
+        done = [r.name for r in self.results if r.status == "done"]
+        record = {
+            "cycle": self.id,
+            "status": status,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 1),
+            "nothing_new": status == "FINISHED" and not done,
+            "failed_step": failed.step if failed else None,
+            "reason": failed.reason if failed else None,
+            "steps": [r.__dict__ for r in self.results],
+        }
+        (self.state / "cycles").mkdir(parents=True, exist_ok=True)
+        atomic_write(self.state / "cycles" / f"{self.id}.json", json.dumps(record, indent=1, default=str))
+        self._track(record, started)
+        return record
+
+    def _track(self, record: dict, started: float) -> None:
+        """The cycle as one MLflow run: each step's status and seconds, the decision."""
+        from know3d.core.tracking import make_tracker
+
+        tracker = make_tracker(
+            self.cfg.mlflow, stage="cycle", output=self.state, tags={"know3d.cycle": self.id}, start_time=started
+        )
+        try:
+            tracker.log_params({"cycle": self.cfg.model_dump(mode="json")})
+            tags = {f"know3d.step.{r.name}": r.status for r in self.results}
+            for r in self.results:
+                if r.name == "register" and r.outputs:
+                    tags["know3d.decision"] = "promoted" if r.outputs.get("promoted") else "refused"
+                    tags["know3d.reason"] = str(r.outputs.get("reason"))[:500]
+            if record["failed_step"]:
+                tags["know3d.failed_step"] = record["failed_step"]
+                tags["know3d.reason"] = str(record["reason"])[:500]
+            tracker.set_tags(tags)
+            tracker.log_metrics({f"seconds.{r.name}": r.seconds for r in self.results})
+            for r in self.results:
+                if r.name == "evaluate":
+                    tracker.log_metrics({f"heldout.{k}": v for k, v in r.outputs.get("metrics", {}).items()})
+        finally:
+            tracker.close("FINISHED" if record["status"] == "FINISHED" else "FAILED")
+
+
+def evaluate_backviews(dataset: Path, keys: list[str], lora: Path, work: Path, ecfg: CycleEvalConfig) -> dict:
+    """Generate the back view of each held-out pair's front with ``lora`` and compare it with the
+    true back view: the mean PSNR and SSIM (at the LoRA's training resolution)."""
+    import numpy as np
+
+    from know3d.core.shards import iter_samples, resolve_shards
+    from know3d.evaluation.images import compare_images, load_rgb
+    from know3d.training.data import decode_image
+    from know3d.training.edit_model import to_pil
+    from know3d.training.generate import generate_backviews, read_lora_meta
+
+    size = int(read_lora_meta(lora).get("image_size", 512))
+    wanted = set(keys)
+    fronts, gts, outputs = [], [], []
+    for split in ("val", "train"):
+        for sample in iter_samples(resolve_shards([str(dataset)], split)[0], fields=("front.png", "back.png")):
+            if sample["__key__"] in wanted:
+                wanted.discard(sample["__key__"])
+                name = sample["__key__"].replace("/", "_")
+                (work / "front").mkdir(parents=True, exist_ok=True)
+                (work / "gt").mkdir(parents=True, exist_ok=True)
+                to_pil(decode_image(sample["front.png"], size)).save(work / "front" / f"{name}.png")
+                to_pil(decode_image(sample["back.png"], size)).save(work / "gt" / f"{name}.png")
+                fronts.append(work / "front" / f"{name}.png")
+                gts.append(work / "gt" / f"{name}.png")
+                outputs.append(work / "pred" / f"{name}.png")
+    if wanted:
+        raise ValueError(f"{len(wanted)} held-out pairs are no longer in {dataset} (e.g. {sorted(wanted)[0]})")
+    generate_backviews(
+        fronts, outputs, lora, [None] * len(fronts), steps=ecfg.steps, seed=ecfg.seed, cfg_scale=ecfg.cfg_scale
+    )
+    scores = [compare_images(load_rgb(p), load_rgb(g)) for p, g in zip(outputs, gts)]
+    return {m: float(np.mean([s[m] for s in scores])) for m in ("psnr", "ssim")}
+
+
+def load_cycle_config(path: str | Path, overrides: list[str] | None = None) -> CycleConfig:
+    return load_config(path, overrides, CycleConfig)
