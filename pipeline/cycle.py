@@ -41,7 +41,16 @@ from know3d.core.config import RayConfig, StrictModel, TrackingConfig, load_conf
 from know3d.core.errors import describe_exception
 from know3d.core.io import atomic_write
 
-STEPS = ("data", "backview", "evaluate", "register")
+STEPS = (
+    "data",
+    "backview",
+    "evaluate",
+    "geometry",
+    "generator",
+    "evaluate_generator",
+    "register",
+    "register_generator",
+)
 
 
 class CycleDataConfig(StrictModel):
@@ -70,8 +79,30 @@ class CycleEvalConfig(StrictModel):
     seed: int = 0
 
 
+class CycleGeneratorConfig(StrictModel):
+    """The 3D generator's stage 1 in the cycle: a `geometry` build of the same source, its targets,
+    the hidden-state pre-pass with the cycle's new back-view LoRA, training, held-out shapes."""
+
+    enabled: bool = False
+    data: CycleDataConfig | None = Field(
+        default=None, description="The geometry build (render.profile=geometry); required when enabled."
+    )
+    config: str | None = Field(default=None, description="Stage-1 training YAML (as for `know3d train generator`).")
+    set: list[str] = Field(default_factory=list, description="--set overrides of the generator training.")
+    ss_vae: str = Field(default="debug", description="SS-VAE encoder for the targets (as `know3d data targets`).")
+    heldout: int = Field(default=8, ge=1, description="Held-out assets, chosen at the first cycle and fixed.")
+    split: Literal["val", "train", "all"] = "val"
+    metric: Literal["iou", "chamfer_l1", "f_score"] = "iou"
+    margin: float = Field(default=0.0, ge=0)
+    eval_set: list[str] = Field(
+        default_factory=lambda: ["mesh.allow_non_manifold=true"],
+        description="--set overrides of the shape evaluation (dual-grid meshes have non-manifold edges).",
+    )
+
+
 class CycleRegistryConfig(StrictModel):
     backview: str = Field(default="know3d-backview", description="Registered model name of the back-view LoRA.")
+    generator: str = Field(default="know3d-generator", description="Registered model name of the stage-1 generator.")
     alias: str = "champion"
 
 
@@ -81,9 +112,15 @@ class CycleTrackingConfig(TrackingConfig):
 
 class CycleConfig(StrictModel):
     state: str = Field(default="runs/retrain", description="Lock, step fingerprints, cycle records, trained models.")
+    source_set: list[str] = Field(
+        default_factory=list,
+        description="--set overrides of every data build of the cycle (after each build's own): the source they "
+        "share, e.g. ['source.procedural.num_assets=26'].",
+    )
     data: CycleDataConfig
     backview: CycleBackviewConfig
     evaluation: CycleEvalConfig = Field(default_factory=CycleEvalConfig)
+    generator: CycleGeneratorConfig = Field(default_factory=CycleGeneratorConfig)
     registry: CycleRegistryConfig = Field(default_factory=CycleRegistryConfig)
     mlflow: CycleTrackingConfig = Field(default_factory=CycleTrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -205,12 +242,13 @@ class Cycle:
 
     # ------------------------------------------------------------------ steps
 
-    def build_config(self):
+    def build_config(self, data: CycleDataConfig | None = None):
         from know3d.pipeline.config import BuildConfig
 
-        overrides = [*self.cfg.data.set, f"output={json.dumps(str(Path(self.cfg.data.output).resolve()))}"]
+        data = data or self.cfg.data
+        overrides = [*data.set, *self.cfg.source_set, f"output={json.dumps(str(Path(data.output).resolve()))}"]
         overrides += self._shared_overrides()
-        return load_config(self.cfg.data.config, overrides, BuildConfig)
+        return load_config(data.config, overrides, BuildConfig)
 
     def train_config(self, data: str, output: Path):
         from know3d.training.config import TrainBackviewConfig
@@ -244,12 +282,12 @@ class Cycle:
             settings.pop(volatile, None)
         return digest(settings, sorted(assets)), len(assets)
 
-    def step_data(self) -> dict:
+    def step_data(self, name: str = "data", data: CycleDataConfig | None = None) -> dict:
         from know3d.core.shards import load_index
         from know3d.pipeline.build import run_build
 
         def inputs():
-            bcfg = self.build_config()
+            bcfg = self.build_config(data)
             fingerprint, num = self.data_fingerprint(bcfg)
             return fingerprint, lambda: work(bcfg, num)
 
@@ -270,7 +308,7 @@ class Cycle:
             }
             return outputs, detail
 
-        return self._step("data", inputs)
+        return self._step(name, inputs)
 
     def step_backview(self, data: dict) -> dict:
         from know3d.core.registry import ModelRegistry
@@ -355,39 +393,68 @@ class Cycle:
         return self._step("evaluate", inputs)
 
     def step_register(self, data: dict, model: dict, evaluation: dict) -> dict:
+        ecfg = self.cfg.evaluation
+        tags = {
+            "know3d.data.digest": data["digest"],
+            "know3d.data.run_id": str(data.get("mlflow_run_id")),
+            "know3d.config.digest": digest(self.train_config(data["output_path"], Path("/")).model_dump()),
+            "know3d.heldout": f"{evaluation['keys']} pairs ({ecfg.split})",
+        }
+        if model.get("warm_start"):
+            tags["know3d.warm_start"] = Path(model["warm_start"]).name
+        return self._register(
+            "register",
+            name=self.cfg.registry.backview,
+            model_step="backview",
+            run_id=model.get("mlflow_run_id"),
+            artifact="lora",
+            tags=tags,
+            metrics=evaluation["metrics"],
+            metric=ecfg.metric,
+            margin=ecfg.margin,
+            higher_is_better=True,
+        )
+
+    def _register(
+        self,
+        step: str,
+        *,
+        name: str,
+        model_step: str,
+        run_id: str | None,
+        artifact: str,
+        tags: dict[str, str],
+        metrics: dict[str, float],
+        metric: str,
+        margin: float,
+        higher_is_better: bool,
+    ) -> dict:
+        """Register the model of ``model_step`` (once per fingerprint) and apply the champion rule."""
         from know3d.core.registry import FINGERPRINT_TAG, ModelRegistry
         from know3d.core.tracking import git_commit
 
-        reg = self.cfg.registry
-        ecfg = self.cfg.evaluation
+        alias = self.cfg.registry.alias
 
         def inputs():
-            model_fp = self._steps()["backview"]["fingerprint"]
-            fingerprint = digest(model_fp, evaluation["metrics"], reg.model_dump(), ecfg.metric, ecfg.margin)
+            model_fp = self._steps()[model_step]["fingerprint"]
+            fingerprint = digest(model_fp, metrics, name, alias, metric, margin, higher_is_better)
             return fingerprint, lambda: work(model_fp)
 
         def work(model_fp: str) -> tuple[dict, str]:
             registry = ModelRegistry(self.tracking_uri)
-            version = registry.find(reg.backview, model_fp)
+            version = registry.find(name, model_fp)
             if version is None:
-                if not model.get("mlflow_run_id"):
-                    raise ValueError("the training run has no MLflow run id: its LoRA was not logged")
-                tags = {
+                if not run_id:
+                    raise ValueError(f"the {model_step} training run has no MLflow run id: its model was not logged")
+                lineage = {
                     FINGERPRINT_TAG: model_fp,
                     "know3d.cycle": self.id,
-                    "know3d.data.digest": data["digest"],
-                    "know3d.data.run_id": str(data.get("mlflow_run_id")),
-                    "know3d.config.digest": digest(self.train_config(data["output_path"], Path("/")).model_dump()),
-                    "know3d.heldout": f"{evaluation['keys']} pairs ({self.cfg.evaluation.split})",
                     "mlflow.source.git.commit": git_commit() or "unknown",
+                    **tags,
                 }
-                if model.get("warm_start"):
-                    tags["know3d.warm_start"] = Path(model["warm_start"]).name
-                version = registry.register(reg.backview, model["mlflow_run_id"], "lora", tags, evaluation["metrics"])
-            decision = registry.decide_and_promote(
-                version, self.cfg.evaluation.metric, self.cfg.evaluation.margin, alias=reg.alias
-            )
-            champion = registry.champion(reg.backview, reg.alias)
+                version = registry.register(name, run_id, artifact, lineage, metrics)
+            decision = registry.decide_and_promote(version, metric, margin, higher_is_better, alias=alias)
+            champion = registry.champion(name, alias)
             outputs = {
                 "version": version.version,
                 "promoted": decision.promote,
@@ -395,9 +462,124 @@ class Cycle:
                 "champion": champion.version if champion else None,
             }
             verdict = "promoted to" if decision.promote else "refused as"
-            return outputs, f"{reg.backview} v{version.version} {verdict} {reg.alias}: {decision.reason}"
+            return outputs, f"{name} v{version.version} {verdict} {alias}: {decision.reason}"
 
-        return self._step("register", inputs)
+        return self._step(step, inputs)
+
+    # ------------------------------------------------------------------ the generator
+
+    def generator_config(self, dataset: str, output: Path, lora: str):
+        from know3d.training.generator.config import TrainGeneratorConfig
+
+        gc = self.cfg.generator
+        overrides = [
+            *gc.set,
+            f"data.dataset={json.dumps(dataset)}",
+            f"data.hidden.lora={json.dumps(lora)}",
+            f"output={json.dumps(str(output))}",
+            *self._shared_overrides(),
+        ]
+        return load_config(gc.config, overrides, TrainGeneratorConfig)
+
+    def step_generator(self, geometry: dict, model: dict) -> dict:
+        """Targets (occupancy + SS latent, cached per asset), the hidden-state pre-pass with this
+        cycle's back-view LoRA (cached per pair and LoRA), then stage-1 training."""
+        from know3d.pipeline.generator_data import run_hidden_states
+        from know3d.pipeline.train import run_train_generator
+        from know3d.training.generator.config import HiddenPrepassConfig
+
+        gc = self.cfg.generator
+
+        def inputs():
+            if not gc.config or gc.data is None:
+                raise ValueError("generator.enabled needs generator.data (a geometry build) and generator.config")
+            settings = self.generator_config(geometry["output_path"], Path("/"), model["lora_path"])
+            settings = settings.model_dump(mode="json")
+            for volatile in ("output", "ray", "mlflow"):
+                settings.pop(volatile, None)
+            settings["data"].pop("dataset", None)
+            settings["data"]["hidden"].pop("lora", None)
+            backview_fp = self._steps()["backview"]["fingerprint"]
+            fingerprint = digest(geometry["digest"], backview_fp, settings, gc.ss_vae)
+            return fingerprint, lambda: work(self.state / "models" / f"generator-{fingerprint[:12]}")
+
+        def work(output: Path) -> tuple[dict, str]:
+            tcfg = self.generator_config(geometry["output_path"], output, model["lora_path"])
+            self._ray()
+            counts, failures = build_ss_targets(Path(geometry["output_path"]), gc.ss_vae)
+            if not counts.get("encoded", 0) + counts.get("cached", 0):
+                raise ValueError(f"no generator targets ({dict(counts)}; e.g. {next(iter(failures.values()), '')})")
+            pre = HiddenPrepassConfig(
+                shards=[geometry["output_path"]], hidden=tcfg.data.hidden, ray=self.cfg.ray, mlflow=tcfg.mlflow
+            )
+            hidden = run_hidden_states(pre)
+            metrics = run_train_generator(tcfg)
+            meta = json.loads((Path(metrics["generator"]) / "know3d_generator.json").read_text())
+            outputs = {
+                "output_path": str(output),
+                "generator_path": metrics["generator"],
+                "mlflow_run_id": meta.get("mlflow_run_id"),
+                "loss": metrics.get("loss"),
+            }
+            detail = (
+                f"targets {dict(counts)}, hidden states {hidden['counts']}, {metrics.get('step')} steps, "
+                f"loss {metrics.get('loss', float('nan')):.4f}"
+            )
+            return outputs, detail
+
+        return self._step("generator", inputs)
+
+    def generator_heldout(self, geometry: dict) -> list[dict]:
+        """The fixed held-out assets of the generator (front image + mesh), written once."""
+        from know3d.pipeline.ablation import heldout_cases
+
+        path = self.state / "generator_heldout.json"
+        if path.is_file():
+            return json.loads(path.read_text())["cases"]
+        gc = self.cfg.generator
+        cases = heldout_cases(Path(geometry["output_path"]), self.state / "generator_heldout", gc.heldout, gc.split)
+        atomic_write(path, json.dumps({"split": gc.split, "cases": cases}, indent=1))
+        return cases
+
+    def step_evaluate_generator(self, geometry: dict, trained: dict) -> dict:
+        gc = self.cfg.generator
+
+        def inputs():
+            cases = self.generator_heldout(geometry)
+            model_fp = self._steps()["generator"]["fingerprint"]
+            fingerprint = digest(model_fp, cases, gc.eval_set, gc.metric)
+            return fingerprint, lambda: work(cases)
+
+        def work(cases: list[dict]) -> tuple[dict, str]:
+            metrics = evaluate_generator(
+                cases, Path(trained["generator_path"]), self.state / "evals" / f"{self.id}-generator", gc.eval_set
+            )
+            outputs = {"metrics": metrics, "keys": len(cases)}
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            return outputs, f"{len(cases)} held-out assets: {shown}"
+
+        return self._step("evaluate_generator", inputs)
+
+    def step_register_generator(self, geometry: dict, trained: dict, evaluation: dict) -> dict:
+        gc = self.cfg.generator
+        tags = {
+            "know3d.data.digest": geometry["digest"],
+            "know3d.data.run_id": str(geometry.get("mlflow_run_id")),
+            "know3d.backview.fingerprint": self._steps()["backview"]["fingerprint"],
+            "know3d.heldout": f"{evaluation['keys']} assets ({gc.split})",
+        }
+        return self._register(
+            "register_generator",
+            name=self.cfg.registry.generator,
+            model_step="generator",
+            run_id=trained.get("mlflow_run_id"),
+            artifact="generator",
+            tags=tags,
+            metrics={k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
+            metric=gc.metric,
+            margin=gc.margin,
+            higher_is_better=gc.metric != "chamfer_l1",
+        )
 
     # ------------------------------------------------------------------ the cycle
 
@@ -412,7 +594,14 @@ class Cycle:
                 data = self.step_data()
                 model = self.step_backview(data)
                 evaluation = self.step_evaluate(data, model)
-                self.step_register(data, model, evaluation)
+                generator = None
+                if self.cfg.generator.enabled:
+                    geometry = self.step_data("geometry", self.cfg.generator.data)
+                    trained = self.step_generator(geometry, model)
+                    generator = (geometry, trained, self.step_evaluate_generator(geometry, trained))
+                self.step_register(data, model, evaluation)  # only after every step succeeded
+                if generator is not None:
+                    self.step_register_generator(*generator)
             except StepFailed as exc:
                 status, failed = "FAILED", exc
             record = self._record(started, status, failed)
@@ -503,6 +692,48 @@ def evaluate_backviews(dataset: Path, keys: list[str], lora: Path, work: Path, e
     )
     scores = [compare_images(load_rgb(p), load_rgb(g)) for p, g in zip(outputs, gts)]
     return {m: float(np.mean([s[m] for s in scores])) for m in ("psnr", "ssim")}
+
+
+def build_ss_targets(dataset: Path, ss_vae: str) -> tuple[dict, dict]:
+    """Stage 1's targets beside a geometry build (what `know3d data targets` does; cached per asset)."""
+    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
+    from know3d.training.generator.ss_vae import SSVae, load_ss_vae
+    from know3d.training.generator.targets import TargetStore, build_targets
+
+    if ss_vae == "debug":
+        vae = resolve_debug_ss_vae()
+    else:
+        encoder = load_ss_vae(ss_vae, "encoder")
+        vae = SSVae(encoder, None, encoder.cfg)
+    return build_targets(TargetStore(dataset, vae))
+
+
+def evaluate_generator(cases: list[dict], generator: Path, work: Path, eval_set: list[str]) -> dict:
+    """Shapes of the held-out fronts with ``generator`` (its recorded back-view model), scored
+    against their meshes: IoU (volume, 64³), Chamfer-L1, F-score@0.01, and how many meshes came out."""
+    from know3d.evaluation.config import EvalConfig
+    from know3d.pipeline.evaluate import evaluate_shapes
+    from know3d.training.generator.generate import generate_shape
+
+    pred = work / "pred"
+    for case in cases:
+        generate_shape(Path(case["image"]), generator, work / "work" / case["uid"])
+        glb = work / "work" / case["uid"] / "mesh.glb"
+        if glb.is_file():
+            (pred / case["uid"]).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(glb, pred / case["uid"] / "000.glb")
+    if not pred.is_dir():
+        raise ValueError(f"the generator made no mesh for any of the {len(cases)} held-out assets")
+    root = Path(cases[0]["image"]).parents[2]  # <held-out folder>/images/<uid>/000.png
+    cfg = load_config(None, ["semantic.enabled=false", "mlflow.enabled=false", *eval_set], EvalConfig)
+    summary = evaluate_shapes(cfg, pred, root / "images", root / "gt", work / "eval", fresh=True)
+
+    def mean(name: str) -> float | None:
+        entry = summary.table.get(name)
+        return None if entry is None else entry.get("mean")
+
+    out = {"iou": mean("iou_volume@64"), "chamfer_l1": mean("chamfer_l1"), "f_score": mean("fscore@0.01")}
+    return {**{k: float(v) for k, v in out.items() if v is not None}, "meshes": float(summary.ok)}
 
 
 def load_cycle_config(path: str | Path, overrides: list[str] | None = None) -> CycleConfig:

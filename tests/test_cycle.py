@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from know3d.core.registry import DECISION_TAG, REASON_TAG, ModelRegistry, decide
-from know3d.pipeline.cycle import CycleLocked, cycle_lock
+from know3d.pipeline.cycle import STEPS, CycleLocked, cycle_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOW3D = str(Path(sys.executable).with_name("know3d"))
@@ -114,13 +114,49 @@ def _write_cycle(tmp: Path, **overrides) -> Path:
             ],
         },
         "evaluation": {"heldout": 2, "steps": 2, "cfg_scale": 1.0},
-        "registry": {"backview": "test-backview"},
+        "generator": {
+            "enabled": True,
+            "data": {
+                "config": str(ROOT / "configs" / "quickstart.yaml"),
+                "output": str(tmp / "geo"),
+                "set": [
+                    "source.kind=procedural",
+                    "source.procedural.num_assets=6",
+                    "render.profile=geometry",
+                    "render.resolution=32",
+                    "shard.val_fraction=0.4",
+                    "ray.num_cpus=2",
+                ],
+            },
+            "config": str(ROOT / "configs" / "generator_ss_debug.yaml"),
+            "set": [
+                "model.base=debug",
+                "model.dino_resolution=32",
+                "data.hidden.model=debug:tiny-qwen-image-edit",
+                "data.hidden.image_size=32",
+                "data.hidden.layers=[0,1]",
+                "data.hidden.steps=2",
+                "data.hidden.compute_dtype=float32",
+                "data.hidden.variants=[hidden]",
+                "data.hidden.dino_resolution=32",
+                f"data.hidden.cache_dir={tmp / 'hidden'}",
+                "schedule.max_steps=2",
+                "schedule.log_every=1",
+                "schedule.checkpoint_every=2",
+                "schedule.validate_every=0",
+            ],
+            "heldout": 1,
+            "split": "val",
+        },
+        "registry": {"backview": "test-backview", "generator": "test-generator"},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
         "ray": {"num_cpus": 2},
     }
     for key, value in overrides.items():
         section, name = key.split("__")
         cfg[section][name] = value
+    if not cfg["generator"]["enabled"]:
+        cfg["generator"] = {"enabled": False}
     path = tmp / f"cycle-{len(list(tmp.glob('cycle-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -147,6 +183,7 @@ def _records(state: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_rule(tmp_path: Path):
     """Cycle 1 builds, trains, evaluates and registers v1 (champion). The same cycle again does
     nothing. Two new procedural assets: only those render, the LoRA retrains (warm from v1), is
@@ -156,7 +193,11 @@ def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_r
     first = _run(_write_cycle(tmp_path))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     (rec1,) = _records(state)
-    assert rec1["status"] == "FINISHED" and [s["status"] for s in rec1["steps"]] == ["done"] * 4
+    assert rec1["status"] == "FINISHED" and [s["status"] for s in rec1["steps"]] == ["done"] * 8
+    assert [s["name"] for s in rec1["steps"]] == list(STEPS[:3]) + ["geometry", "generator", "evaluate_generator"] + [
+        "register",
+        "register_generator",
+    ]
     data1 = rec1["steps"][0]["outputs"]
     assert data1["rendered_now"] == 6
     heldout = json.loads((state / "heldout.json").read_text())["keys"]
@@ -167,20 +208,29 @@ def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_r
     assert v1.tags["know3d.data.digest"] == data1["digest"] and v1.tags["mlflow.source.git.commit"]
     assert v1.metric("psnr") == pytest.approx(rec1["steps"][2]["outputs"]["metrics"]["psnr"])
     assert v1.source.endswith("/lora") and v1.run_id == rec1["steps"][1]["outputs"]["mlflow_run_id"]
+    (g1,) = registry.versions("test-generator")
+    assert registry.champion("test-generator").version == "1" and g1.source.endswith("/generator")
+    gen_eval = rec1["steps"][5]["outputs"]["metrics"]
+    assert (
+        gen_eval["meshes"] == 1.0
+        and 0.0 <= gen_eval["iou"] <= 1.0
+        and g1.metric("iou") == pytest.approx(gen_eval["iou"])
+    )
+    assert g1.tags["know3d.backview.fingerprint"] == rec1["steps"][1]["fingerprint"]
 
     again = _run(_write_cycle(tmp_path))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing new" in again.stdout and again.stdout.count("skipped (inputs unchanged)") == 4
-    assert [s["status"] for s in _records(state)[-1]["steps"]] == ["skipped"] * 4
+    assert "nothing new" in again.stdout and again.stdout.count("skipped (inputs unchanged)") == 8
+    assert [s["status"] for s in _records(state)[-1]["steps"]] == ["skipped"] * 8
     assert len(registry.versions("test-backview")) == 1
 
-    data_set = _write_cycle(tmp_path).read_text().replace("num_assets=6", "num_assets=8")
+    data_set = _write_cycle(tmp_path).read_text().replace("num_assets=6", "num_assets=8")  # both builds
     grown = tmp_path / "grown.yaml"
     grown.write_text(data_set)
     second = _run(grown, "--set", "evaluation.margin=1000")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rec2 = _records(state)[-1]
-    assert [s["status"] for s in rec2["steps"]] == ["done"] * 4
+    assert [s["status"] for s in rec2["steps"]] == ["done"] * 8
     data2, model2 = rec2["steps"][0]["outputs"], rec2["steps"][1]["outputs"]
     assert data2["rendered_now"] == 2 and data2["digest"] != data1["digest"]
     assert model2["warm_start"].endswith("champion/v1")
@@ -189,8 +239,10 @@ def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_r
     assert [v.version for v in versions] == ["1", "2"] and registry.champion("test-backview").version == "1"
     assert versions[1].tags[DECISION_TAG] == "refused" and "margin 1000" in versions[1].tags[REASON_TAG]
     assert "refused as champion" in second.stdout
+    assert rec2["steps"][3]["outputs"]["rendered_now"] == 2  # the geometry build, too
+    assert [v.version for v in registry.versions("test-generator")] == ["1", "2"]
 
-    broken = _run(grown, "--set", 'backview.set=["model.name=debug:no-such-model"]')
+    broken = _run(grown, "--set", 'backview.set=["data.max_pairs=0"]')  # an invalid training config
     assert broken.returncode == 1
     assert "cycle failed at step 'backview'" in broken.stderr and "champion is unchanged" in broken.stderr
     assert _records(state)[-1]["failed_step"] == "backview"
