@@ -80,6 +80,13 @@ models_app = typer.Typer(
     epilog="Example: know3d models keys ss-encoder > ss_encoder_keys.json",
 )
 app.add_typer(models_app, name="models")
+mlflow_app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    help="MLflow housekeeping: records kept while the tracking server was down.",
+    epilog="Example: know3d mlflow replay runs/quickstart/mlflow-buffer/*.jsonl",
+)
+app.add_typer(mlflow_app, name="mlflow")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -1087,6 +1094,32 @@ def eval_guidance_sweep_cmd(
         raise typer.Exit(2) from None
     out.print(Path(result["table"]).read_text())
     out.print(f"table -> {result['table']}")
+
+
+@mlflow_app.command(
+    "replay", cls=_Command, epilog="Example: know3d mlflow replay runs/quickstart/mlflow-buffer/*.jsonl"
+)
+def mlflow_replay(
+    files: Annotated[list[Path], typer.Argument(help="Buffer files (<output>/mlflow-buffer/*.jsonl).")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Send them to this store instead of the one each file names.")
+    ] = None,
+) -> None:
+    """Send what a run kept on disk while its MLflow server was down, in order; each file is removed
+    once all of it is through. Exit 1 if a server still does not answer (the file is kept)."""
+    from know3d.core.tracking import replay_buffer
+
+    failed = 0
+    for path in files:
+        try:
+            run_id = replay_buffer(path, tracking_uri)
+        except (OSError, ValueError, RuntimeError) as exc:
+            err.print(f"[red]{escape(str(path))}:[/] {escape(str(exc))}")
+            failed += 1
+            continue
+        out.print(f"{escape(str(path))}: replayed into run {run_id}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(

@@ -54,13 +54,20 @@ STEPS = (
 
 
 class CycleDataConfig(StrictModel):
-    config: str = Field(description="The data build's YAML (as for `know3d data build`).")
-    output: str = Field(description="The data set folder; kept across cycles (the build is incremental).")
+    config: str = Field(
+        default="configs/quickstart.yaml", description="The data build's YAML (as for `know3d data build`)."
+    )
+    output: str = Field(
+        default="runs/retrain/data", description="The data set folder; kept across cycles (the build is incremental)."
+    )
     set: list[str] = Field(default_factory=list, description="--set overrides of the build.")
 
 
 class CycleBackviewConfig(StrictModel):
-    config: str = Field(description="The back-view training YAML (as for `know3d train backview`).")
+    config: str = Field(
+        default="configs/backview_quickstart.yaml",
+        description="The back-view training YAML (as for `know3d train backview`).",
+    )
     set: list[str] = Field(default_factory=list, description="--set overrides of the training.")
     start: Literal["warm", "fresh"] = Field(
         default="warm",
@@ -117,8 +124,8 @@ class CycleConfig(StrictModel):
         description="--set overrides of every data build of the cycle (after each build's own): the source they "
         "share, e.g. ['source.procedural.num_assets=26'].",
     )
-    data: CycleDataConfig
-    backview: CycleBackviewConfig
+    data: CycleDataConfig = Field(default_factory=CycleDataConfig)
+    backview: CycleBackviewConfig = Field(default_factory=CycleBackviewConfig)
     evaluation: CycleEvalConfig = Field(default_factory=CycleEvalConfig)
     generator: CycleGeneratorConfig = Field(default_factory=CycleGeneratorConfig)
     registry: CycleRegistryConfig = Field(default_factory=CycleRegistryConfig)

@@ -21,6 +21,7 @@ from know3d.core.manifest import ManifestRow, write_manifest
 from know3d.evaluation.config import EvalConfig
 from know3d.pipeline.cli import app
 from know3d.pipeline.config import BuildConfig
+from know3d.pipeline.cycle import CycleConfig
 from know3d.training.config import TrainBackviewConfig
 from know3d.training.generator.config import HiddenPrepassConfig, TrainGeneratorConfig
 
@@ -219,6 +220,7 @@ _MODELS: dict[str, type[BaseModel] | None] = {
     "pipeline/train.py": None,  # both trainers
     "training/generator": None,  # the generator's and the pre-pass's configs
     "pipeline/evaluate.py": EvalConfig,
+    "pipeline/cycle.py": None,  # the cycle's own keys and those of the stages it runs
     "pipeline": None,
 }
 
@@ -283,7 +285,9 @@ def test_hint_constants_are_settable(key: str, model: type[BaseModel]) -> None:
 )
 def test_config_keys_named_in_messages_are_settable(where: str, key: str, model: type[BaseModel] | None) -> None:
     models = (
-        [model] if model else [BuildConfig, TrainBackviewConfig, TrainGeneratorConfig, EvalConfig, HiddenPrepassConfig]
+        [model]
+        if model
+        else [BuildConfig, TrainBackviewConfig, TrainGeneratorConfig, EvalConfig, HiddenPrepassConfig, CycleConfig]
     )
     assert any(_accepts(m, key) for m in models), f"{where}: '{key}' is not a key of {[m.__name__ for m in models]}"
 
