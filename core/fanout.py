@@ -118,6 +118,57 @@ def task_error_kind(exc: BaseException) -> str:
     return type(cause).__name__ if isinstance(cause, BaseException) else type(exc).__name__
 
 
+def lost_worker(ray: Any, exc: Any) -> bool:
+    """The call failed because its actor died or stopped answering (its process or node lost),
+    not because of the item: a call that another actor can simply make again."""
+    errors = getattr(ray, "exceptions", None)
+    actor_error = getattr(errors, "RayActorError", None)
+    return actor_error is not None and isinstance(exc, actor_error) and not exc.actor_init_failed
+
+
+def _is_actor(slot: Any) -> bool:
+    return hasattr(slot, "__ray_ready__")
+
+
+class _ActorGate:
+    """Which actor slots may take work: those whose actor answered a readiness probe
+    (``__ray_ready__``) since it was last seen failing. A probe to a restarting actor answers
+    once it runs again, which may be never (its node lost and no room elsewhere): its slots then
+    simply stay out. An actor whose probe keeps failing (dead for good, or its ``__init__``
+    raised) leaves with its slots."""
+
+    MAX_PROBE_FAILURES = 5
+
+    def __init__(self, ray: Any, slots: Sequence) -> None:
+        self.ray = ray
+        self.free = [slot for slot in slots if not _is_actor(slot)]
+        self.parked: dict[int, list] = {}  # id(actor) -> its slots waiting for its answer
+        self.probes: dict[Any, tuple[Any, int]] = {}  # probe ref -> (actor, failed probes before it)
+        self.error: BaseException | None = None
+        for slot in slots:
+            if _is_actor(slot):
+                self.park(slot)
+
+    def park(self, slot: Any) -> None:
+        waiting = self.parked.setdefault(id(slot), [])
+        if not waiting:
+            self.probes[slot.__ray_ready__.remote()] = (slot, 0)
+        waiting.append(slot)
+
+    def answered(self, ref: Any) -> None:
+        actor, failures = self.probes.pop(ref)
+        try:
+            self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - an actor that cannot answer gets no work
+            self.error = exc
+            if lost_worker(self.ray, exc) and failures + 1 < self.MAX_PROBE_FAILURES:
+                self.probes[actor.__ray_ready__.remote()] = (actor, failures + 1)
+            else:
+                del self.parked[id(actor)]
+            return
+        self.free.extend(self.parked.pop(id(actor)))
+
+
 def run_bounded(
     ray: Any,
     submit: Callable[[Any, Any], Any],
@@ -127,6 +178,7 @@ def run_bounded(
     progress: Progress | LineProgress | None = None,
     label: str = "",
     weight: Callable[[Any], float] | None = None,
+    requeue: int = 0,
 ) -> None:
     """Run ``submit(item, slot) -> ObjectRef`` with one call in flight per slot, in item order;
     ``on_done(item, result_or_exception)`` as calls finish. Progress counts ``weight(item)`` per
@@ -134,26 +186,57 @@ def run_bounded(
 
     A finished call frees *its* slot, so with actors as slots each actor always has work
     queued behind the current one and a slow item never holds back the others' queue.
+
+    ``requeue`` > 0 is for restartable actors whose calls Ray does not retry itself
+    (``max_restarts`` != 0, ``max_task_retries=0``), on clusters that can lose a node: an actor
+    gets work only while it is known to be running (it answered a readiness probe, at first and
+    after each failure), and an item whose call failed because its actor died or stopped
+    answering (:func:`lost_worker`) goes back to the queue for the other actors, at most
+    ``requeue`` times (then ``on_done`` gets the error). So no item waits on an actor that
+    cannot come back, e.g. one of a lost node with no room left elsewhere; if no actor is left at
+    all, the remaining items get the last error.
     """
     if not slots and items:
         raise ValueError("run_bounded needs at least one slot")
     size = weight or (lambda _: 1)
     task = progress.add_task(label, total=sum(size(item) for item in items)) if progress is not None else None
-    pending: dict[Any, tuple[Any, Any]] = {}
-    queue = list(reversed(items))
-    free = list(slots)
+    gate = _ActorGate(ray, slots) if requeue else None
+    pending: dict[Any, tuple[int, Any]] = {}  # call -> (item index, slot)
+    queue = list(reversed(range(len(items))))
+    lost = [0] * len(items)
+    free = gate.free if gate is not None else list(slots)
+
+    def finish(i: int, result: Any) -> None:
+        on_done(items[i], result)
+        if task is not None:
+            progress.advance(task, size(items[i]))
+
     while queue or pending:
         while queue and free:
-            item, slot = queue.pop(), free.pop()
-            pending[submit(item, slot)] = (item, slot)
-        done, _ = ray.wait(list(pending), num_returns=1)
+            i, slot = queue.pop(), free.pop()
+            pending[submit(items[i], slot)] = (i, slot)
+        probes = list(gate.probes) if gate is not None else []
+        if not pending and not probes:  # every actor is gone for good
+            gone = gate.error if gate is not None and gate.error else RuntimeError("no worker left")
+            while queue:
+                finish(queue.pop(), gone)
+            break
+        done, _ = ray.wait([*pending, *probes], num_returns=1)
         for ref in done:
-            item, slot = pending.pop(ref)
-            free.append(slot)
+            if gate is not None and ref in gate.probes:
+                gate.answered(ref)
+                continue
+            i, slot = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - reported per item
                 result = exc
-            on_done(item, result)
-            if task is not None:
-                progress.advance(task, size(item))
+            if gate is not None and _is_actor(slot) and lost_worker(ray, result):
+                gate.park(slot)  # no more work for it until it answers again
+                if lost[i] < requeue:
+                    lost[i] += 1
+                    queue.append(i)  # next in line, for an actor that runs
+                    continue
+            else:
+                free.append(slot)
+            finish(i, result)

@@ -58,6 +58,8 @@ from know3d.rendering.process import (
 from know3d.rendering.shards import ShardPlan, annotation_id, plan_shards, reusable_entry, split_of, write_shard
 from know3d.rendering.sources.base import AssetRecord, AssetSource
 
+RENDER_REQUEUE = 2  # times an asset goes to another render actor when its actor was lost
+
 
 class BuildError(UsageError):
     """The build as a whole cannot run (bad source, output locked); not an asset's fault."""
@@ -92,7 +94,10 @@ def render_actor_setup(cfg: BuildConfig) -> tuple[dict[str, Any], RenderJob]:
     ``render.backend``; with ``ray.render_gpus_per_actor`` > 0 they take that share of a GPU
     (several actors per GPU), render with ``render.gpu_backend`` and load the NVIDIA EGL vendor."""
     r = cfg.ray
-    options: dict[str, Any] = {"num_cpus": r.render_cpus_per_actor, "max_restarts": -1, "max_task_retries": 2}
+    # Ray restarts a lost actor wherever there is room but does not retry its calls: the render
+    # stage hands the assets of a lost actor to the others (run_bounded's requeue), so none
+    # waits on an actor that cannot come back (its node lost, no room elsewhere)
+    options: dict[str, Any] = {"num_cpus": r.render_cpus_per_actor, "max_restarts": -1, "max_task_retries": 0}
     job = cfg.render_job()
     if r.render_gpus_per_actor > 0:
         options["num_gpus"] = r.render_gpus_per_actor
@@ -312,8 +317,9 @@ def _render_stage(run: _Run, ray: Any, progress: Progress, kept: list[Ingested],
             failure.unlink(missing_ok=True)
         results[r.sha256] = result
 
-    # two calls per actor: the next asset is already queued when the current one finishes
-    run_bounded(ray, submit, todo, actors * 2, on_render, progress, "render")
+    # two calls per actor: the next asset is already queued when the current one finishes; an
+    # asset whose actor was lost (a node gone) is rendered by another one, up to 2 times
+    run_bounded(ray, submit, todo, actors * 2, on_render, progress, "render", requeue=RENDER_REQUEUE)
     for actor in actors:
         ray.kill(actor)
     seconds = run.metrics["render_s"] = time.perf_counter() - t0

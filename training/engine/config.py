@@ -68,6 +68,13 @@ class TrainRayConfig(RayConfig):
         default=None, description="Where Ray Train keeps checkpoints (shared storage on clusters); None = <output>/ray."
     )
     max_failures: int = Field(default=0, ge=-1, description="Worker-group restarts on failure (-1 = unlimited).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How Ray Train places the workers' bundles on nodes: PACK = as few nodes as possible "
+        "(fastest collectives), SPREAD = over as many nodes as possible, STRICT_SPREAD = every worker on "
+        "its own node (a restart after a lost node then needs num_workers nodes with room), STRICT_PACK = "
+        "all on one node.",
+    )
 
 
 class TrainMlflowConfig(TrackingConfig):

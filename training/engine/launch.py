@@ -96,11 +96,23 @@ class LineRelay:
         return lines
 
 
+def on_driver_node(ray) -> dict[str, Any]:
+    """Ray options that keep a helper actor of the driver on the driver's node: a CPU-less actor
+    could land on any node, and losing that node (a worker node of a multi-node cluster) would
+    end the run that Ray Train is restarting from its checkpoint."""
+    context = getattr(ray, "get_runtime_context", None)
+    if context is None:  # a stand-in for Ray in tests
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(context().get_node_id(), soft=False)}
+
+
 @contextmanager
 def relayed_lines(ray, write: Say = print_line, every_s: float = 0.5) -> Iterator[Any]:
     """A :class:`LineRelay` whose lines ``write`` gets while the block runs (from a thread, as
     ``trainer.fit()`` blocks the driver) and once more at its end, so none is lost."""
-    relay = ray.remote(num_cpus=0)(LineRelay).remote()
+    relay = ray.remote(num_cpus=0, **on_driver_node(ray))(LineRelay).remote()
     stop = threading.Event()
 
     def drain() -> None:
@@ -172,7 +184,10 @@ def _trainer(loop_config: dict, cfg: TrainerConfig, use_gpu: bool):
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            num_workers=cfg.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=Path(cfg.output).name,
