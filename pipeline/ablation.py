@@ -85,7 +85,21 @@ def heldout_cases(
     return cases
 
 
-def _metric(summary, name: str) -> float | None:
+def heldout_shapes(cases: list[dict[str, str]], generator: Path, folder: Path, seed: int = 0) -> Path:
+    """A shape per held-out case with ``generator`` (work files in ``folder/work/<uid>``), laid out
+    for `eval shapes` as ``folder/pred/<uid>/000.glb``; a case without a mesh is simply absent."""
+    from know3d.training.generator.generate import generate_shape
+
+    for case in cases:
+        generate_shape(Path(case["image"]), generator, folder / "work" / case["uid"], seed=seed)
+        glb = folder / "work" / case["uid"] / "mesh.glb"
+        if glb.is_file():
+            (folder / "pred" / case["uid"]).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(glb, folder / "pred" / case["uid"] / "000.glb")
+    return folder / "pred"
+
+
+def metric_mean(summary, name: str) -> float | None:
     entry = summary.table.get(name)
     return None if entry is None else entry.get("mean")
 
@@ -116,7 +130,6 @@ def run_ablation(
     from know3d.evaluation.config import EvalConfig
     from know3d.pipeline.evaluate import evaluate_shapes
     from know3d.pipeline.train import run_train_generator
-    from know3d.training.generator.generate import generate_shape
 
     unknown = [v for v in variants if v not in CONDITIONS]
     if unknown or not variants:
@@ -137,14 +150,7 @@ def run_ablation(
             vcfg.output = str(output / variant)
             trained = run_train_generator(vcfg, fresh=fresh)
             pred = output / variant / "shapes"
-            for case in cases:
-                generate_shape(
-                    Path(case["image"]), Path(trained["generator"]), pred / "work" / case["uid"], seed=cfg.seed
-                )
-                glb = pred / "work" / case["uid"] / "mesh.glb"
-                if glb.is_file():
-                    (pred / "pred" / case["uid"]).mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(glb, pred / "pred" / case["uid"] / "000.glb")
+            heldout_shapes(cases, Path(trained["generator"]), pred, seed=cfg.seed)
             summary = evaluate_shapes(
                 eval_cfg,
                 pred / "pred",
@@ -155,10 +161,10 @@ def run_ablation(
             )
             row = {
                 "condition": variant,
-                "iou": _metric(summary, "iou_volume@64"),
-                "iou_surface": _metric(summary, "iou_surface@64"),
-                "chamfer_l1": _metric(summary, "chamfer_l1"),
-                "f_score": _metric(summary, "fscore@0.01"),
+                "iou": metric_mean(summary, "iou_volume@64"),
+                "iou_surface": metric_mean(summary, "iou_surface@64"),
+                "chamfer_l1": metric_mean(summary, "chamfer_l1"),
+                "f_score": metric_mean(summary, "fscore@0.01"),
                 "loss": trained.get("loss"),
                 "meshes": summary.ok,
                 "train_output": vcfg.output,
@@ -367,9 +373,9 @@ def run_guidance_sweep(
                 )
                 errors.update({uid: f"eval: {reason}" for uid, reason in summary.failures})
                 row.update(
-                    iou=_metric(summary, "iou_volume@64"),
-                    chamfer_l1=_metric(summary, "chamfer_l1"),
-                    f_score=_metric(summary, "fscore@0.01"),
+                    iou=metric_mean(summary, "iou_volume@64"),
+                    chamfer_l1=metric_mean(summary, "chamfer_l1"),
+                    f_score=metric_mean(summary, "fscore@0.01"),
                 )
             rows.append(row)
             tags = {"mlflow.parentRunId": parent.run_id or "", "know3d.setting": name}

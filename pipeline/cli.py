@@ -332,9 +332,8 @@ def data_targets(
 ) -> None:
     """The 3D generator's per-asset targets beside a data build: stage 1's occupancy + SS-VAE latent,
     or with --stage shape stage 2's dual grid + shape latent."""
-    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
-    from know3d.training.generator.ss_vae import SSVae, SSVaeLoadError, load_ss_vae
-    from know3d.training.generator.targets import TargetStore, build_targets
+    from know3d.training.generator.ss_vae import SSVaeLoadError
+    from know3d.training.generator.targets import TargetStore, build_targets, encoder_for_targets
 
     if stage not in ("ss", "shape"):
         raise typer.BadParameter(f"'{stage}' is not 'ss' or 'shape'", param_hint="--stage")
@@ -343,12 +342,7 @@ def data_targets(
         _shape_targets(dataset, shape_vae, shape_resolution)
         return
     try:
-        if ss_vae == "debug":
-            vae = resolve_debug_ss_vae()
-        else:
-            encoder = load_ss_vae(ss_vae, "encoder")
-            vae = SSVae(encoder, None, encoder.cfg)
-        store = TargetStore(dataset, vae)
+        store = TargetStore(dataset, encoder_for_targets(ss_vae))
         counts, failures = build_targets(store)
     except (SSVaeLoadError, FileNotFoundError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}")

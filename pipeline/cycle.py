@@ -703,43 +703,26 @@ def evaluate_backviews(dataset: Path, keys: list[str], lora: Path, work: Path, e
 
 def build_ss_targets(dataset: Path, ss_vae: str) -> tuple[dict, dict]:
     """Stage 1's targets beside a geometry build (what `know3d data targets` does; cached per asset)."""
-    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
-    from know3d.training.generator.ss_vae import SSVae, load_ss_vae
-    from know3d.training.generator.targets import TargetStore, build_targets
+    from know3d.training.generator.targets import TargetStore, build_targets, encoder_for_targets
 
-    if ss_vae == "debug":
-        vae = resolve_debug_ss_vae()
-    else:
-        encoder = load_ss_vae(ss_vae, "encoder")
-        vae = SSVae(encoder, None, encoder.cfg)
-    return build_targets(TargetStore(dataset, vae))
+    return build_targets(TargetStore(dataset, encoder_for_targets(ss_vae)))
 
 
 def evaluate_generator(cases: list[dict], generator: Path, work: Path, eval_set: list[str]) -> dict:
     """Shapes of the held-out fronts with ``generator`` (its recorded back-view model), scored
     against their meshes: IoU (volume, 64³), Chamfer-L1, F-score@0.01, and how many meshes came out."""
     from know3d.evaluation.config import EvalConfig
+    from know3d.pipeline.ablation import heldout_shapes, metric_mean
     from know3d.pipeline.evaluate import evaluate_shapes
-    from know3d.training.generator.generate import generate_shape
 
-    pred = work / "pred"
-    for case in cases:
-        generate_shape(Path(case["image"]), generator, work / "work" / case["uid"])
-        glb = work / "work" / case["uid"] / "mesh.glb"
-        if glb.is_file():
-            (pred / case["uid"]).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(glb, pred / case["uid"] / "000.glb")
+    pred = heldout_shapes(cases, generator, work)
     if not pred.is_dir():
         raise ValueError(f"the generator made no mesh for any of the {len(cases)} held-out assets")
     root = Path(cases[0]["image"]).parents[2]  # <held-out folder>/images/<uid>/000.png
     cfg = load_config(None, ["semantic.enabled=false", "mlflow.enabled=false", *eval_set], EvalConfig)
     summary = evaluate_shapes(cfg, pred, root / "images", root / "gt", work / "eval", fresh=True)
-
-    def mean(name: str) -> float | None:
-        entry = summary.table.get(name)
-        return None if entry is None else entry.get("mean")
-
-    out = {"iou": mean("iou_volume@64"), "chamfer_l1": mean("chamfer_l1"), "f_score": mean("fscore@0.01")}
+    names = {"iou": "iou_volume@64", "chamfer_l1": "chamfer_l1", "f_score": "fscore@0.01"}
+    out = {key: metric_mean(summary, name) for key, name in names.items()}
     return {**{k: float(v) for k, v in out.items() if v is not None}, "meshes": float(summary.ok)}
 
 

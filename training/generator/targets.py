@@ -131,6 +131,18 @@ def build_each(store, make) -> tuple[dict[str, int], dict[str, str]]:
     return dict(counts), failures
 
 
+def encoder_for_targets(ss_vae: str) -> SSVae:
+    """The SS-VAE whose encoder makes stage 1's latents: 'debug' (the shipped 32³ CPU model) or a
+    folder / .safetensors / hub id with TRELLIS's ss_enc weights (no decoder loaded)."""
+    from know3d.training.generator.debug_ss_vae import resolve_debug_ss_vae
+    from know3d.training.generator.ss_vae import load_ss_vae
+
+    if ss_vae == "debug":
+        return resolve_debug_ss_vae()
+    encoder = load_ss_vae(ss_vae, "encoder")
+    return SSVae(encoder, None, encoder.cfg)
+
+
 def build_targets(store: TargetStore) -> tuple[dict[str, int], dict[str, str]]:
     """Occupancy + latent of every rendered asset of the store's data build (those already
     stored are skipped). The asset file is the record's ``uri`` when it is a local file (local
