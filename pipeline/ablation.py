@@ -99,9 +99,18 @@ def heldout_shapes(cases: list[dict[str, str]], generator: Path, folder: Path, s
     return folder / "pred"
 
 
+# the shape scores the ablation, the guidance sweep and the retraining cycle report, by `eval shapes` name
+SHAPE_METRICS = {"iou": "iou_volume@64", "chamfer_l1": "chamfer_l1", "f_score": "fscore@0.01"}
+
+
 def metric_mean(summary, name: str) -> float | None:
     entry = summary.table.get(name)
     return None if entry is None else entry.get("mean")
+
+
+def shape_means(summary) -> dict[str, float | None]:
+    """``SHAPE_METRICS``' means of an `eval shapes` summary (None where no mesh was scored)."""
+    return {key: metric_mean(summary, name) for key, name in SHAPE_METRICS.items()}
 
 
 def markdown(rows: list[dict[str, Any]], heldout: int) -> str:
@@ -161,10 +170,8 @@ def run_ablation(
             )
             row = {
                 "condition": variant,
-                "iou": metric_mean(summary, "iou_volume@64"),
+                **shape_means(summary),
                 "iou_surface": metric_mean(summary, "iou_surface@64"),
-                "chamfer_l1": metric_mean(summary, "chamfer_l1"),
-                "f_score": metric_mean(summary, "fscore@0.01"),
                 "loss": trained.get("loss"),
                 "meshes": summary.ok,
                 "train_output": vcfg.output,
@@ -372,11 +379,7 @@ def run_guidance_sweep(
                     fresh=True,
                 )
                 errors.update({uid: f"eval: {reason}" for uid, reason in summary.failures})
-                row.update(
-                    iou=metric_mean(summary, "iou_volume@64"),
-                    chamfer_l1=metric_mean(summary, "chamfer_l1"),
-                    f_score=metric_mean(summary, "fscore@0.01"),
-                )
+                row.update(shape_means(summary))
             rows.append(row)
             tags = {"mlflow.parentRunId": parent.run_id or "", "know3d.setting": name}
             child = make_tracker(eval_cfg.mlflow, stage="eval.guidance_sweep.setting", output=folder, tags=tags)

@@ -712,7 +712,7 @@ def evaluate_generator(cases: list[dict], generator: Path, work: Path, eval_set:
     """Shapes of the held-out fronts with ``generator`` (its recorded back-view model), scored
     against their meshes: IoU (volume, 64³), Chamfer-L1, F-score@0.01, and how many meshes came out."""
     from know3d.evaluation.config import EvalConfig
-    from know3d.pipeline.ablation import heldout_shapes, metric_mean
+    from know3d.pipeline.ablation import heldout_shapes, shape_means
     from know3d.pipeline.evaluate import evaluate_shapes
 
     pred = heldout_shapes(cases, generator, work)
@@ -721,8 +721,7 @@ def evaluate_generator(cases: list[dict], generator: Path, work: Path, eval_set:
     root = Path(cases[0]["image"]).parents[2]  # <held-out folder>/images/<uid>/000.png
     cfg = load_config(None, ["semantic.enabled=false", "mlflow.enabled=false", *eval_set], EvalConfig)
     summary = evaluate_shapes(cfg, pred, root / "images", root / "gt", work / "eval", fresh=True)
-    names = {"iou": "iou_volume@64", "chamfer_l1": "chamfer_l1", "f_score": "fscore@0.01"}
-    out = {key: metric_mean(summary, name) for key, name in names.items()}
+    out = shape_means(summary)
     return {**{k: float(v) for k, v in out.items() if v is not None}, "meshes": float(summary.ok)}
 
 
