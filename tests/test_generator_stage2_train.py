@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from know3d.training.engine.metrics import steps_done
-from tests.test_generator_train import _cfg, _torchrun, data  # noqa: F401 - the shared data fixture
+from tests.test_generator_train import _cfg, _torchrun, _train, data  # noqa: F401 - the shared data fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -36,24 +36,26 @@ def shape_data(data: Path) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def stage2(shape_data: Path, tmp_path_factory):
+def stage2(shape_data: Path, tmp_path_factory, one_rank):
     """Base (full training, no H) -> Know3D LoRA + branch on it; plus a quick stage-1 generator."""
     root = tmp_path_factory.mktemp("runs2")
     base = _cfg(
         shape_data, root / "base", "schedule.validate_every=0", "schedule.max_steps=500",
         config="generator_shape_debug_base.yaml",
     )  # fmt: skip
-    _torchrun(base)
+    _train(base)
     merged = root / "base" / "generator" / "merged"
     know3d = _cfg(shape_data, root / "know3d", f"model.base={merged}", "schedule.max_steps=150",
                   config="generator_shape_debug.yaml")  # fmt: skip
-    _torchrun(know3d)
+    _train(know3d)
     ss = _cfg(shape_data, root / "ss", "model.base=debug", "schedule.max_steps=3", "schedule.validate_every=0")
-    _torchrun(ss)
+    _train(ss)
     return base, know3d, ss
 
 
-def test_the_multiview_baseline_runs_on_generators_without_the_branch(stage2, shape_data: Path, tmp_path: Path):
+def test_the_multiview_baseline_runs_on_generators_without_the_branch(
+    stage2, shape_data: Path, tmp_path: Path, one_rank
+):
     """Paper §4.2's baseline: front + generated back view as two image conditions, no H."""
     from typer.testing import CliRunner
 
@@ -62,7 +64,7 @@ def test_the_multiview_baseline_runs_on_generators_without_the_branch(stage2, sh
     base, know3d, ss = stage2
     plain = _cfg(shape_data, tmp_path / "plain", "model.base=debug", "model.condition=none", "schedule.max_steps=3",
                  "schedule.validate_every=0")  # fmt: skip
-    _torchrun(plain)
+    _train(plain)
     front = _front(shape_data, tmp_path)
     args = ["generate", "shape", "--image", str(front), "--generator", str(Path(plain.output) / "generator")]
     args += ["--shape-generator", str(Path(base.output) / "generator"), "--output", str(tmp_path / "mv")]
@@ -195,15 +197,15 @@ def test_stage2_on_a_real_structure_and_on_an_empty_one(stage2, shape_data: Path
     assert (tmp_path / "empty" / "back.png").is_file() and (tmp_path / "empty" / "shape.json").is_file()
 
 
-def test_stage2_resume_reproduces_the_losses(shape_data: Path, tmp_path: Path):
+def test_stage2_resume_reproduces_the_losses(shape_data: Path, tmp_path: Path, one_rank):
     """Stage 2 on the shared engine: a run stopped at step 2 and resumed logs the losses of an
     uninterrupted 4-step run (sparse batches, EMA and clipper state included)."""
     sets = ("model.base=debug", "schedule.checkpoint_every=2", "schedule.log_every=1", "schedule.validate_every=0")
     full = _cfg(shape_data, tmp_path / "full", *sets, "schedule.max_steps=4", config="generator_shape_debug.yaml")
-    _torchrun(full)
+    _train(full)
     part = _cfg(shape_data, tmp_path / "part", *sets, "schedule.max_steps=2", config="generator_shape_debug.yaml")
-    _torchrun(part)
-    _torchrun(part, 1, "schedule.max_steps=4")
+    _train(part)
+    _torchrun(part, 1, "schedule.max_steps=4")  # a fresh process resumes from the checkpoint
     reference, resumed = (
         steps_done(tmp_path / "full" / "metrics.jsonl"),
         steps_done(tmp_path / "part" / "metrics.jsonl"),

@@ -118,6 +118,20 @@ def _torchrun(cfg: TrainGeneratorConfig, workers: int = 1, *sets: str) -> subpro
     return res
 
 
+def _train(cfg: TrainGeneratorConfig, *sets: str) -> None:
+    """``torchrun --nproc_per_node 1 -m know3d.training.generator.train`` inside this process (the
+    same ``torchrun_main`` in the ``one_rank`` group): fixtures that only need a trained generator
+    skip a fresh interpreter's imports; the launcher itself is covered by the torchrun tests."""
+    from know3d.training.engine.launch import torchrun_main
+    from know3d.training.generator.train import run_worker
+
+    path = Path(cfg.output).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    torchrun_main(
+        run_worker, TrainGeneratorConfig, prog="in-process", argv=[str(path), *[a for s in sets for a in ("--set", s)]]
+    )
+
+
 def _iou(cfg: TrainGeneratorConfig, generator: Path) -> list[float]:
     from know3d.training.generator.model import load_decoder, load_generator
     from know3d.training.generator.occupancy import occupancy_iou
@@ -130,13 +144,13 @@ def _iou(cfg: TrainGeneratorConfig, generator: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def know3d(data: Path, tmp_path_factory):
+def know3d(data: Path, tmp_path_factory, one_rank):
     """Base (full training, no H, 1500 steps) -> Know3D LoRA + branch on it (200 steps)."""
     root = tmp_path_factory.mktemp("runs")
     base_cfg = _cfg(data, root / "base", "schedule.validate_every=0", config="generator_ss_debug_base.yaml")
-    _torchrun(base_cfg)
+    _train(base_cfg)
     cfg = _cfg(data, root / "know3d", f"model.base={root / 'base' / 'generator' / 'merged'}", "schedule.max_steps=200")
-    _torchrun(cfg)
+    _train(cfg)
     return base_cfg, cfg
 
 

@@ -219,9 +219,13 @@ def torchrun_main(worker: WorkerFn, config_type: type, prog: str, argv: list[str
     store = CheckpointStore(Path(cfg.output) / "checkpoints", cfg.schedule.keep_checkpoints)
     env = WorkerEnv.from_torchrun(store.latest(), store.report)
     env.say(output_line(cfg))
-    if not dist.is_initialized():
+    # a process group the caller already made (an embedding process, a test session) is left as it
+    # was: DeepSpeed keeps groups derived from it, so it must outlive every engine built on it
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo")
     try:
         worker(cfg, env)
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()

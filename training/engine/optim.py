@@ -16,7 +16,12 @@ def initialize(
     import deepspeed
 
     o, s = cfg.optim, cfg.schedule
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    # the fused kernel (CPU and CUDA): one pass over all tensors instead of a Python loop per
+    # tensor, ~6x faster on 144 LoRA-sized tensors on 2 CPU cores (benchmarks/RESULTS.md)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(o.warmup_steps, o.decay, s.max_steps, o.min_lr_ratio)
     )

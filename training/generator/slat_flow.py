@@ -151,15 +151,15 @@ class SLatFlowConfig:
 
     @classmethod
     def debug(cls, hidden_channels: int | None = 24, pe_mode: str = "rope") -> SLatFlowConfig:
-        """CPU size: 16³ grid, 8-channel latent, 128 channels, 4 blocks of 8 heads (head_dim 16),
-        MLP ratio 4, RoPE (or ``pe_mode="ape"``), cond 32, H 24."""
+        """CPU size: 16³ grid, 8-channel latent, 128 channels, 2 blocks of 8 heads (head_dim 16),
+        MLP ratio 4, RoPE (or ``pe_mode="ape"``), cond 32, H 24 (2 blocks like stage 1's debug flow)."""
         return cls(
             resolution=16,
             in_channels=8,
             out_channels=8,
             model_channels=128,
             cond_channels=32,
-            num_blocks=4,
+            num_blocks=2,
             num_heads=8,
             mlp_ratio=4.0,
             hidden_channels=hidden_channels,
