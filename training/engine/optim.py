@@ -17,7 +17,7 @@ def initialize(
 
     o, s = cfg.optim, cfg.schedule
     # the fused kernel (CPU and CUDA): one pass over all tensors instead of a Python loop per
-    # tensor, ~6x faster on 144 LoRA-sized tensors on 2 CPU cores (benchmarks/RESULTS.md)
+    # tensor; 4-5x faster on the trainers' parameter sets on 2 CPU cores (benchmarks/optimizer_step.py)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     optimizer = torch.optim.AdamW(
         params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
