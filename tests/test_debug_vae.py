@@ -32,9 +32,11 @@ def test_debug_vae_learns_to_reconstruct_unseen_images():
     images = _shapes(24)
     train, heldout = images[:20], images[20:]
     white = psnr(torch.ones_like(heldout), heldout)
-    # a short run: 8 channels, constant lr (the shipped 16-channel recipe needs ~2000 steps,
-    # measured by scripts/build_debug_vae.py; figures in benchmarks/RESULTS.md)
-    cfg = DebugVaeConfig(steps=150, log_every=50, z_dim=8, hflip=False, min_lr_ratio=1.0)
+    # a short run: 8 channels, cosine decay to 0.1 x lr (the shipped 16-channel recipe needs ~2000
+    # steps, measured by scripts/build_debug_vae.py; figures in benchmarks/RESULTS.md). A constant lr
+    # ends wherever its oscillation is: 13.4 dB with 2 threads but 12.5 with 1; the decay ends at
+    # 13.5 with either (the white baseline is 8.1)
+    cfg = DebugVaeConfig(steps=150, log_every=50, z_dim=8, hflip=False, min_lr_ratio=0.1)
     result = train_debug_vae(train, heldout, cfg)
     first, last = result.history[0]["heldout_psnr"], result.history[-1]["heldout_psnr"]
     assert last > white + 5.0 and last > first  # not the white image it collapses to through the clamp

@@ -32,7 +32,7 @@ from know3d.pipeline.generate_batch import (
     read_prompts,
     read_record,
 )
-from tests.test_generator_train import HIDDEN, _cfg, _torchrun
+from tests.test_generator_train import HIDDEN, _cfg, _train
 
 slow = pytest.mark.slow
 
@@ -366,12 +366,13 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(data: Path, tmp_path_factory) -> Path:
+def generator(data: Path, tmp_path_factory, one_rank) -> Path:
     """A stage-1 generator from the debug trainer, 2 steps on the tiny data build (only the
-    mechanics matter: the mesh of a barely trained model is still a mesh)."""
+    mechanics matter: the mesh of a barely trained model is still a mesh), trained in this process
+    (the torchrun launcher is tested in test_generator_train)."""
     root = tmp_path_factory.mktemp("gen-batch")
     sets = ("model.base=debug", "schedule.max_steps=2", "schedule.validate_every=0", "schedule.checkpoint_every=2")
-    _torchrun(_cfg(data, root / "run", *sets))
+    _train(_cfg(data, root / "run", *sets))
     return root / "run" / "generator"
 
 

@@ -31,6 +31,8 @@ from know3d.training.generator.config import TrainGeneratorConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+# the cores a torchrun of this test may use: the machine's two, or one under pytest-xdist (conftest)
+THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
 HIDDEN = {
     "model": DEBUG_EDIT_MODEL,
     "image_size": 32,
@@ -109,7 +111,7 @@ def _torchrun(cfg: TrainGeneratorConfig, workers: int = 1, *sets: str) -> subpro
             *[a for s in sets for a in ("--set", s)],
         ],
         cwd=ROOT,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // workers)},
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, THREADS // workers))},
         capture_output=True,
         text=True,
         timeout=1200,
