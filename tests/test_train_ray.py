@@ -318,26 +318,21 @@ def _torchrun(shards: Path, out: Path, *sets: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_the_same_body_runs_under_torchrun(trained, shards: Path, tmp_path: Path):
-    """torchrun --nproc_per_node 2 -m know3d.training.backview_train: same losses as under Ray Train."""
+def test_the_same_body_runs_under_torchrun_with_zero3(trained, shards: Path, tmp_path: Path):
+    """torchrun --nproc_per_node 2 -m know3d.training.backview_train with ZeRO-3: the losses of the
+    Ray Train run (ZeRO-2) step for step; ZeRO-3 partitions the LoRA weights too, so validation
+    runs on every rank and the export gathers them: the LoRA file holds full, trained tensors.
+    (One launch for both: each torchrun costs two fresh interpreters.)"""
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
-    _torchrun(shards, out, "schedule.validate_every=0")
+    _torchrun(shards, out, "schedule.validate_every=2", "schedule.validation_steps=2", "deepspeed.zero_stage=3")
     losses = steps_done(out / "metrics.jsonl")
     assert sorted(losses) == [1, 2]
     reference = steps_done(Path(trained[1].output) / "metrics.jsonl")
     for step in (1, 2):
         assert losses[step] == pytest.approx(reference[step], rel=1e-5), (losses, reference)
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-
-
-def test_zero3_under_torchrun_validates_and_exports_full_lora(shards: Path, tmp_path: Path):
-    """ZeRO-3 partitions the LoRA weights too: validation runs on every rank and the export
-    gathers them, so the LoRA file holds full, trained tensors."""
-    from safetensors.torch import load_file
-
-    out = tmp_path / "run"
-    _torchrun(shards, out, "schedule.validate_every=2", "schedule.validation_steps=2", "deepspeed.zero_stage=3")
     assert (out / "validation" / "step_000002.png").is_file()
     weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     a = weights["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
