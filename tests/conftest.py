@@ -142,31 +142,3 @@ def shared_reference() -> Path:
     if SHARED_REFERENCE is None:
         pytest.skip("../shared/reference not found (key lists of the official checkpoints)")
     return SHARED_REFERENCE
-
-
-# Seconds per test file under `pytest -n 2` (the heaviest files, from `--durations`; 2026-12-01).
-# pytest-xdist hands out whole files (`--dist loadfile`) in collection order, so the heaviest start
-# first and the many short files fill in around them (longest-processing-time-first): left in
-# name order, a 7-minute file starting last kept one worker busy alone at the end of the run. The
-# figures only order the files; a file missing here runs after them.
-FILE_SECONDS = {
-    "test_generator_train.py": 685,
-    "test_cycle.py": 447,
-    "test_backview_overfit.py": 419,
-    "test_train_ray.py": 405,
-    "test_multinode.py": 387,
-    "test_generator_stage2_train.py": 193,
-    "test_feedback.py": 142,
-    "test_mlflow_server.py": 139,
-    "test_build_hardening.py": 129,
-    "test_resume.py": 127,
-    "test_build.py": 116,
-    "test_generate_batch.py": 80,
-    "test_eval_pipeline.py": 79,
-    "test_debug_vae.py": 51,
-    "test_training_engine.py": 49,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: tests keep their order
