@@ -90,9 +90,11 @@ def assets_copy(tmp_path: Path, real_dir: Path, bad_dir: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for the whole session (starting Ray costs ~5 s and 1-2 GB)."""
+    """One local Ray per test file that asks for it, shut down after the file: an idle local Ray
+    (GCS, raylet, agents, 2 prestarted workers) burns ~4 CPU-s a minute, which a Ray held for
+    the whole session cost the suite more than starting one per file (~5 s) does."""
     import ray
 
     if not ray.is_initialized():

@@ -244,6 +244,7 @@ def test_training_tells_the_user_how_far_it_is_and_nothing_else(tmp_path: Path):
 
     train = [str(KNOW3D), "train", "backview", str(ROOT / "configs" / "backview_debug.yaml"), "--shards", str(shards)]
     train += ["--output", str(tmp_path / "run"), "--set", "schedule.max_steps=4"]
+    train += ["--set", "ray.num_workers=1", "--set", "data.image_size=32"]  # what is said, not how fast
     res = subprocess.run([*train, "--fresh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()

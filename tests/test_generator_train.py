@@ -179,22 +179,26 @@ def test_the_generator_learns_and_overfits_two_assets(know3d):
 
 
 def test_resume_under_two_torchrun_workers_reproduces_the_losses(data: Path, tmp_path: Path):
+    """6 steps on 2 torchrun workers (checkpoints at 3 and 6); then, from the step-3 checkpoint
+    (as if killed after it), the same command logs the same steps 4-6 (EMA and clipper state
+    included). One uninterrupted launch is the reference: each launch costs two interpreters."""
+    import shutil
+
     sets = ("model.base=debug", "schedule.checkpoint_every=3", "schedule.log_every=1", "schedule.validate_every=0")
-    full = _cfg(data, tmp_path / "full", *sets, "schedule.max_steps=6", "clip_buffer=2")
-    _torchrun(full, 2)
-    part = _cfg(data, tmp_path / "part", *sets, "schedule.max_steps=3", "clip_buffer=2")
-    _torchrun(part, 2)
-    assert (tmp_path / "part" / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
-    _torchrun(part, 2, "schedule.max_steps=6")  # continues from step 3
-    reference, resumed = (
-        steps_done(tmp_path / "full" / "metrics.jsonl"),
-        steps_done(tmp_path / "part" / "metrics.jsonl"),
-    )
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
-    state = json.loads((tmp_path / "part" / "checkpoints" / "step_00000006" / "know3d_state.json").read_text())
-    assert state["world_size"] == 2 and len(state["streams"]) == 2
+    run = _cfg(data, tmp_path / "run", *sets, "schedule.max_steps=6", "clip_buffer=2")
+    _torchrun(run, 2)
+    reference = steps_done(tmp_path / "run" / "metrics.jsonl")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000006"]
+    assert (ckpts / "step_00000003" / "COMPLETE").is_file()
+    shutil.rmtree(ckpts / "step_00000006")
+    _torchrun(run, 2)  # continues from step 3
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    for r in logged[6:]:
+        assert r["loss"] == pytest.approx(reference[r["step"]], rel=1e-5, abs=1e-6), (r, reference)
+    state = json.loads((ckpts / "step_00000006" / "know3d_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["streams"]) == 2
 
 
 def test_online_hidden_states_equal_the_cached_ones(data: Path, tmp_path: Path):

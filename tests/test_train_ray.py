@@ -1,5 +1,6 @@
 """`know3d train backview` end to end: 2 Ray Train workers × DeepSpeed ZeRO-2 (gloo, CPU) on shards
-from a data build, MLflow, validation grids, LoRA export -> generate, and kill -9 -> resume."""
+from a data build, reading the latent pre-pass's cache, MLflow, validation grids, LoRA export ->
+generate, kill -9 -> resume, and the same body under torchrun (ZeRO-3)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from know3d.pipeline.build import run_build
@@ -75,7 +77,9 @@ def trained(shards: Path, tmp_path_factory, ray_local, lineage_db: Path):
     from know3d.pipeline.train import run_train_backview
 
     root = lineage_db.parent
-    cfg = _train_cfg(shards, tmp_path_factory.mktemp("train") / "run", lineage_db)
+    # with the latent pre-pass (Ray actors encode every train pair once, the workers read the
+    # cache): the runs below encode online and must log the same losses
+    cfg = _train_cfg(shards, tmp_path_factory.mktemp("train") / "run", lineage_db, "cache.enabled=true")
     metrics = run_train_backview(cfg)
     return root, cfg, metrics
 
@@ -103,6 +107,18 @@ def test_ray_train_deepspeed_zero2_two_workers(trained):
     names = list(states["module"])
     assert names and all("lora_" in n for n in names)
     assert (run / "validation" / "step_000003.png").is_file() and (run / "validation" / "step_000006.png").is_file()
+
+
+def test_the_latent_prepass_cached_every_train_pair(trained, shards: Path):
+    from know3d.training.latent_cache import cache_folder, load_entry
+
+    _, cfg, _ = trained
+    index = json.loads((shards / "shard_index.json").read_text())
+    cached = sorted(cache_folder(cfg).glob("*.npz"))
+    assert len(cached) == index["splits"]["train"]["num_samples"] > 0
+    entry = load_entry(cache_folder(cfg), cached[0].stem)
+    assert entry["front_latent"].shape == entry["back_latent"].shape and entry["front_latent"].dtype == np.float32
+    assert entry["prompt_0"].ndim == 2  # one prompt embedding per variant (instruction alone first)
 
 
 def test_training_logs_to_mlflow(trained):
@@ -265,26 +281,6 @@ def test_bad_training_inputs_fail_cleanly(tmp_path: Path):
         ],
     )
     assert res.exit_code == 2 and "no 'train' shards" in res.output
-
-
-def test_latent_cache_prepass_on_ray_then_training_from_it(shards: Path, tmp_path: Path, ray_local):
-    from know3d.pipeline.train import run_train_backview
-    from know3d.training.latent_cache import cache_folder
-
-    cfg = _train_cfg(
-        shards,
-        tmp_path / "run",
-        tmp_path / "m.db",
-        "cache.enabled=true",
-        "schedule.max_steps=2",
-        "schedule.validate_every=0",
-    )
-    metrics = run_train_backview(cfg)
-    assert metrics["step"] == 2
-    index = json.loads((shards / "shard_index.json").read_text())
-    folder = cache_folder(cfg.model_copy(update={"output": str((tmp_path / "run").resolve())}))
-    assert len(list(folder.glob("*.npz"))) == index["splits"]["train"]["num_samples"]
-    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def _torchrun(shards: Path, out: Path, *sets: str) -> None:

@@ -32,6 +32,7 @@ from know3d.training.engine.checkpoint import STATE_FILE, CheckpointStore
 from know3d.training.engine.config import TrainerConfig
 from know3d.training.engine.env import Say, WorkerEnv, print_line, ray_worker_env
 from know3d.training.engine.metrics import METRICS_FILE
+from know3d.training.engine.relay import LineRelay
 
 WorkerFn = Callable[[Any, WorkerEnv], dict]
 # what workers on other nodes need from the driver's environment (caches, hub mode, MLflow credentials)
@@ -80,20 +81,6 @@ def last_checkpoint(cfg: TrainerConfig) -> dict | None:
 def output_line(cfg: TrainerConfig) -> str:
     """The first thing a run says: where its files go."""
     return f"output {Path(cfg.output).resolve()}"
-
-
-class LineRelay:
-    """A small Ray actor between rank 0 and the driver: rank 0 puts lines, the driver takes them."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def put(self, line: str) -> None:
-        self.lines.append(line)
-
-    def take(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
 
 
 def on_driver_node(ray) -> dict[str, Any]:
