@@ -92,9 +92,9 @@ def assets_copy(tmp_path: Path, real_dir: Path, bad_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray per test file that asks for it, shut down after the file: an idle local Ray
-    (GCS, raylet, agents, 2 prestarted workers) burns ~4 CPU-s a minute, which a Ray held for
-    the whole session cost the suite more than starting one per file (~5 s) does."""
+    """One local Ray per test file that asks for it, shut down after the file. An idle local Ray
+    (GCS, raylet, agents, 2 prestarted workers) burns ~4 CPU-s a minute: held by each xdist
+    worker for the whole session, it cost more than starting one per file (~5 s, 9 files)."""
     import ray
 
     if not ray.is_initialized():

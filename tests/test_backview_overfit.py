@@ -73,8 +73,9 @@ def test_an_overfit_lora_generates_the_trained_back_views(pairs, tmp_path: Path)
             "data.max_pairs=4",
             f"schedule.max_steps={STEPS}",
             f"schedule.checkpoint_every={STEPS}",
-            # rank 32 instead of the config's 64: the step is matmul-bound, and these 4 pairs need
-            # no more (latent MSE 0.036 vs the front's 0.197 at 1000 steps; benchmarks/RESULTS.md)
+            # rank 32 instead of the config's 64: the step is matmul-bound, and 4 pairs need no more
+            # (the benchmark's 4 pairs at 1000 steps: latent MSE 0.036 vs the front's 0.197;
+            # benchmarks/RESULTS.md)
             "lora.rank=32",
             "lora.alpha=32",
             "mlflow.enabled=false",

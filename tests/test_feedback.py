@@ -171,6 +171,14 @@ def test_relayed_lines_reach_the_driver_in_order_and_none_is_lost():
     assert heard == [f"line {i}" for i in range(50)] and ray.killed == [relay]
 
 
+def test_the_relay_actors_module_imports_nothing_heavy():
+    """Ray imports an actor's module in the actor's fresh process: the relay's must not bring
+    torch (or Ray) along, or every training run pays seconds of CPU for a list of strings."""
+    code = "import sys, know3d.training.engine.relay; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
 # --------------------------------------------------------------------------- rerunning a finished run
 
 

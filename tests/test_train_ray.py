@@ -114,9 +114,10 @@ def test_the_latent_prepass_cached_every_train_pair(trained, shards: Path):
 
     _, cfg, _ = trained
     index = json.loads((shards / "shard_index.json").read_text())
-    cached = sorted(cache_folder(cfg).glob("*.npz"))
+    folder = cache_folder(cfg)
+    cached = sorted(folder.glob("*.npz"))
     assert len(cached) == index["splits"]["train"]["num_samples"] > 0
-    entry = load_entry(cache_folder(cfg), cached[0].stem)
+    entry = load_entry(folder, cached[0].stem)
     assert entry["front_latent"].shape == entry["back_latent"].shape and entry["front_latent"].dtype == np.float32
     assert entry["prompt_0"].ndim == 2  # one prompt embedding per variant (instruction alone first)
 
