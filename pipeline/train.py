@@ -7,6 +7,8 @@ Train's storage (``ray.storage_path``, default ``<output>/ray``) under a run nam
 the output folder; starting the same command again continues from the newest
 checkpoint (Ray Train's job-level restoration), ``fresh=True`` starts over. A run that already
 reached ``schedule.max_steps`` says so at once and returns what it recorded: no Ray, no model.
+``ray.launcher=local`` trains in this process instead (one rank, checkpoints in
+``<output>/checkpoints``; Ray only for the latent pre-pass): debug-size runs skip Ray Train's start.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from know3d.core.runtime import check_output, ray_session
@@ -79,7 +82,7 @@ def _shown(path: str) -> str:
 def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
     """Train; returns the final metrics (loss, lr, samples/s, ...) and where things are
     (``already_done`` when the run had finished before)."""
-    from know3d.training.engine.launch import fit_on_ray, forget_run, output_line
+    from know3d.training.engine.launch import fit, forget_run, output_line
 
     cfg = prepare(cfg)
     where = {"output": cfg.output, "lora": str(Path(cfg.output) / "lora")}
@@ -93,7 +96,8 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
         return {**done, **where, "already_done": True}
     print(output_line(cfg), flush=True)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    with ray_session(cfg.ray) as ray:
+    needs_ray = cfg.ray.launcher == "ray" or cfg.cache.enabled
+    with ray_session(cfg.ray) if needs_ray else nullcontext() as ray:
         if cfg.cache.enabled:
             from know3d.core.shards import resolve_shards
             from know3d.training.latent_cache import build_cache, cache_folder
@@ -102,7 +106,7 @@ def run_train_backview(cfg: TrainBackviewConfig, fresh: bool = False) -> dict:
             log.info("latent cache %s: %s", cache_folder(cfg), counts)
         from know3d.training.backview_train import run_worker
 
-        metrics = fit_on_ray(run_worker, cfg, ray)
+        metrics = fit(run_worker, cfg, ray)
     return {**metrics, **where}
 
 
@@ -141,8 +145,9 @@ def prepare_generator(cfg):
 
 
 def run_train_generator(cfg, fresh: bool = False) -> dict:
-    """Train the generator's stage 1 on Ray Train; returns the final metrics and where things are."""
-    from know3d.training.engine.launch import fit_on_ray, forget_run, last_checkpoint, output_line
+    """Train the generator's stage 1 on Ray Train (or in this process: ``ray.launcher=local``);
+    returns the final metrics and where things are."""
+    from know3d.training.engine.launch import fit, forget_run, last_checkpoint, output_line
     from know3d.training.generator.model import META_FILE
     from know3d.training.generator.train import GENERATOR_DIR, run_worker
 
@@ -164,6 +169,6 @@ def run_train_generator(cfg, fresh: bool = False) -> dict:
                 return {**(state.get("metrics") or {}), **where, "step": state["step"], "already_done": True}
     print(output_line(cfg), flush=True)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    with ray_session(cfg.ray) as ray:
-        metrics = fit_on_ray(run_worker, cfg, ray)
+    with ray_session(cfg.ray) if cfg.ray.launcher == "ray" else nullcontext() as ray:
+        metrics = fit(run_worker, cfg, ray)
     return {**metrics, **where}

@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's preemption watcher is an actor per run that polls the cluster for nodes being drained
+# (spot reclaims); the tests drain no node, and the ~3.7 CPU-s it costs each of the suite's ~13 Ray
+# Train runs is CPU the 2-core suite needs (benchmarks/RESULTS.md, the census). Users keep Ray's
+# default (on); node *loss* is still tested (tests/test_multinode.py), it does not need the watcher.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Under pytest-xdist (`-n 2`, what scripts/test.sh runs) each worker process takes one core: two
 # workers with torch's default of one thread per core would oversubscribe the machine, and
 # OpenMP's spinning threads slow down badly when they share a core. Child processes (torchrun,

@@ -1,6 +1,7 @@
 """Back-view training learns, end to end: a LoRA of the learning-capable debug model
-(``debug:small-qwen-image-edit``) overfits four pairs under the real training body (Ray Train,
-DeepSpeed, latent cache), is exported, loaded by diffusers' ``load_lora_weights`` and sampled by the pipeline's
+(``debug:small-qwen-image-edit``) overfits four pairs under the real training body (DeepSpeed, the
+latent cache built by Ray actors; the config's ``ray.launcher=local`` trains in this process, whose
+losses equal Ray Train's: tests/test_feedback.py), is exported, loaded by diffusers' ``load_lora_weights`` and sampled by the pipeline's
 own scheduler through ``know3d generate backview`` — and its back views land near the true ones,
 far nearer than the front view (the baseline a model that learned nothing about backs would match)
 and than the base model's samples."""

@@ -110,6 +110,9 @@ def _write_cycle(tmp: Path, **overrides) -> Path:
                 "schedule.checkpoint_every=2",
                 "schedule.validate_every=0",
                 "ray.num_workers=1",
+                # the LoRA trains in the cycle's process (ray.launcher=local: no Ray Train start, same
+                # losses, tests/test_feedback.py); the generator below trains on Ray Train
+                "ray.launcher=local",
                 "lora.rank=4",
             ],
         },

@@ -234,34 +234,89 @@ def test_what_counts_as_finished(tmp_path: Path):
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_training_tells_the_user_how_far_it_is_and_nothing_else(tmp_path: Path):
-    """A small data build (plain progress lines in its log), 4 training steps on it (a progress
-    line per logging window on stdout, no Ray or diffusers noise), then the same command again."""
-    env = {**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+@pytest.fixture(scope="module")
+def trained_on_ray(tmp_path_factory) -> SimpleNamespace:
+    """A small data build (its stderr kept), then 4 training steps on it under Ray Train (1 worker,
+    32²) through the CLI, as a user runs them."""
+    tmp = tmp_path_factory.mktemp("feedback")
+    env = {**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
     env.pop("KNOW3D_PROGRESS", None)
     env.pop("RAY_AUTH_MODE", None)
-    shards = tmp_path / "qs"
+    shards = tmp / "qs"
     build = [str(KNOW3D), "data", "build", "--source", "procedural", "--output", str(shards)]
     for setting in ("source.procedural.num_assets=4", "render.resolution=64", "shard.max_samples=12", "ray.num_cpus=2"):
         build += ["--set", setting]
-    res = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert any(line.startswith("render ") and "4/4" in line and "done in" in line for line in res.stderr.splitlines())
-    assert TOKEN_WARNING not in res.stderr
-
+    built = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
     train = [str(KNOW3D), "train", "backview", str(ROOT / "configs" / "backview_debug.yaml"), "--shards", str(shards)]
-    train += ["--output", str(tmp_path / "run"), "--set", "schedule.max_steps=4"]
-    train += ["--set", "ray.num_workers=1", "--set", "data.image_size=32"]  # what is said, not how fast
-    res = subprocess.run([*train, "--fresh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    train += ["--set", "schedule.max_steps=4", "--set", "ray.num_workers=1", "--set", "data.image_size=32"]
+    run = tmp / "run"
+    res = subprocess.run(
+        [*train, "--output", str(run), "--fresh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return SimpleNamespace(tmp=tmp, env=env, build=built, train=train, run=run, result=res)
+
+
+@pytest.mark.slow
+def test_training_tells_the_user_how_far_it_is_and_nothing_else(trained_on_ray: SimpleNamespace):
+    """The build's log has plain progress lines; the training prints a progress line per logging
+    window on stdout, no Ray or diffusers noise; the same command again answers at once."""
+    t = trained_on_ray
+    stderr = t.build.stderr
+    assert any(line.startswith("render ") and "4/4" in line and "done in" in line for line in stderr.splitlines())
+    assert TOKEN_WARNING not in stderr
+
+    res = t.result
     lines = res.stdout.splitlines()
-    assert lines[0] == f"output {tmp_path / 'run'}"
+    assert lines[0] == f"output {t.run}"
     progress = [line for line in lines if line.startswith("step ")]
     assert [line.split("  ")[0] for line in progress] == ["step 2/4", "step 4/4"], res.stdout
     assert all(" loss " in line and " samples/s  eta " in line for line in progress)
     for noise in ("Loading pipeline components", TOKEN_WARNING, "alembic", "Creating initial MLflow"):
         assert noise not in res.stdout + res.stderr, noise
 
-    res = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.startswith(f"already at step 4/4 ({tmp_path / 'run'}); use --fresh")
+    res = subprocess.run(
+        [*t.train, "--output", str(t.run)], cwd=ROOT, env=t.env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and res.stdout.startswith(f"already at step 4/4 ({t.run}); use --fresh")
+
+
+@pytest.mark.slow
+def test_the_local_launcher_matches_ray_train_and_resumes(trained_on_ray: SimpleNamespace):
+    """``ray.launcher=local`` (the CLI process as the only rank, no Ray Train): the same progress
+    lines and, step for step, the losses of the Ray Train run; checkpoints in <output>/checkpoints,
+    from which a rerun continues (the step-4 one deleted: it logs steps 3-4 again, equal)."""
+    t = trained_on_ray
+    reference = json.loads("[" + ",".join((t.run / METRICS_FILE).read_text().splitlines()) + "]")
+    run = t.tmp / "local"
+    local = [*t.train, "--output", str(run), "--set", "ray.launcher=local", "--set", "schedule.checkpoint_every=2"]
+    res = subprocess.run(local, cwd=ROOT, env=t.env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert [line.split("  ")[0] for line in res.stdout.splitlines() if line.startswith("step ")] == [
+        "step 2/4",
+        "step 4/4",
+    ], res.stdout
+    assert not (run / "ray").exists()  # no Ray Train storage: nothing ran on Ray Train
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
+    logged = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    for mine, theirs in zip(logged, reference):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6), (logged, reference)
+
+    import shutil
+
+    shutil.rmtree(ckpts / "step_00000004")  # as if killed after step 2's checkpoint
+    res = subprocess.run(local, cwd=ROOT, env=t.env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 3, 4]
+    for mine, theirs in zip(logged[4:], reference[2:]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5, abs=1e-6), (logged, reference)
+    assert json.loads((run / "lora" / LORA_META).read_text())["steps"] == 4
+
+    bad = subprocess.run(
+        [*local, "--set", "ray.num_workers=2"], cwd=ROOT, env=t.env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "ray.launcher=local trains in this process (one rank)" in bad.stdout + bad.stderr

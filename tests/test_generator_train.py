@@ -7,7 +7,8 @@ build (procedural assets, debug SS-VAE targets, the tiny edit model's hidden sta
 * 2 torchrun workers (DeepSpeed ZeRO-2, gloo): a run resumed from its checkpoint logs the losses
   of an uninterrupted one (EMA and clipper state included);
 * online H equals the cached H; `know3d generate shape` writes back view, occupancy and GLB;
-* `know3d train ablation` trains the variants on Ray Train and writes its table and MLflow runs.
+* `know3d train ablation` trains the variants (in its process: ``ray.launcher=local``) and writes its
+  table and MLflow runs.
 """
 
 from __future__ import annotations
@@ -249,7 +250,10 @@ def test_ablation_trains_every_variant_and_writes_the_table(data: Path, tmp_path
     from know3d.pipeline.cli import app
 
     db = tmp_path / "m.db"
-    cfg = _cfg(data, tmp_path / "unused", "model.base=debug", "schedule.max_steps=2", "schedule.validate_every=0")
+    # each variant trains in the CLI's process (ray.launcher=local): what is tested is the ablation's
+    # table and runs; the generator on Ray Train is `know3d run`'s (tests/test_cycle.py)
+    sets = ("model.base=debug", "schedule.max_steps=2", "schedule.validate_every=0", "ray.launcher=local")
+    cfg = _cfg(data, tmp_path / "unused", *sets)
     config = tmp_path / "ablation.yaml"
     dumped = cfg.model_dump(mode="json")
     dumped["mlflow"].update(enabled=True, tracking_uri=f"sqlite:///{db}")

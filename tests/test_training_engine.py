@@ -200,6 +200,33 @@ def test_checkpoint_store_publishes_prunes_and_resumes(tmp_path: Path):
         checkpoint.resume(engine, WorkerEnv(1, 2, 0, torch.device("cpu"), resume_from=latest))
 
 
+def test_each_launcher_finds_and_forgets_its_own_checkpoints(tmp_path: Path):
+    """``ray.launcher=local`` keeps torchrun's layout (<output>/checkpoints): the newest complete
+    one is what a rerun resumes from and what `know3d run` asks about; Ray Train's storage is
+    another place, and --fresh empties both. Local means one rank."""
+    from know3d.core.config import ConfigError, load_config
+    from know3d.training.config import TrainBackviewConfig
+    from know3d.training.engine.launch import forget_run, last_checkpoint, local_checkpoints
+
+    local = load_config(None, [f"output={tmp_path / 'run'}", "ray.launcher=local"], model=TrainBackviewConfig)
+    on_ray = load_config(None, [f"output={tmp_path / 'run'}"], model=TrainBackviewConfig)
+    assert last_checkpoint(local) is None and last_checkpoint(on_ray) is None
+    store = CheckpointStore(local_checkpoints(local), keep=3)
+    for step in (2, 4):
+        _save(store, step, StreamState(epoch=0, consumed=step))
+    (store.root / "step_00000006").mkdir()  # a partial copy: not a checkpoint
+    state = last_checkpoint(local)
+    assert state["step"] == 4 and state["checkpoint"] == str(store.root / "step_00000004")
+    assert state["mlflow_run_id"] == "run-1" and last_checkpoint(on_ray) is None
+    (tmp_path / "run" / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')
+    forget_run(local)
+    assert not store.root.exists() and not (tmp_path / "run" / METRICS_FILE).exists()
+    with pytest.raises(
+        ConfigError, match="ray.launcher=local trains in this process \\(one rank\\), not ray.num_workers=2"
+    ):
+        load_config(None, ["ray.launcher=local", "ray.num_workers=2"], model=TrainBackviewConfig)
+
+
 def test_ray_style_report_gets_the_folder_with_rank_files(tmp_path: Path):
     """Ray Train persists the folder each rank reports: state file (rank 0) and engine files."""
     seen = {}

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from know3d.core.config import RayConfig, StrictModel, TrackingConfig
 
@@ -61,6 +61,13 @@ class DeepSpeedConfig(StrictModel):
 
 
 class TrainRayConfig(RayConfig):
+    launcher: Literal["ray", "local"] = Field(
+        default="ray",
+        description="ray = Ray Train workers (TorchTrainer) on the Ray cluster; local = this process as the "
+        "only rank, no Ray Train: for debug-size runs, where starting Ray Train's controller and worker "
+        "costs about a CPU-minute (benchmarks/RESULTS.md). Its checkpoints are in <output>/checkpoints, "
+        "as under torchrun; a run resumes from those of the launcher it ran under.",
+    )
     num_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "on", "off"] = Field(default="auto", description="auto = on if the cluster has GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -75,6 +82,15 @@ class TrainRayConfig(RayConfig):
         "its own node (a restart after a lost node then needs num_workers nodes with room), STRICT_PACK = "
         "all on one node.",
     )
+
+    @model_validator(mode="after")
+    def _one_local_rank(self) -> TrainRayConfig:
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ValueError(
+                f"ray.launcher=local trains in this process (one rank), not ray.num_workers={self.num_workers}: "
+                "use ray.launcher=ray or torchrun for more"
+            )
+        return self
 
 
 class TrainMlflowConfig(TrackingConfig):

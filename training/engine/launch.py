@@ -4,7 +4,8 @@ A trainer is a worker function ``(cfg, env: WorkerEnv) -> metrics`` and its pyda
 class. :func:`fit_on_ray` runs it under Ray Train (``TorchTrainer``: placement, gloo/NCCL
 process group, checkpoint persistence and restoration, worker-group restarts);
 :func:`torchrun_main` under ``torchrun`` (a trainer module's ``__main__``), with checkpoints in
-``<output>/checkpoints``. The worker code is the same under both.
+``<output>/checkpoints``; :func:`fit_in_process` (``ray.launcher=local``) in the calling process as
+the only rank, with torchrun's checkpoint layout. The worker code is the same under all three.
 
 What rank 0 says (:meth:`WorkerEnv.say`: progress lines, where things are) reaches the user's
 terminal under both: torchrun's workers print it; Ray Train's workers put it into a
@@ -53,10 +54,18 @@ def ray_storage(cfg: TrainerConfig) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
+def local_checkpoints(cfg: TrainerConfig) -> Path:
+    """Where torchrun and ``ray.launcher=local`` keep a run's checkpoints."""
+    return Path(cfg.output) / "checkpoints"
+
+
 def forget_run(cfg: TrainerConfig, leftovers: Sequence[str] = ()) -> None:
-    """Start over (``--fresh``): delete the run's Ray Train checkpoints (local path or any fsspec
-    URL), its metrics.jsonl and the ``leftovers`` (files or folders) of the output."""
+    """Start over (``--fresh``): delete the run's checkpoints (Ray Train's, at a local path or any
+    fsspec URL, and the local launcher's), its metrics.jsonl and the ``leftovers`` (files or
+    folders) of the output."""
     import fsspec
+
+    shutil.rmtree(local_checkpoints(cfg), ignore_errors=True)
 
     fs, root = fsspec.core.url_to_fs(ray_storage(cfg))
     target = f"{root.rstrip('/')}/{Path(cfg.output).name}"
@@ -68,9 +77,14 @@ def forget_run(cfg: TrainerConfig, leftovers: Sequence[str] = ()) -> None:
 
 
 def last_checkpoint(cfg: TrainerConfig) -> dict | None:
-    """The state file (step, metrics, ...) of the run's newest checkpoint in Ray Train's storage
-    plus its folder (``checkpoint``), or None; reads a few small files, starts nothing."""
+    """The state file (step, metrics, ...) of the run's newest checkpoint under its launcher (Ray
+    Train's storage, or ``<output>/checkpoints`` for ``ray.launcher=local``) plus its folder
+    (``checkpoint``), or None; reads a few small files, starts nothing."""
     import fsspec
+
+    if cfg.ray.launcher == "local":
+        latest = CheckpointStore(local_checkpoints(cfg), cfg.schedule.keep_checkpoints).latest()
+        return None if latest is None else {**json.loads((latest / STATE_FILE).read_text()), "checkpoint": str(latest)}
 
     fs, root = fsspec.core.url_to_fs(ray_storage(cfg))
     found = fs.glob(f"{root.rstrip('/')}/{Path(cfg.output).name}/checkpoint_*/{STATE_FILE}")
@@ -160,6 +174,76 @@ def fit_on_ray(worker: WorkerFn, cfg: TrainerConfig, ray) -> dict:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return {**(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def fit(worker: WorkerFn, cfg: TrainerConfig, ray: Any = None) -> dict:
+    """Run ``worker`` with the launcher ``cfg.ray.launcher`` names (``ray`` needs the open Ray
+    session); returns the last reported metrics and the newest checkpoint's path."""
+    if cfg.ray.launcher == "local":
+        return fit_in_process(worker, cfg)
+    if ray is None:
+        raise ValueError("ray.launcher=ray needs an open Ray session")
+    return fit_on_ray(worker, cfg, ray)
+
+
+@contextmanager
+def _only_rank() -> Iterator[None]:
+    """This process as rank 0 of a one-process group. A group made here stays for the process's
+    life: DeepSpeed keeps the groups it derives from the default one across engines, so a second
+    training in the same process (a retraining cycle) must find the same group. The variables
+    DeepSpeed reads are set for the block only."""
+    import torch
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    saved = {key: os.environ.get(key) for key in (*env, "MASTER_PORT")}
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                f"ray.launcher=local trains as the only rank, but this process is one of {dist.get_world_size()}"
+            )
+        port = os.environ.get("MASTER_PORT") or str(_free_port())
+    else:
+        port = str(_free_port())
+    os.environ.update(env, MASTER_PORT=port)
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fit_in_process(worker: WorkerFn, cfg: TrainerConfig) -> dict:
+    """``ray.launcher=local``: ``worker`` in this process as the only rank (no Ray Train, no worker
+    process to start), checkpoints in ``<output>/checkpoints`` (torchrun's layout: a rerun resumes
+    from the newest complete one). Returns what :func:`fit_on_ray` does: the last reported
+    metrics and the newest checkpoint's path."""
+    store = CheckpointStore(local_checkpoints(cfg), cfg.schedule.keep_checkpoints)
+    reported: dict = {}
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        store.report(metrics, folder)
+        reported.clear()
+        reported.update(metrics)
+
+    with _only_rank():
+        env = WorkerEnv.from_torchrun(store.latest(), report, environ={"RANK": "0", "WORLD_SIZE": "1"})
+        worker(cfg, env)
+    latest = store.latest()
+    return {**reported, "checkpoint": str(latest) if latest else None}
 
 
 def _trainer(loop_config: dict, cfg: TrainerConfig, use_gpu: bool):
