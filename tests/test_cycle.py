@@ -227,9 +227,12 @@ def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_r
     assert [s["status"] for s in _records(state)[-1]["steps"]] == ["skipped"] * 8
     assert len(registry.versions("test-backview")) == 1
 
-    data_set = _write_cycle(tmp_path).read_text().replace("num_assets=6", "num_assets=8")  # both builds
+    grown_cfg = yaml.safe_load(_write_cycle(tmp_path).read_text().replace("num_assets=6", "num_assets=8"))
+    # both builds grow; cycle 1 trained the generator on Ray Train, cycle 2 trains it in the cycle's process (either
+    # launcher serves a cycle; the launcher is not part of the training's fingerprint)
+    grown_cfg["generator"]["set"].append("ray.launcher=local")
     grown = tmp_path / "grown.yaml"
-    grown.write_text(data_set)
+    grown.write_text(yaml.safe_dump(grown_cfg))
     second = _run(grown, "--set", "evaluation.margin=1000")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rec2 = _records(state)[-1]
@@ -244,6 +247,9 @@ def test_two_cycles_skip_what_is_unchanged_retrain_on_new_assets_and_apply_the_r
     assert "refused as champion" in second.stdout
     assert rec2["steps"][3]["outputs"]["rendered_now"] == 2  # the geometry build, too
     assert [v.version for v in registry.versions("test-generator")] == ["1", "2"]
+    gen1, gen2 = (Path(r["steps"][4]["outputs"]["output_path"]) for r in (rec1, rec2))
+    assert (gen1 / "ray").is_dir() and not (gen1 / "checkpoints").exists()  # Ray Train's storage
+    assert (gen2 / "checkpoints").is_dir() and not (gen2 / "ray").exists()  # the local launcher's
 
     broken = _run(grown, "--set", 'backview.set=["data.max_pairs=0"]')  # an invalid training config
     assert broken.returncode == 1
