@@ -116,31 +116,13 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def one_rank():
-    """This process as rank 0 of a one-process gloo group, for the whole session: trainers run in
-    it through ``torchrun_main`` as under ``torchrun --nproc_per_node 1`` without a fresh
-    interpreter's ~25 s of imports. One group for the session, because DeepSpeed keeps the groups
-    it derives from the default one across engines."""
-    import os
+    """This process as rank 0 of a one-process group, for the whole session (the local launcher's
+    ``only_rank``): trainers run in it through ``torchrun_main`` as under ``torchrun
+    --nproc_per_node 1`` without a fresh interpreter's ~25 s of imports."""
+    from know3d.training.engine.launch import only_rank
 
-    import torch.distributed as dist
-
-    from tests.servers import free_port
-
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update(env, MASTER_PORT=str(free_port()))
-    owned = not dist.is_initialized()  # an earlier in-process DeepSpeed engine may have made one
-    if owned:
-        dist.init_process_group("gloo")
-    assert dist.get_world_size() == 1
-    yield
-    if owned:
-        dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with only_rank():
+        yield
 
 
 @pytest.fixture(scope="session")

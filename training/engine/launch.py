@@ -187,25 +187,21 @@ def fit(worker: WorkerFn, cfg: TrainerConfig, ray: Any = None) -> dict:
 
 
 @contextmanager
-def _only_rank() -> Iterator[None]:
-    """This process as rank 0 of a one-process group. A group made here stays for the process's
-    life: DeepSpeed keeps the groups it derives from the default one across engines, so a second
-    training in the same process (a retraining cycle) must find the same group. The variables
-    DeepSpeed reads are set for the block only."""
+def only_rank() -> Iterator[None]:
+    """This process as rank 0 of a one-process group (the local launcher's; the tests' in-process
+    trainings). A group made here stays for the process's life: DeepSpeed keeps the groups it
+    derives from the default one across engines, so a second training in the same process (a
+    retraining cycle) must find the same group. The variables DeepSpeed reads are set for the
+    block only."""
     import torch
     import torch.distributed as dist
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     saved = {key: os.environ.get(key) for key in (*env, "MASTER_PORT")}
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError(
-                f"ray.launcher=local trains as the only rank, but this process is one of {dist.get_world_size()}"
-            )
-        port = os.environ.get("MASTER_PORT") or str(_free_port())
-    else:
-        port = str(_free_port())
-    os.environ.update(env, MASTER_PORT=port)
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError(f"a one-rank training, but this process is one of {dist.get_world_size()} ranks")
+    port = os.environ.get("MASTER_PORT") if dist.is_initialized() else None
+    os.environ.update(env, MASTER_PORT=port or str(_free_port()))
     try:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -239,7 +235,7 @@ def fit_in_process(worker: WorkerFn, cfg: TrainerConfig) -> dict:
         reported.clear()
         reported.update(metrics)
 
-    with _only_rank():
+    with only_rank():
         env = WorkerEnv.from_torchrun(store.latest(), report, environ={"RANK": "0", "WORLD_SIZE": "1"})
         worker(cfg, env)
     latest = store.latest()
