@@ -496,7 +496,8 @@ def train_generator(
     address: AddressOpt = None,
     fresh: Annotated[bool, _flag("--fresh", "Ignore existing checkpoints and start over.")] = False,
 ) -> None:
-    """The Know3D generator's stage 1 (TRELLIS.2 sparse-structure flow + H branch); resumes."""
+    """The Know3D generator: stage 1 (TRELLIS.2 sparse-structure flow + H branch), or stage 2
+    with model.stage=shape (structured-latent flow); resumes."""
     _quiet_libraries()
     from know3d.training.generator.config import TrainGeneratorConfig
 
@@ -1127,8 +1128,8 @@ def run_cycle(
     address: AddressOpt = None,
 ) -> None:
     """One retraining cycle: incremental data build -> back-view LoRA -> held-out evaluation ->
-    model registry (the champion alias moves only if the new model is better). Unchanged steps
-    are skipped. Exit 0 done, 1 a step failed (named; the champion is untouched), 2 usage, 3 locked."""
+    (with generator.enabled: geometry build -> generator -> its held-out evaluation) -> model
+    registry (a champion alias moves only if the new model is better). Unchanged steps are skipped. Exit 0 done, 1 a step failed (named; the champion is untouched), 2 usage, 3 locked."""
     _quiet_libraries()
     from know3d.pipeline.cycle import Cycle, CycleConfig, CycleLocked
 

@@ -117,11 +117,10 @@ def prepare_generator(cfg):
     """Absolute paths and the inputs checked in the driver (a bad dataset, missing targets or an
     empty hidden-state cache fail here, in one line, before Ray starts)."""
     from know3d.training.generator.config import TrainGeneratorConfig
-    from know3d.training.generator.train import open_pairs
+    from know3d.training.generator.train import open_pairs, require_dataset
 
     cfg: TrainGeneratorConfig = cfg.model_copy(deep=True)
-    if not cfg.data.dataset:
-        raise ValueError("data.dataset is empty: give a data build, e.g. --dataset runs/geo")
+    require_dataset(cfg)
     cfg.output = str(check_output(cfg.output))
     cfg.data.dataset = str(Path(cfg.data.dataset).resolve())
     if cfg.data.targets:

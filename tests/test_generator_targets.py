@@ -154,3 +154,22 @@ def test_generator_loader_joins_pairs_targets_hidden_states_and_front_features(d
         GeneratorPairs(dataset, tmp_path / "none", "none")
     with pytest.raises(GeneratorDataError, match="not one of"):
         GeneratorPairs(dataset, store.root, "H")
+
+
+def test_training_without_a_dataset_is_refused_by_the_cli_and_under_torchrun(tmp_path: Path, one_rank):
+    """An empty ``data.dataset`` would read the current folder: ``know3d train generator`` and the
+    torchrun entry point (which skips the driver's checks) both refuse it in one line."""
+    from typer.testing import CliRunner
+
+    from know3d.pipeline.cli import app
+    from know3d.training.engine.launch import torchrun_main
+    from know3d.training.generator.config import TrainGeneratorConfig
+    from know3d.training.generator.train import run_worker
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "generator_ss_debug.yaml"
+    sets = ["--set", f"output={tmp_path / 'run'}", "--set", "data.dataset=", "--set", "mlflow.enabled=false"]
+    res = CliRunner().invoke(app, ["train", "generator", str(config), *sets])
+    assert res.exit_code == 2 and "data.dataset is empty" in res.output, res.output
+    with pytest.raises(ValueError, match=r"data.dataset is empty: .*--set data.dataset="):
+        torchrun_main(run_worker, TrainGeneratorConfig, prog="torchrun", argv=[str(config), *sets])
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -17,14 +17,37 @@ FOLDERS = ("core", *STAGES, "pipeline")
 GENERIC = {*FOLDERS}  # bare top-level names that must never be imported
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import; relative ones resolved against the file's package
+    (``from ..pipeline import cli`` in ``training/x.py`` is ``know3d.pipeline``), and ``from . import
+    name`` counted as ``<package>.name``."""
+    parts = path.relative_to(root).parent.parts
+    package = [("know3d." if parts and parts[0] in FOLDERS else "") + ".".join(parts)] if parts else []
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[0].split(".")[: len(package[0].split(".")) - node.level + 1]) if package else ""
+            if node.module:
+                found.append((node.lineno, f"{base}.{node.module}"))
+            else:
+                found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
     return found
+
+
+def test_relative_imports_are_resolved(tmp_path: Path):
+    """The rules below must see ``from ..pipeline import cli`` as an import of know3d.pipeline."""
+    module = tmp_path / "training" / "generator" / "x.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from ...pipeline import cli\nfrom .. import engine\nfrom .train import run_worker\n")
+    assert _imports(module, tmp_path) == [
+        (1, "know3d.pipeline"),
+        (2, "know3d.training.engine"),
+        (3, "know3d.training.generator.train"),
+    ]
 
 
 def _modules(folder: str) -> list[Path]:

@@ -143,7 +143,16 @@ def _condition_dir(cfg: TrainGeneratorConfig) -> Path | None:
     return cache_folder(cfg.data.hidden)
 
 
+def require_dataset(cfg: TrainGeneratorConfig) -> None:
+    """An empty ``data.dataset`` would read the current folder: refuse it (driver and torchrun alike)."""
+    if not cfg.data.dataset:
+        raise ValueError(
+            "data.dataset is empty: give a data build, e.g. --dataset runs/geo (torchrun: --set data.dataset=runs/geo)"
+        )
+
+
 def open_pairs(cfg: TrainGeneratorConfig, split: str) -> GeneratorPairs:
+    require_dataset(cfg)
     d = cfg.data
     condition = "none" if d.hidden_mode == "online" else cfg.model.condition
     targets = find_targets(Path(d.dataset), d.targets, cfg.model.stage)
