@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from know3d.core.config import StrictModel
+from know3d.core.config import StrictModel, url_credentials
 
 DEFAULT_PROMPT = (
     "The first image shows an object from the front, the second shows the same object from the back. "
@@ -27,6 +27,14 @@ class OpenAIBackendConfig(StrictModel):
     backoff_s: float = Field(default=1.0, ge=0)
     max_tokens: int = Field(default=256, ge=8)
     temperature: float = Field(default=0.2, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        # the config is logged (MLflow params, config.yaml): the key goes in the api_key_env variable
+        if where := url_credentials(url):
+            raise ValueError(f"must not contain credentials ({where}); put the key in the api_key_env variable")
+        return url
 
 
 class TransformersBackendConfig(StrictModel):

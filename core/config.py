@@ -25,6 +25,29 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+# query parameters that carry secrets in URLs (SQLAlchemy's ?password=, signed or keyed endpoints)
+_SECRET_PARAMS = ("password", "passwd", "pwd", "token", "secret", "key", "signature", "sig", "credential")
+
+
+def url_credentials(url: str) -> str | None:
+    """Where ``url`` carries a credential (``user:pass@``, a user name on HTTP(S), or a query
+    parameter such as ``?password=`` / ``?api-key=``), or None. Config URLs are logged (MLflow
+    params, ``config.yaml``, messages), so a credential in one would leak: it belongs in the
+    environment."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return "a password in the address (user:password@)"
+    if parts.username and parts.scheme in ("http", "https"):
+        return "a user name in the address (user@)"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        words = name.lower().replace("-", "_").split("_")
+        if any(w in _SECRET_PARAMS or w.endswith(("password", "token", "secret")) for w in words):
+            return f"a '{name}' query parameter"
+    return None
+
+
 class StrictModel(BaseModel):
     """Unknown keys are errors; assignments are validated."""
 

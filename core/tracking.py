@@ -42,9 +42,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-from know3d.core.config import TrackingConfig
+from know3d.core.config import TrackingConfig, url_credentials
 from know3d.core.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -103,11 +102,11 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 
 
 def check_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+    if where := url_credentials(uri):
         raise ValueError(
-            "mlflow.tracking_uri must not contain credentials; set MLFLOW_TRACKING_USERNAME / "
-            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"
+            f"mlflow.tracking_uri must not contain credentials ({where}); set MLFLOW_TRACKING_USERNAME / "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or the database's own variables (PGPASSWORD), "
+            "in the environment instead"
         )
     return uri
 

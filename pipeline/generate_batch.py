@@ -104,11 +104,21 @@ def _image_in(folder: Path) -> Path | None:
     return next((by_ext[ext] for ext in IMAGE_EXTENSIONS if ext in by_ext), None)
 
 
-def _prompt_txt(folder: Path) -> tuple[str | None, str | None]:
+def _outside(path: Path, real_root: Path) -> str | None:
+    """The problem of a file that resolves outside the input folder (a link out of it), or None:
+    nothing outside ``--images`` is read because an input folder says so."""
+    if path.resolve().is_relative_to(real_root):
+        return None
+    return f"{path}: links outside --images {real_root}; refused"
+
+
+def _prompt_txt(folder: Path, real_root: Path) -> tuple[str | None, str | None]:
     """(prompt of ``<folder>/prompt.txt`` or None, the problem reading it or None)."""
     path = folder / PROMPT_FILE
     if not path.is_file():
         return None, None
+    if problem := _outside(path, real_root):
+        return None, problem
     try:
         return path.read_text(encoding="utf-8").strip() or None, None
     except (OSError, UnicodeDecodeError) as exc:
@@ -139,6 +149,7 @@ def discover_inputs(images: Path, prompts: dict[str, str] | None = None) -> Inpu
     images = Path(images)
     if not images.is_dir():
         raise GenerationError(f"--images {images}: not a folder")
+    real_root = images.resolve()
     entries = sorted((p for p in images.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     folders = [p for p in entries if p.is_dir()]
     loose = [p for p in entries if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
@@ -153,10 +164,12 @@ def discover_inputs(images: Path, prompts: dict[str, str] | None = None) -> Inpu
             )
         layout = "hy3d"
         for folder in folders:
-            text, problem = _prompt_txt(folder)
+            text, problem = _prompt_txt(folder, real_root)
             image = found[folder.name]
             if image is None:
                 problem = f"{folder}: no 000.png (or .jpg/.webp) in the uid folder"
+            elif outside := _outside(image, real_root):
+                image, problem = None, outside
             prompt = prompts[folder.name] if folder.name in prompts else text
             jobs.append(Job(folder.name, image and str(image.resolve()), prompt or None, problem))
     elif loose:
@@ -167,7 +180,9 @@ def discover_inputs(images: Path, prompts: dict[str, str] | None = None) -> Inpu
         clash = next((names for names in stems.values() if len(names) > 1), None)
         if clash:
             raise GenerationError(f"--images {images}: {', '.join(clash)} would share one uid; rename one")
-        jobs = [Job(p.stem, str(p.resolve()), prompts.get(p.stem) or None) for p in loose]
+        for p in loose:
+            outside = _outside(p, real_root)
+            jobs.append(Job(p.stem, None if outside else str(p.resolve()), prompts.get(p.stem) or None, outside))
     else:
         raise GenerationError(f"--images {images}: no images (expected <uid>/000.png folders or *.png files)")
     uids = {job.uid for job in jobs}

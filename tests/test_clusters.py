@@ -422,10 +422,14 @@ def test_ray_clusters_are_not_exposed_and_the_cycle_uses_token_auth():
     cycle = _retrain_objects()["RayJob"]["spec"]["rayClusterSpec"]
     assert cycle["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert cycle["authOptions"] == {"mode": "token"}
-    sbatch = (SLURM / "retrain.sbatch").read_text()
-    assert "export RAY_AUTH_MODE=token" in sbatch and "export RAY_AUTH_TOKEN" in sbatch
-    head_start = next(line for line in sbatch.replace("\\\n", " ").splitlines() if "start --head" in line)
-    assert "--dashboard-host=127.0.0.1" in head_start  # the dashboard on the head's loopback only
+    started = [p for p in sorted(SLURM.glob("*.sbatch")) if 'ray" start --head' in p.read_text()]
+    assert {p.name for p in started} >= {"retrain.sbatch", "data-build.sbatch", "train-backview.sbatch"}
+    for path in started:  # every Slurm job that opens a Ray cluster on the network authenticates
+        sbatch = path.read_text()
+        assert "export RAY_AUTH_MODE=token" in sbatch and "export RAY_AUTH_TOKEN" in sbatch, path.name
+        assert sbatch.index("export RAY_AUTH_TOKEN") < sbatch.index("start --head"), path.name
+        head_start = next(line for line in sbatch.replace("\\\n", " ").splitlines() if "start --head" in line)
+        assert "--dashboard-host=127.0.0.1" in head_start, path.name  # the dashboard on the head's loopback only
 
 
 def _scrontab() -> tuple[dict[str, str], list[str], str, list[str]]:

@@ -56,6 +56,41 @@ def test_bad_values_are_clear_errors(override: str, fragment: str):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("http://u:s3cret@127.0.0.1:5000", "a password"),
+        ("https://u@mlflow.lab", "a user name"),
+        ("postgresql://u@db:5432/mlflow?password=s3cret", "'password' query"),
+        ("https://mlflow.lab/?token=abc", "'token' query"),
+        ("https://llm.lab/v1?api-key=abc", "'api-key' query"),
+        ("https://llm.lab/v1?X-Amz-Signature=abc", "'X-Amz-Signature' query"),
+        ("postgresql://u@db:5432/mlflow", None),  # the password comes from PGPASSWORD / .pgpass
+        ("postgresql://u@db/m?sslmode=require&sslkey=/etc/ssl/k.pem", None),
+        ("sqlite:////tmp/mlflow.db", None),
+        ("http://127.0.0.1:8000/v1", None),
+    ],
+)
+def test_credentials_in_urls_are_found(url: str, where: str | None):
+    from know3d.core.config import url_credentials
+    from know3d.core.tracking import check_uri
+
+    found = url_credentials(url)
+    assert (found is None) if where is None else (where in found), found
+    if where is None:
+        assert check_uri(url) == url
+    else:
+        with pytest.raises(ValueError, match="must not contain credentials") as err:
+            check_uri(url)
+        assert "s3cret" not in str(err.value) and "abc" not in str(err.value)
+
+
+def test_a_key_in_the_annotation_servers_url_is_refused():
+    with pytest.raises(ConfigError, match=r"annotate\.openai\.base_url.*must not contain credentials") as err:
+        load_config(None, ["annotate.openai.base_url=https://llm.lab/v1?api-key=k3y"])
+    assert "k3y" not in str(err.value)
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

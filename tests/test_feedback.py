@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +30,11 @@ from know3d.training.generate import LORA_META
 ROOT = Path(__file__).resolve().parents[1]
 KNOW3D = Path(sys.executable).with_name("know3d")
 TOKEN_WARNING = "Token authentication is enabled for this Ray cluster"
+SECRETS = {
+    "MLFLOW_TRACKING_USERNAME": "k3d-u-41c9",
+    "MLFLOW_TRACKING_PASSWORD": "k3d-p-8e20",
+    "MLFLOW_TRACKING_TOKEN": "k3d-t-77ab",
+}
 
 
 class Clock:
@@ -235,11 +243,14 @@ def test_what_counts_as_finished(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def trained_on_ray(tmp_path_factory) -> SimpleNamespace:
+def trained_on_ray(tmp_path_factory) -> Iterator[SimpleNamespace]:
     """A small data build (its stderr kept), then 4 training steps on it under Ray Train (1 worker,
     32²) through the CLI, as a user runs them."""
     tmp = tmp_path_factory.mktemp("feedback")
     env = {**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    # MLflow credentials in the environment (sqlite ignores them); Ray's session files in a folder of
+    # this test's (short: Ray's socket paths must fit), read by the credentials test below
+    env.update(SECRETS, RAY_TMPDIR=tempfile.mkdtemp(prefix="k3r", dir="/tmp"))
     env.pop("KNOW3D_PROGRESS", None)
     env.pop("RAY_AUTH_MODE", None)
     shards = tmp / "qs"
@@ -255,7 +266,21 @@ def trained_on_ray(tmp_path_factory) -> SimpleNamespace:
         [*train, "--output", str(run), "--fresh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return SimpleNamespace(tmp=tmp, env=env, build=built, train=train, run=run, result=res)
+    yield SimpleNamespace(tmp=tmp, env=env, build=built, train=train, run=run, result=res)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_trains_session_logs_hold_no_mlflow_credential(trained_on_ray: SimpleNamespace):
+    """Ray's runtime-env agent logs every runtime env it sets up: the Ray Train run's is there
+    (with what it does forward), the MLflow credentials are not, nor anywhere in Ray's files."""
+    ray_dir = Path(trained_on_ray.env["RAY_TMPDIR"])
+    files = [p for p in ray_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    agent_logs = [p for p in files if p.name.startswith("runtime_env_agent") and p.suffix == ".log"]
+    assert any(b"DS_ACCELERATOR" in p.read_bytes() for p in agent_logs), [p.name for p in agent_logs]
+    leaked = [p for p in files if any(s.encode() in p.read_bytes() for s in SECRETS.values())]
+    assert leaked == []
+    assert not any(s in trained_on_ray.result.stdout + trained_on_ray.result.stderr for s in SECRETS.values())
 
 
 @pytest.mark.slow

@@ -98,6 +98,32 @@ def test_flat_layout_uses_file_stems(tmp_path: Path):
     assert found.jobs[0].prompt == "a hood" and found.jobs[0].image.endswith("a.PNG")
 
 
+def test_files_linking_outside_the_input_folder_are_refused_alone(tmp_path: Path):
+    """An input folder from elsewhere cannot make the run read a file outside it: a ``000.png`` or
+    ``prompt.txt`` that links out becomes that uid's problem; the other uids are unaffected."""
+    secret = tmp_path / "private"
+    _front(secret / "face.png")
+    (secret / "credentials").write_text("aws_secret_access_key = x")
+    hy3d = tmp_path / "hy3d"
+    for uid in ("good", "img", "txt"):
+        (hy3d / uid).mkdir(parents=True)
+    _front(hy3d / "good" / "000.png")
+    (hy3d / "good" / "prompt.txt").write_text("a zipper")
+    (hy3d / "img" / "000.png").symlink_to(secret / "face.png")
+    _front(hy3d / "txt" / "000.png")
+    (hy3d / "txt" / "prompt.txt").symlink_to(secret / "credentials")
+    jobs = {j.uid: j for j in discover_inputs(hy3d).jobs}
+    assert jobs["good"].problem is None and jobs["good"].prompt == "a zipper"
+    assert jobs["img"].image is None and "links outside --images" in jobs["img"].problem
+    assert jobs["txt"].prompt is None and "prompt.txt: links outside --images" in jobs["txt"].problem
+    assert all("aws" not in (j.prompt or "") for j in jobs.values())
+    flat = tmp_path / "flat"
+    _front(flat / "a.png")
+    (flat / "b.png").symlink_to(secret / "face.png")
+    jobs = {j.uid: j for j in discover_inputs(flat).jobs}
+    assert jobs["a"].problem is None and jobs["b"].image is None and "links outside" in jobs["b"].problem
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

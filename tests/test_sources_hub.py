@@ -196,6 +196,21 @@ def test_objaverse_fetch_of_a_cached_file_skips_the_path_index(
         source.fetch(next(r for r in kept if r.uri == GONE))
 
 
+def test_objaverse_fetch_refuses_an_object_path_outside_the_download_folder(
+    objaverse_cache: Path, tmp_path: Path, real: Path
+) -> None:
+    """A tampered object-paths index cannot make any local file the asset."""
+    kept, _ = ObjaverseSource(ObjaverseSourceConfig(download_dir=str(objaverse_cache))).discover()
+    duck = next(r for r in kept if r.uri == DUCK)
+    source = ObjaverseSource(ObjaverseSourceConfig(download_dir=str(objaverse_cache)))
+    elsewhere = tmp_path / "private.glb"
+    elsewhere.write_bytes(b"glTF")
+    for bad in (str(elsewhere), "../../private.glb"):
+        duck.meta["object_path"] = bad
+        with pytest.raises(FetchError, match="points outside .* \\(refused\\)"):
+            source.fetch(duck)
+
+
 def test_objaverse_offline_without_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlretrieve", _no_network)
     with pytest.raises(RuntimeError, match="could not download objaverse object-paths.*no network") as info:

@@ -126,3 +126,34 @@ def test_max_pairs_per_asset_picks_distinct_objects(tmp_path):
                 )
     assert sorted(PairStream([url], seed=0, max_pairs_per_asset=1).keys(0)) == ["a_0", "b_0", "c_0"]
     assert sorted(PairStream([url], seed=0, max_pairs_per_asset=2, max_pairs=3).keys(0)) == ["a_0", "a_1", "b_0"]
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def test_an_oversized_image_in_a_shard_is_refused_before_decoding(tmp_path):
+    from know3d.training.data import MAX_SAMPLE_PIXELS
+
+    bomb = _huge_png_header(8192, 8192)
+    assert Image.open(io.BytesIO(bomb)).size == (8192, 8192)  # the header is what PIL reads
+    assert 8192 * 8192 > MAX_SAMPLE_PIXELS
+    url = str(tmp_path / "train-000000.tar")
+    with wds.TarWriter(url) as w:
+        meta = json.dumps({"asset_id": "a", "pair_index": 0}).encode()
+        w.write({"__key__": "a_0", "front.png": bomb, "back.png": _png((0, 0, 0, 255)), "json": meta})
+    with pytest.raises(
+        ValueError, match=r"train-000000.tar: a_0 front.png: 8192x8192 is larger than .* \(not decoded\)"
+    ):
+        next(PairStream([url], seed=0).iterate(StreamState()))
+    assert decode_image(_png((0, 0, 0, 255)), 4).shape == (3, 4, 4)  # ordinary samples still decode

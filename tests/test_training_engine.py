@@ -200,6 +200,56 @@ def test_checkpoint_store_publishes_prunes_and_resumes(tmp_path: Path):
         checkpoint.resume(engine, WorkerEnv(1, 2, 0, torch.device("cpu"), resume_from=latest))
 
 
+class _Planted:
+    """What a planted checkpoint would hold: unpickling it calls ``Path.touch`` (any callable)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_deepspeed_checkpoints_resume_weights_only_and_a_planted_one_is_refused(tmp_path: Path, zero_stage, one_rank):
+    """A real DeepSpeed engine (the trainers' `optim.initialize`) checkpoints and resumes with
+    ``weights_only=True`` at every ZeRO stage the configs use; an optimizer file that would run
+    code when unpickled is refused and runs nothing."""
+    from know3d.core.config import load_config
+    from know3d.training.config import TrainBackviewConfig
+    from know3d.training.engine.optim import initialize
+
+    cfg = load_config(None, [f"deepspeed.zero_stage={zero_stage}"], model=TrainBackviewConfig)
+
+    def engine(seed: int):
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        module[0].weight.requires_grad_(False)
+        return initialize(module, [p for p in module.parameters() if p.requires_grad], cfg, 1, bf16=False)
+
+    trained = engine(0)
+    for _ in range(2):
+        trained.backward(trained(torch.ones(1, 8)).square().sum())
+        trained.step()
+    store = CheckpointStore(tmp_path / "ckpt", keep=2)
+    env = WorkerEnv(0, 1, 0, torch.device("cpu"), report=store.report)
+    checkpoint.save(trained, env, 2, StreamState(), {"loss": 1.0}, {"mlflow_run_id": None}, {"clip": [0.5]})
+    resumed = engine(0)  # the same base (frozen weights are not in checkpoints), not yet trained
+    with torch.no_grad():
+        assert not torch.equal(resumed(torch.ones(1, 8)), trained(torch.ones(1, 8)))
+    state = checkpoint.resume(resumed, WorkerEnv(0, 1, 0, torch.device("cpu"), resume_from=store.latest()))
+    assert state.step == 2 and state.client_state["clip"] == [0.5]
+    with torch.no_grad():
+        assert torch.equal(resumed(torch.ones(1, 8)), trained(torch.ones(1, 8)))
+
+    optim_files = sorted(store.latest().rglob("*optim_states.pt")) or sorted(store.latest().rglob("*model_states.pt"))
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": _Planted(marker)}, optim_files[0])
+    with pytest.raises(Exception, match="Weights only load failed"):
+        checkpoint.resume(engine(0), WorkerEnv(0, 1, 0, torch.device("cpu"), resume_from=store.latest()))
+    assert not marker.exists()
+
+
 def test_each_launcher_finds_and_forgets_its_own_checkpoints(tmp_path: Path):
     """``ray.launcher=local`` keeps torchrun's layout (<output>/checkpoints): the newest complete
     one is what a rerun resumes from and what `know3d run` asks about; Ray Train's storage is
@@ -225,6 +275,58 @@ def test_each_launcher_finds_and_forgets_its_own_checkpoints(tmp_path: Path):
         ConfigError, match="ray.launcher=local trains in this process \\(one rank\\), not ray.num_workers=2"
     ):
         load_config(None, ["ray.launcher=local", "ray.num_workers=2"], model=TrainBackviewConfig)
+
+
+def test_mlflow_credentials_reach_ray_train_workers_outside_the_runtime_env(tmp_path: Path, monkeypatch):
+    """Ray's runtime-env agent writes every runtime env to its session log in clear: the MLflow
+    credentials travel in the train loop's config instead and are set in the worker process."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from know3d.core.config import load_config
+    from know3d.training.config import TrainBackviewConfig
+    from know3d.training.engine import launch
+
+    secrets = {
+        "MLFLOW_TRACKING_USERNAME": "u-9f1",
+        "MLFLOW_TRACKING_PASSWORD": "p-3c7",
+        "MLFLOW_TRACKING_TOKEN": "t-5d2",
+    }
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    env_vars = launch._worker_env_vars(use_gpu=False)
+    assert env_vars["HF_HOME"] == str(tmp_path / "hf") and not set(secrets) & set(env_vars)
+
+    captured = {}
+
+    @contextmanager
+    def no_relay(ray):
+        yield "relay"
+
+    def trainer(loop_config, cfg, use_gpu):
+        captured.update(loop_config)
+        return SimpleNamespace(fit=lambda: SimpleNamespace(error=None, metrics={"loss": 1.0}, checkpoint=None))
+
+    monkeypatch.setattr(launch, "relayed_lines", no_relay)
+    monkeypatch.setattr(launch, "_trainer", trainer)
+    cfg = load_config(None, [f"output={tmp_path / 'run'}"], model=TrainBackviewConfig)
+    ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
+    assert launch.fit_on_ray(lambda c, e: {}, cfg, ray)["loss"] == 1.0
+    assert captured["secrets"] == secrets
+
+    seen = {}
+
+    @contextmanager
+    def worker_env(sink):
+        yield "env"
+
+    monkeypatch.setattr(launch, "ray_worker_env", worker_env)
+    monkeypatch.setattr(launch, "_relay_sink", lambda relay: None)
+    for key in secrets:
+        monkeypatch.delenv(key)
+    launch.ray_train_loop({**captured, "worker": lambda c, e: seen.update({k: os.environ.get(k) for k in secrets})})
+    assert seen == secrets  # the worker process has them, as MLflow's client reads them
 
 
 def test_ray_style_report_gets_the_folder_with_rank_files(tmp_path: Path):

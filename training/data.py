@@ -69,9 +69,19 @@ def image_to_array(img: Image.Image, size: int | None = None) -> np.ndarray:
     return (np.asarray(canvas, np.float32).transpose(2, 0, 1) / 127.5) - 1.0
 
 
-def decode_image(png: bytes, size: int | None = None) -> np.ndarray:
-    """RGBA PNG bytes -> float32 [3, H, W] in [-1, 1] on white."""
+# a shard's views are rendered at render.resolution (at most 4096²): anything larger is not ours
+MAX_SAMPLE_PIXELS = 4096 * 4096
+
+
+def decode_image(png: bytes, size: int | None = None, what: str = "image") -> np.ndarray:
+    """RGBA PNG bytes -> float32 [3, H, W] in [-1, 1] on white. The header is read first: an image
+    above :data:`MAX_SAMPLE_PIXELS` (a shard from elsewhere) is a ``ValueError`` naming ``what``,
+    before anything is decoded."""
     with Image.open(io.BytesIO(png)) as img:
+        if img.width * img.height > MAX_SAMPLE_PIXELS:
+            raise ValueError(
+                f"{what}: {img.width}x{img.height} is larger than {MAX_SAMPLE_PIXELS} pixels (not decoded)"
+            )
         return image_to_array(img, size)
 
 
@@ -178,6 +188,7 @@ class PairStream:
                 "pair_index": meta["pair_index"],
             }
             if self.decode:
-                out["front"] = decode_image(sample["front.png"], self.image_size)
-                out["back"] = decode_image(sample["back.png"], self.image_size)
+                where = f"{sample.get('__url__', 'shard')}: {sample['__key__']}"
+                out["front"] = decode_image(sample["front.png"], self.image_size, f"{where} front.png")
+                out["back"] = decode_image(sample["back.png"], self.image_size, f"{where} back.png")
             yield out

@@ -192,7 +192,10 @@ class ObjaverseSource:
         uid = record.uri
         object_path = record.meta.get("object_path")
         if object_path:
-            cached = Path(versioned_path(self.cfg.download_dir)) / object_path
+            root = Path(versioned_path(self.cfg.download_dir))
+            cached = root / object_path
+            if not cached.resolve().is_relative_to(root.resolve()):  # a tampered object-paths index
+                raise FetchError(f"objaverse {uid}: object path {object_path!r} points outside {root} (refused)")
             if cached.is_file():
                 return cached
         try:

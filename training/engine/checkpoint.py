@@ -17,6 +17,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +66,39 @@ def save(
         env.report({"step": step, **metrics}, folder)
 
 
+def _deepspeed_state_classes() -> list[type]:
+    """The classes DeepSpeed pickles into its optimizer state files besides tensors and builtins."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads(engine) -> Iterator[None]:
+    """DeepSpeed's torch checkpoint engine unpickles with ``weights_only=False``: a checkpoint
+    planted on shared storage (``ray.storage_path``, ``<output>/checkpoints``) would run its code on
+    every rank that resumes. Within this block the engine loads with ``weights_only=True``, only
+    DeepSpeed's own state classes allowed besides tensors and builtins."""
+    import torch
+
+    ckpt = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt).__name__ != "TorchCheckpointEngine":  # another engine (or a test double): its own loader
+        yield
+        return
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt.load = load
+    try:
+        yield
+    finally:
+        del ckpt.load  # the class's own method again
+
+
 def resume(engine, env: WorkerEnv) -> TrainState:
     """Load ``env.resume_from`` into ``engine``; a fresh :class:`TrainState` when there is none."""
     if env.resume_from is None:
@@ -74,7 +109,8 @@ def resume(engine, env: WorkerEnv) -> TrainState:
             f"checkpoint {env.resume_from} was written by {saved['world_size']} workers, "
             f"this run has {env.world_size}: resuming mid-epoch needs the same number"
         )
-    _, client_state = engine.load_checkpoint(str(env.resume_from), tag=DS_TAG, load_module_strict=False)
+    with weights_only_loads(engine):
+        _, client_state = engine.load_checkpoint(str(env.resume_from), tag=DS_TAG, load_module_strict=False)
     state = TrainState(saved["step"], saved["streams"][env.rank], saved.get("mlflow_run_id"), client_state or {})
     log.info("rank %d resumed at step %d (%s)", env.rank, state.step, state.stream)
     return state

@@ -36,16 +36,12 @@ from know3d.training.engine.metrics import METRICS_FILE
 from know3d.training.engine.relay import LineRelay
 
 WorkerFn = Callable[[Any, WorkerEnv], dict]
-# what workers on other nodes need from the driver's environment (caches, hub mode, MLflow credentials)
-FORWARDED_ENV = (
-    "KNOW3D_CACHE",
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    VERBOSE_ENV,
-)
+# what workers on other nodes need from the driver's environment (caches, hub mode), through Ray's
+# runtime env, which Ray's runtime-env agent writes to its session log
+FORWARDED_ENV = ("KNOW3D_CACHE", "HF_HOME", "HF_HUB_OFFLINE", VERBOSE_ENV)
+# the MLflow credentials rank 0 logs with: never in a runtime env (logged in clear); they travel in
+# the train loop's config (Ray's object store) and are set in the worker process only
+SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def ray_storage(cfg: TrainerConfig) -> str:
@@ -149,6 +145,7 @@ def _relay_sink(relay) -> Say:
 def ray_train_loop(config: dict) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer``: the config back from json, then the worker."""
     quiet_third_party()
+    os.environ.update(config.get("secrets") or {})
     cfg = config["config_type"].model_validate(config["cfg"])
     with ray_worker_env(_relay_sink(config["relay"])) as env:
         config["worker"](cfg, env)
@@ -170,6 +167,7 @@ def fit_on_ray(worker: WorkerFn, cfg: TrainerConfig, ray) -> dict:
     use_gpu = has_gpu if cfg.ray.use_gpu == "auto" else cfg.ray.use_gpu == "on"
     with relayed_lines(ray) as relay:
         loop_config = {"worker": worker, "config_type": type(cfg), "cfg": cfg.model_dump(mode="json"), "relay": relay}
+        loop_config["secrets"] = {key: os.environ[key] for key in SECRET_ENV if key in os.environ}
         result = _trainer(loop_config, cfg, use_gpu).fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
