@@ -16,13 +16,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from know3d.core.shards import iter_samples, iter_shard_keys
+from know3d.core.shards import iter_samples, iter_shard_keys, open_image
 
 _STATUS_COLOUR = {"ok": "#2e7d32", "repaired": "#f9a825", "annotation_failed": "#c62828", "no_parts": "#757575"}
 
 
-def _thumb(png: bytes, size: int) -> str:
-    img = Image.open(io.BytesIO(png)).convert("RGBA")
+def _thumb(png: bytes, size: int, what: str = "image") -> str:
+    with open_image(png, what) as opened:
+        img = opened.convert("RGBA")
     img.thumbnail((size, size))
     canvas = Image.new("RGB", img.size, (255, 255, 255))
     canvas.paste(img, mask=img.split()[3])
@@ -43,7 +44,7 @@ def _provenance(annotation: dict) -> str:
 
 def _view(png: bytes, label: str, azimuth: float, thumb: int) -> str:
     return (
-        f'<figure><img src="{_thumb(png, thumb)}" alt="{label}">'
+        f'<figure><img src="{_thumb(png, thumb, f"{label} view")}" alt="{label}">'
         f"<figcaption><b>{label}</b> {azimuth:.0f}°</figcaption></figure>"
     )
 

@@ -29,6 +29,8 @@ from know3d.core.config import StrictModel
 from know3d.core.io import atomic_write, atomic_writer, remove_temps
 
 INDEX_FILE = "shard_index.json"
+# a sample's views are rendered at render.resolution (at most 4096²): anything larger is not ours
+MAX_SAMPLE_PIXELS = 4096 * 4096
 
 
 class ShardConfig(StrictModel):
@@ -259,3 +261,18 @@ def dataset_refs(specs: list[str]) -> list[DatasetRef]:
             DatasetRef("shards", hashlib.sha256("\n".join(sorted(loose)).encode()).hexdigest(), ",".join(loose))
         )
     return refs
+
+
+def open_image(data: bytes, what: str = "image"):
+    """A sample's PNG opened (header read, nothing decoded yet) and its size checked against
+    :data:`MAX_SAMPLE_PIXELS`: a larger one (a shard from elsewhere) is a ``ValueError`` naming
+    ``what`` before anything is decoded. Close it (``with``) when done."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_SAMPLE_PIXELS:
+        img.close()
+        raise ValueError(f"{what}: {img.width}x{img.height} is larger than {MAX_SAMPLE_PIXELS} pixels (not decoded)")
+    return img

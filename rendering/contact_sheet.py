@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from know3d.core.shards import iter_samples
+from know3d.core.shards import iter_samples, open_image
 
 TILE = 192
 LABEL_H = 18
@@ -24,7 +23,12 @@ def collect_pairs(shards: list[Path], num_pairs: int) -> list[tuple[Image.Image,
         meta = json.loads(sample["json"])
         wanted = meta["asset_id"] not in seen and meta["pair_index"] == len(picked) % 4
         if wanted or len(spare) < num_pairs:
-            item = (Image.open(io.BytesIO(sample["front.png"])), Image.open(io.BytesIO(sample["back.png"])), meta)
+            key = sample["__key__"]
+            item = (
+                open_image(sample["front.png"], f"{key} front.png"),
+                open_image(sample["back.png"], f"{key} back.png"),
+                meta,
+            )
             (picked if wanted else spare).append(item)
         if wanted:
             seen.add(meta["asset_id"])

@@ -131,3 +131,28 @@ def test_reuse_only_when_content_is_unchanged(work, tmp_path: Path):
     assert reusable_entry(tmp_path, work_dir, plan, previous, records) is None
     assert json.loads((tmp_path / "shard_index.json").read_text())["num_samples"] == len(plan.members)
     assert read_asset(work_dir, summaries[0]["sha256"])["license"] == "CC-BY-4.0"
+
+
+def test_sample_images_above_the_bound_are_refused_before_decoding_by_every_reader(tmp_path: Path):
+    """The gallery and the contact sheet open a shard's PNGs through the same bounded opener as
+    training (tests/test_training_data.py): the header's size is checked, nothing is decoded."""
+    from know3d.annotation.review import _thumb
+    from know3d.core.shards import MAX_SAMPLE_PIXELS, open_image
+    from tests.test_training_data import _huge_png_header
+
+    bomb = _huge_png_header(5000, 5000)
+    assert 5000 * 5000 > MAX_SAMPLE_PIXELS
+    with pytest.raises(ValueError, match=r"k_0 front.png: 5000x5000 is larger than \d+ pixels \(not decoded\)"):
+        open_image(bomb, "k_0 front.png")
+    with pytest.raises(ValueError, match="front view: 5000x5000"):
+        _thumb(bomb, 64, "front view")
+    with open_image(_huge_png_header(4096, 4096), "at the bound") as img:
+        assert img.size == (4096, 4096)
+    from know3d.rendering.contact_sheet import collect_pairs
+
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        meta = json.dumps({"asset_id": "a", "pair_index": 0}).encode()
+        w.write({"__key__": "a_0", "front.png": bomb, "back.png": bomb, "json": meta})
+    with pytest.raises(ValueError, match="a_0 front.png: 5000x5000"):
+        collect_pairs([shard], 1)

@@ -143,7 +143,7 @@ def _huge_png_header(width: int, height: int) -> bytes:
 
 
 def test_an_oversized_image_in_a_shard_is_refused_before_decoding(tmp_path):
-    from know3d.training.data import MAX_SAMPLE_PIXELS
+    from know3d.core.shards import MAX_SAMPLE_PIXELS
 
     bomb = _huge_png_header(8192, 8192)
     assert Image.open(io.BytesIO(bomb)).size == (8192, 8192)  # the header is what PIL reads

@@ -10,7 +10,6 @@ skips the samples already consumed *before* decoding any image. Shard URLs are a
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from know3d.core.shards import open_image
 
 
 @dataclass
@@ -69,19 +70,10 @@ def image_to_array(img: Image.Image, size: int | None = None) -> np.ndarray:
     return (np.asarray(canvas, np.float32).transpose(2, 0, 1) / 127.5) - 1.0
 
 
-# a shard's views are rendered at render.resolution (at most 4096²): anything larger is not ours
-MAX_SAMPLE_PIXELS = 4096 * 4096
-
-
 def decode_image(png: bytes, size: int | None = None, what: str = "image") -> np.ndarray:
-    """RGBA PNG bytes -> float32 [3, H, W] in [-1, 1] on white. The header is read first: an image
-    above :data:`MAX_SAMPLE_PIXELS` (a shard from elsewhere) is a ``ValueError`` naming ``what``,
-    before anything is decoded."""
-    with Image.open(io.BytesIO(png)) as img:
-        if img.width * img.height > MAX_SAMPLE_PIXELS:
-            raise ValueError(
-                f"{what}: {img.width}x{img.height} is larger than {MAX_SAMPLE_PIXELS} pixels (not decoded)"
-            )
+    """RGBA PNG bytes -> float32 [3, H, W] in [-1, 1] on white; an image above the shard format's
+    bound is refused before decoding (:func:`know3d.core.shards.open_image`)."""
+    with open_image(png, what) as img:
         return image_to_array(img, size)
 
 
