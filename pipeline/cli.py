@@ -1129,7 +1129,8 @@ def run_cycle(
 ) -> None:
     """One retraining cycle: incremental data build -> back-view LoRA -> held-out evaluation ->
     (with generator.enabled: geometry build -> generator -> its held-out evaluation) -> model
-    registry (a champion alias moves only if the new model is better). Unchanged steps are skipped. Exit 0 done, 1 a step failed (named; the champion is untouched), 2 usage, 3 locked."""
+    registry (a champion alias moves only if the new model is better). Unchanged steps are
+    skipped. Exit 0 done, 1 a step failed (named; the champion is untouched), 2 usage, 3 locked."""
     _quiet_libraries()
     from know3d.pipeline.cycle import Cycle, CycleConfig, CycleLocked
 

@@ -687,8 +687,9 @@ def evaluate_backviews(dataset: Path, keys: list[str], lora: Path, work: Path, e
                 name = sample["__key__"].replace("/", "_")
                 (work / "front").mkdir(parents=True, exist_ok=True)
                 (work / "gt").mkdir(parents=True, exist_ok=True)
-                to_pil(decode_image(sample["front.png"], size)).save(work / "front" / f"{name}.png")
-                to_pil(decode_image(sample["back.png"], size)).save(work / "gt" / f"{name}.png")
+                for field, folder in (("front", "front"), ("back", "gt")):
+                    image = decode_image(sample[f"{field}.png"], size, f"{sample['__key__']}.{field}.png")
+                    to_pil(image).save(work / folder / f"{name}.png")
                 fronts.append(work / "front" / f"{name}.png")
                 gts.append(work / "gt" / f"{name}.png")
                 outputs.append(work / "pred" / f"{name}.png")

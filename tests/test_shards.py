@@ -156,3 +156,14 @@ def test_sample_images_above_the_bound_are_refused_before_decoding_by_every_read
         w.write({"__key__": "a_0", "front.png": bomb, "back.png": bomb, "json": meta})
     with pytest.raises(ValueError, match="a_0 front.png: 5000x5000"):
         collect_pairs([shard], 1)
+
+
+def test_the_generators_front_reader_uses_the_same_bound(tmp_path: Path):
+    from know3d.training.generator.data import GeneratorDataError, PairRef, read_front
+    from tests.test_training_data import _huge_png_header
+
+    shard = tmp_path / "front.bin"
+    shard.write_bytes(b"xx" + _huge_png_header(5000, 5000))
+    ref = PairRef("k_0", str(shard), 2, shard.stat().st_size - 2, "a", ())
+    with pytest.raises(GeneratorDataError, match=r"k_0.front.png: 5000x5000 is larger than \d+ pixels"):
+        read_front(ref)

@@ -124,7 +124,9 @@ class LatentEncoder:
         import torch
 
         size = self.cfg.data.image_size
-        images = [decode_image(bytes(r[side]), size) for r in rows for side in ("front", "back")]
+        images = [
+            decode_image(bytes(r[side]), size, f"{r['key']}.{side}.png") for r in rows for side in ("front", "back")
+        ]
         latents = self.model.encode_images(torch.from_numpy(np.stack(images))).cpu().numpy()
         for i, row in enumerate(rows):
             arrays = {

@@ -22,7 +22,6 @@ logs them), so a partially built cache trains on what is there instead of failin
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -34,10 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from know3d.core.shards import resolve_shards
+from know3d.core.shards import open_image, resolve_shards
 from know3d.training.generator.config import CONDITIONS
-
-MAX_FRONT_PIXELS = 4096 * 4096
 
 
 class GeneratorDataError(Exception):
@@ -83,14 +80,16 @@ def index_pairs(urls: list[str]) -> tuple[list[PairRef], Counter[str]]:
 
 
 def read_front(ref: PairRef) -> Image.Image:
-    """The pair's front view (RGBA), decoded with a pixel cap."""
+    """The pair's front view (RGBA), size-bounded before decoding (the shard format's bound)."""
     with open(ref.shard, "rb") as fh:
         fh.seek(ref.offset)
         data = fh.read(ref.size)
-    image = Image.open(io.BytesIO(data))
-    if image.width * image.height > MAX_FRONT_PIXELS:
-        raise GeneratorDataError(f"{ref.key}.front.png: {image.width}x{image.height} exceeds the pixel cap")
-    return image.convert("RGBA")
+    try:
+        image = open_image(data, f"{ref.key}.front.png")
+    except ValueError as exc:
+        raise GeneratorDataError(str(exc)) from None
+    with image:
+        return image.convert("RGBA")
 
 
 class GeneratorPairs(torch.utils.data.Dataset):

@@ -313,7 +313,7 @@ def capture_pair(pipe, cfg: HiddenStatesConfig, row: dict, dino=None) -> dict:
     if front is None:
         raise MissingFrontView(f"pair {key}: no front view ({key}.front.png)")
     if isinstance(front, (bytes, bytearray)):
-        front = decode_image(bytes(front), cfg.image_size)
+        front = decode_image(bytes(front), cfg.image_size, f"{key}.front.png")
     prompt, description = pair_prompt(cfg, key, list(row.get("components") or []))
     out = capture(pipe, front, prompt, cfg, seed=pair_seed(cfg.seed, key), dino=dino)
     out["description"] = description
